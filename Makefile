@@ -1,0 +1,60 @@
+# fastft: the two quick-start commands.
+#
+#   make demo   # set up .venv if needed, then train the embedded tiny QLoRA demo
+#   make test   # set up .venv (+ .venv-unsloth on CPU machines) if needed, then run the test suite
+#
+# Without an NVIDIA GPU the set-up installs torch 2.13.0 (the CPU build) and never CUDA wheels;
+# with one (nvidia-smi works) it installs the gpu extra (unsloth, xformers).
+# The tested version matrix is pinned here, in one place.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+TORCH_CPU   := torch==2.13.0
+CORE_PINS   := transformers==5.17.0 peft==0.21.2 datasets==4.8.5 bitsandbytes==0.50.2 \
+               accelerate==1.15.0 triton==3.9.0
+# TRL 1.16 has the CPU path of SFTTrainer's fused LM-head loss; unsloth 2026.10.9 caps trl at 1.15
+# (and patches that loss on CPU), so its matrix entry pins 1.15.
+HF_PINS      := $(CORE_PINS) trl==1.16.0
+UNSLOTH_PINS := $(CORE_PINS) trl==1.15.0 unsloth==2026.10.9 unsloth_zoo==2026.10.9 xformers==0.0.35
+
+PIP := -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test setup clean
+demo: .venv/.done
+	.venv/bin/fastft train recipes/tiny-demo.yaml
+
+test: .venv/.done $(if $(HAS_GPU),,.venv-unsloth/.done)
+	.venv/bin/python -m pytest
+ifeq ($(HAS_GPU),)
+	.venv-unsloth/bin/python -m pytest -m unsloth -p no:cacheprovider
+endif
+
+setup: .venv/.done
+
+.venv/.done: pyproject.toml Makefile
+	$(PYTHON) -m venv .venv
+	.venv/bin/python $(PIP) --upgrade pip
+ifeq ($(HAS_GPU),)
+	printf '%s\n' $(TORCH_CPU) $(HF_PINS) > .venv/constraints.txt
+	.venv/bin/python $(PIP) $(TORCH_CPU)
+	.venv/bin/python $(PIP) -c .venv/constraints.txt -e '.[test]'
+else
+	printf '%s\n' $(UNSLOTH_PINS) > .venv/constraints.txt
+	.venv/bin/python $(PIP) -c .venv/constraints.txt -e '.[gpu,test]'
+endif
+	touch $@
+
+# CPU only: a second environment with unsloth's CPU backend, for the tests marked `unsloth`.
+# PyPI's torchvision is not the CPU build and breaks `import unsloth` beside torch 2.13.0 CPU.
+.venv-unsloth/.done: pyproject.toml Makefile
+	$(PYTHON) -m venv .venv-unsloth
+	.venv-unsloth/bin/python $(PIP) --upgrade pip
+	printf '%s\n' $(TORCH_CPU) $(UNSLOTH_PINS) > .venv-unsloth/constraints.txt
+	.venv-unsloth/bin/python $(PIP) $(TORCH_CPU)
+	.venv-unsloth/bin/python $(PIP) -c .venv-unsloth/constraints.txt -e '.[gpu,test]'
+	.venv-unsloth/bin/python -m pip uninstall -y -q torchvision
+	touch $@
+
+clean:
+	rm -rf .venv .venv-unsloth outputs

@@ -1,0 +1,215 @@
+"""Model loading: one recipe, two backends.
+
+    from fastft import backends, recipe
+    model, tokenizer, info = backends.load(recipe.load("recipes/tiny-demo.yaml"))
+    print(info.summary())   # "backend hf (auto: no CUDA device ...)"
+
+- ``unsloth``: Unsloth's ``FastLanguageModel.from_pretrained`` + ``get_peft_model`` (its fused
+  kernels and offloaded gradient checkpointing). Unsloth 2026.10 also has a CPU backend.
+- ``hf``: transformers ``AutoModelForCausalLM`` with bitsandbytes NF4 (double quant) when
+  ``model.load_in_4bit``, ``prepare_model_for_kbit_training``, and a PEFT ``LoraConfig``.
+
+``auto`` picks unsloth when a CUDA device is present and unsloth imports, else hf, and says why.
+Unsloth must be imported before transformers/peft/trl to patch them, so ``choose`` runs first and
+``load`` imports unsloth before anything else of the HF stack when it is the chosen backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import asdict, dataclass, field
+
+from .recipe import Recipe
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot run here; the message says what to install or change."""
+
+
+@dataclass
+class BackendInfo:
+    name: str  # "unsloth" | "hf"
+    reason: str  # why this backend was chosen
+    device: str  # "cuda:0" | "cpu"
+    dtype: str  # compute dtype
+    model_path: str  # what from_pretrained loaded
+    load_in_4bit: bool
+    trainable_params: int = 0
+    total_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        return (f"backend {self.name} ({self.reason}); device {self.device}, compute dtype {self.dtype}, "
+                f"{'4-bit NF4 base' if self.load_in_4bit else '16-bit base'}; "
+                f"trainable {self.trainable_params:,} of {self.total_params:,} params ({pct:.2f}%)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def choose(recipe: Recipe) -> tuple[str, str]:
+    """(backend, reason) for the recipe's ``backend`` key, without loading a model."""
+    want = recipe.backend
+    if want == "hf":
+        return "hf", "requested in the recipe (backend: hf)"
+    if want == "unsloth":
+        if not unsloth_installed():
+            raise BackendError(
+                "backend 'unsloth' was requested but unsloth is not installed. Install it with "
+                "pip install 'fastft[gpu]' (see the README for the CPU constraint), or set backend: hf "
+                "(or auto) in the recipe / --set backend=hf."
+            )
+        return "unsloth", "requested in the recipe (backend: unsloth)"
+    if not cuda_available():
+        return "hf", "auto: no CUDA device, so transformers + bitsandbytes + PEFT"
+    if not unsloth_installed():
+        return "hf", "auto: CUDA found but unsloth is not installed (pip install 'fastft[gpu]' for it)"
+    try:
+        import unsloth  # noqa: F401  (must be imported before transformers to patch it)
+    except Exception as e:  # unsloth raises many kinds of errors on a broken install
+        return "hf", f"auto: CUDA found but unsloth failed to import ({type(e).__name__}: {e})"
+    return "unsloth", "auto: CUDA device and unsloth available"
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU: bitsandbytes' CPU path and the interpreter are fastest and exact in fp32
+
+
+def target_modules(recipe: Recipe):
+    return recipe.lora.target_modules  # "all-linear" or an explicit list
+
+
+def load(recipe: Recipe):
+    """Load the base model and add LoRA as the recipe says. Returns (model, tokenizer, BackendInfo)."""
+    name, reason = choose(recipe)
+    if name == "unsloth":
+        import unsloth  # noqa: F401  first, before transformers/peft/trl are imported below
+    from . import models
+
+    device = "cuda:0" if cuda_available() else "cpu"
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    path = models.resolve(recipe.model.name)
+    info = BackendInfo(name=name, reason=reason, device=device, dtype=str(dtype).replace("torch.", ""),
+                       model_path=path, load_in_4bit=recipe.model.load_in_4bit)
+    if name == "unsloth":
+        model, tokenizer = _load_unsloth(recipe, path, dtype, info)
+    else:
+        model, tokenizer = _load_hf(recipe, path, dtype, device, info)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    trainable, total = _count_params(model)
+    info.trainable_params, info.total_params = trainable, total
+    return model, tokenizer, info
+
+
+def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if recipe.model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.model.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise BackendError(_not_found(recipe.model.name, e)) from e
+    gc = bool(recipe.train.gradient_checkpointing)
+    if recipe.model.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules(recipe),
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), tokenizer
+
+
+def _load_unsloth(recipe: Recipe, path: str, dtype, info: BackendInfo):
+    from unsloth import FastLanguageModel
+
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=recipe.model.max_seq_length,
+            dtype=dtype,
+            load_in_4bit=recipe.model.load_in_4bit,
+            load_in_16bit=not recipe.model.load_in_4bit,
+            random_state=recipe.train.seed,
+        )
+    except OSError as e:
+        raise BackendError(_not_found(recipe.model.name, e)) from e
+    lora = recipe.lora
+    targets = LLAMA_LINEAR if lora.target_modules == "all-linear" else lora.target_modules
+    gc = recipe.train.gradient_checkpointing
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        bias="none", use_gradient_checkpointing=gc if gc == "unsloth" else bool(gc),
+        random_state=recipe.train.seed, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+        max_seq_length=recipe.model.max_seq_length,
+    )
+    return model, tokenizer
+
+
+def _not_found(name: str, e: Exception) -> str:
+    return (f"model.name: cannot load {name!r}: {e}. No model hub is reachable from this machine: give a "
+            "local path to a transformers checkpoint, or an embedded model (fastft-tiny).")
+
+
+def _count_params(model) -> tuple[int, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        # bitsandbytes packs two 4-bit values per byte
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the stack, for fastft.json and bench results (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("fastft", "torch", "triton", "transformers", "peft", "trl", "datasets", "bitsandbytes",
+                "accelerate", "unsloth", "unsloth_zoo", "xformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,98 @@
+"""The ``fastft`` command.
+
+    fastft train recipes/tiny-demo.yaml                       # train; adapter in output.dir/adapter
+    fastft train recipes/tiny-demo.yaml --set train.lr=1e-4 --set lora.r=32
+    fastft validate recipes/tiny-demo.yaml                    # check a recipe, print it resolved
+    fastft info                                               # versions, devices, which backend auto picks
+
+Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _quiet_libraries() -> None:
+    # bitsandbytes' CPU backend looks for optional hub kernels at import and logs a warning that
+    # nothing here can act on; transformers' advisory warnings are kept at error level.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastft", description="Speed-first QLoRA trainer driven by one YAML recipe.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe", help="path to a recipe .yaml (see recipes/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    v = sub.add_parser("validate", help="validate a recipe and print it with every default filled in")
+    v.add_argument("recipe")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("info", help="versions, devices and the backend 'auto' would pick")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from . import recipe as recipe_mod
+    from .backends import BackendError
+    from .data import DataError
+
+    try:
+        if args.cmd == "info":
+            return _info()
+        r = recipe_mod.load(args.recipe, args.overrides)
+        if args.cmd == "validate":
+            print(json.dumps(r.to_dict(), indent=2))
+            print(f"{args.recipe}: valid", file=sys.stderr)
+            return 0
+        from . import train
+
+        train.run(r)
+        return 0
+    except (recipe_mod.RecipeError, DataError, FileNotFoundError) as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+    except BackendError as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .train import TrainError
+
+        if isinstance(e, TrainError):
+            print(f"fastft: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _info() -> int:
+    import torch
+
+    from . import backends, recipe
+
+    print("fastft environment")
+    for k, v in backends.versions().items():
+        print(f"  {k:<13} {v if v is not None else '-'}")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        print(f"  device        {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.1f} GiB")
+    else:
+        print(f"  device        cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})")
+    r = recipe.from_dict({"model": {"name": "x"}, "data": {"train": "x"}, "output": {"dir": "x"}})
+    name, why = backends.choose(r)
+    print(f"  backend auto  {name} ({why})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Datasets: rows from a file or the hub -> chat messages -> token ids with loss labels.
+
+    from fastft import data
+    bundle = data.build(recipe, tokenizer)
+    bundle.train[0]   # {"input_ids": [...], "labels": [... -100 on prompt tokens ...]}
+
+Formats (``data.format``):
+- ``alpaca``: columns ``instruction``, ``output`` and optional ``input``; becomes one user turn
+  (instruction, a blank line, input) and one assistant turn (output).
+- ``messages``: a ``messages`` column holding a list of ``{role, content}`` with roles system / user
+  / assistant and at least one assistant turn.
+- ``text``: one ``text_field`` column, trained on every token.
+
+The tokenizer's chat template renders the turns. With ``train_on_responses_only`` only the tokens of
+assistant turns (their content and the end-of-turn token that follows) carry labels; everything
+else is -100. Packing is done by TRL's best-fit packer, which restarts position ids per example so
+packed examples do not attend to each other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file, the row (1-based) and the column."""
+
+
+@dataclass
+class DataBundle:
+    train: Any  # datasets.Dataset with input_ids, labels
+    eval: Any | None
+    eval_pairs: list[tuple[list[dict], str]]  # (prompt messages, reference answer) for exact match
+    data_hash: str
+    stats: dict = field(default_factory=dict)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def read_rows(source: str, split: str = "train") -> list[dict]:
+    """Rows of a local .jsonl/.json/.csv/.parquet file, or of a hub dataset id (needs network)."""
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file not found: {source} (check data.train / data.eval in the recipe; "
+                            "relative paths are tried beside the recipe, then in the working directory)")
+        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path)
+        if kind == "json":
+            return _read_json(path)
+        import datasets
+
+        return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+    if "/" not in source:
+        raise DataError(f"data file not found: {source} (not a local file, nor a hub id like 'org/name')")
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except Exception as e:  # network, missing repo, missing split: all end the run the same way
+        raise DataError(f"cannot load hub dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); re-save the file as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if isinstance(obj, dict):  # {"data": [...]} or {"train": [...]}
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        obj = lists[0] if len(lists) == 1 else obj
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise DataError(f"{path}: expected a JSON list of objects (or use .jsonl, one object per line)")
+    return obj
+
+
+# --- rows -> messages --------------------------------------------------------------------------
+
+def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> list[dict] | str:
+    """One row as chat messages (alpaca, messages) or as plain text (text). ``where`` names the row."""
+    cols = ", ".join(sorted(row)) or "none"
+    if fmt == "alpaca":
+        for col in ("instruction", "output"):
+            if col not in row or row[col] is None:
+                raise DataError(f"{where}: missing column {col!r} (format alpaca needs instruction, output and "
+                                f"optionally input; found {cols})")
+            if not isinstance(row[col], str):
+                raise DataError(f"{where}: column {col!r} must be text, got {type(row[col]).__name__}")
+        if not row["output"].strip():
+            raise DataError(f"{where}: empty 'output' (nothing to learn from this row; remove it)")
+        prompt = row["instruction"].strip()
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: column 'input' must be text, got {type(extra).__name__}")
+        if extra.strip():
+            prompt = f"{prompt}\n\n{extra.strip()}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"].strip()}]
+    if fmt == "messages":
+        msgs = row.get("messages")
+        if msgs is None:
+            raise DataError(f"{where}: missing column 'messages' (format messages needs a list of "
+                            f"{{role, content}}; found {cols})")
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; allowed roles: {', '.join(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{where}: messages[{i}].content must be text, got {type(m['content']).__name__}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise DataError(f"{where}: no assistant message (nothing to learn from this conversation)")
+        return out
+    if fmt == "text":
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: missing text column {text_field!r} (data.text_field; found {cols})")
+        if not text.strip():
+            raise DataError(f"{where}: empty {text_field!r}")
+        return text
+    raise DataError(f"unknown data.format {fmt!r}")
+
+
+# --- tokenization ------------------------------------------------------------------------------
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize(example: list[dict] | str, tokenizer, responses_only: bool, where: str = "row") -> dict:
+    """``{"input_ids", "labels"}`` for one example. For chat examples with ``responses_only``, each
+    assistant turn's tokens are found by rendering the conversation up to it (with and without the
+    turn) and checking that the shorter rendering is a token prefix of the longer one."""
+    if isinstance(example, str):
+        ids = _ids(tokenizer, example)
+        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids = [tokenizer.bos_token_id] + ids
+        ids = ids + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": list(ids)}
+    render = tokenizer.apply_chat_template
+    ids = _ids(tokenizer, render(example, tokenize=False))
+    if not responses_only:
+        return {"input_ids": ids, "labels": list(ids)}
+    labels = [IGNORE] * len(ids)
+    for i, msg in enumerate(example):
+        if msg["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, render(example[:i], tokenize=False, add_generation_prompt=True)))
+        upto = _ids(tokenizer, render(example[: i + 1], tokenize=False))
+        end = len(upto)
+        if ids[:end] != upto or start > end:
+            raise DataError(f"{where}: the chat template does not render turns as prefixes of the whole "
+                            "conversation, so prompt tokens cannot be masked; set "
+                            "data.train_on_responses_only: false or use a prefix-stable template")
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids, "labels": labels}
+
+
+def content_hash(rows: list[Any]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+# --- the whole pipeline ------------------------------------------------------------------------
+
+def build(recipe, tokenizer, log=print) -> DataBundle:
+    """Read, validate, split and tokenize the recipe's data."""
+    import datasets
+
+    d = recipe.data
+    train_src = recipe.resolve_path(d.train)
+    rows = read_rows(train_src, d.split)
+    if not rows:
+        raise DataError(f"{train_src}: no rows (data.train is empty)")
+    if d.max_examples:
+        rows = rows[: d.max_examples]
+    examples = [to_messages(r, d.format, f"{train_src} row {i}", d.text_field) for i, r in enumerate(rows, 1)]
+    if d.eval:
+        eval_src = recipe.resolve_path(d.eval)
+        eval_rows = read_rows(eval_src, d.split)
+        if not eval_rows:
+            raise DataError(f"{eval_src}: no rows (data.eval is empty)")
+        eval_examples = [to_messages(r, d.format, f"{eval_src} row {i}", d.text_field)
+                         for i, r in enumerate(eval_rows, 1)]
+        train_examples = examples
+    elif d.eval_fraction > 0:
+        order = list(range(len(examples)))
+        random.Random(recipe.train.seed).shuffle(order)
+        n_eval = max(1, round(len(examples) * d.eval_fraction))
+        if n_eval >= len(examples):
+            raise DataError(f"{train_src}: {len(examples)} rows leave none for training after holding out "
+                            f"data.eval_fraction={d.eval_fraction}; add rows or lower the fraction")
+        held = set(order[:n_eval])
+        eval_examples = [examples[i] for i in order[:n_eval]]
+        train_examples = [examples[i] for i in range(len(examples)) if i not in held]
+    else:
+        train_examples, eval_examples = examples, []
+
+    max_len = recipe.model.max_seq_length
+    responses_only = d.train_on_responses_only and d.format != "text"
+
+    def encode(exs, name):
+        out, dropped, truncated = [], 0, 0
+        for i, ex in enumerate(exs, 1):
+            t = tokenize(ex, tokenizer, responses_only, f"{name} example {i}")
+            if len(t["input_ids"]) > max_len:
+                truncated += 1
+                t = {k: v[:max_len] for k, v in t.items()}
+            if all(x == IGNORE for x in t["labels"]):
+                dropped += 1
+                continue
+            out.append(t)
+        if truncated:
+            log(f"data: {truncated} {name} examples longer than model.max_seq_length={max_len} were truncated")
+        if dropped:
+            log(f"data: {dropped} {name} examples had no response tokens left after truncation and were skipped")
+        if not out:
+            raise DataError(f"{name}: no usable examples (all empty after truncation to {max_len} tokens)")
+        return out
+
+    train_tok = encode(train_examples, "train")
+    eval_tok = encode(eval_examples, "eval") if eval_examples else []
+    pairs = [(ex[:-1], ex[-1]["content"]) for ex in eval_examples
+             if isinstance(ex, list) and ex[-1]["role"] == "assistant"]
+    n_tokens = sum(len(t["input_ids"]) for t in train_tok)
+    n_trained = sum(sum(1 for x in t["labels"] if x != IGNORE) for t in train_tok)
+    stats = {"train_examples": len(train_tok), "eval_examples": len(eval_tok), "train_tokens": n_tokens,
+             "train_label_tokens": n_trained, "format": d.format, "source": train_src}
+    to_ds = lambda toks: datasets.Dataset.from_dict(  # noqa: E731
+        {"input_ids": [t["input_ids"] for t in toks], "labels": [t["labels"] for t in toks]})
+    return DataBundle(
+        train=to_ds(train_tok),
+        eval=to_ds(eval_tok) if eval_tok else None,
+        eval_pairs=pairs,
+        data_hash=content_hash(examples + ([] if not d.eval else eval_examples)),
+        stats=stats,
+    )

@@ -1,0 +1,317 @@
+"""Recipes: one YAML file drives a whole run.
+
+    from fastft import recipe
+    r = recipe.load("recipes/tiny-demo.yaml", overrides=["train.lr=1e-4", "lora.r=32"])
+    r.train.lr, r.lora.r    # -> 0.0001, 32
+
+The schema is the dataclasses below; every field has a default except ``model.name``,
+``data.train`` and ``output.dir``. Validation never builds anything (no model, no tokenizer):
+it checks keys, types and ranges and reports *all* problems in one ``RecipeError``, each naming
+its key path, and for unknown keys the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message lists every problem with its key path."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid recipe {source}" if source else "invalid recipe"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# --- schema ------------------------------------------------------------------------------------
+# `meta={"check": (lo, hi)}` is an inclusive numeric range; `None` bounds are open.
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    return {"check": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""  # hub id, local path, or an embedded model: fastft-tiny
+    max_seq_length: int = field(default=2048, metadata=_range(8, 1 << 20))
+    load_in_4bit: bool = True  # QLoRA (NF4 + double quant); false: 16-bit LoRA
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # compute dtype; auto: bf16 on GPUs that have it, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=16, metadata=_range(1, 4096))  # higher: more capacity, more memory
+    alpha: float = field(default=16.0, metadata=_range(0, None, lo_open=True))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))  # 0 keeps the fused fast path
+    target_modules: Union[str, list[str]] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # local .jsonl/.json/.csv/.parquet, "asset:..." (shipped), or a hub dataset id
+    format: Literal["alpaca", "messages", "text"] = "alpaca"
+    eval: str | None = None  # a separate held-out file; otherwise eval_fraction of train is held out
+    eval_fraction: float = field(default=0.05, metadata=_range(0.0, 1.0, hi_open=True))
+    packing: bool = False  # pack short examples into max_seq_length rows (no cross-attention between them)
+    train_on_responses_only: bool = True  # mask prompt tokens out of the loss
+    text_field: str = "text"  # column used by format: text
+    split: str = "train"  # split name for hub datasets
+    max_examples: int | None = field(default=None, metadata=_range(1, None))
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(default=2, metadata=_range(1, 65536))
+    grad_accum: int = field(default=4, metadata=_range(1, 65536))
+    lr: float = field(default=2e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                       "polynomial", "inverse_sqrt"] = "cosine"
+    warmup_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    max_steps: int | None = field(default=None, metadata=_range(1, None))  # wins over epochs when set
+    epochs: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    optim: Literal["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "adamw_8bit"
+    weight_decay: float = field(default=0.0, metadata=_range(0.0, None))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, None))
+    gradient_checkpointing: Union[bool, Literal["unsloth"]] = True  # "unsloth": offload activations (unsloth backend)
+    seed: int = 3407
+    eval_every: int | None = field(default=None, metadata=_range(1, None))  # steps; None: only at the end
+    logging_every: int = field(default=10, metadata=_range(1, None))
+    eval_generate: int = field(default=0, metadata=_range(0, None))  # held-out examples scored by exact match before/after
+    max_new_tokens: int = field(default=16, metadata=_range(1, 4096))  # generation budget for eval_generate
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    kernels: Literal["auto", "fastft", "unsloth", "none"] = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: str | None = field(default=None, metadata={"internal": True})  # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def resolve_path(self, value: str) -> str:
+        """A data path from the recipe: ``asset:`` is the shipped assets folder, relative paths
+        are tried against the recipe's folder first, then the working directory."""
+        if value.startswith("asset:"):
+            return str(Path(__file__).resolve().parent / "assets" / value[len("asset:"):])
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.source:
+            beside = Path(self.source).resolve().parent / p
+            if beside.exists():
+                return str(beside)
+        return str(p)
+
+
+REQUIRED = ("model.name", "data.train", "output.dir")
+
+
+# --- loading and validation --------------------------------------------------------------------
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError or FileNotFoundError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path} (give the path of a .yaml file; see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError([f"not valid YAML: {e}"], str(path)) from None
+    return from_dict(raw if raw is not None else {}, overrides, source=str(path))
+
+
+def from_dict(raw: Any, overrides: list[str] | None = None, source: str | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    raw = _deepcopy(raw)
+    problems: list[str] = []
+    for item in overrides or []:
+        _apply_override(raw, item, problems)
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        for key in REQUIRED:
+            section, name = key.split(".")
+            if not getattr(getattr(recipe, section), name):
+                problems.append(f"{key}: required, but missing or empty")
+    if not problems:
+        _cross_checks(recipe, problems)
+    if problems:
+        raise RecipeError(problems, source)
+    recipe.source = source
+    return recipe
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 0.0001); values are read as YAML scalars/lists."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ValueError(f"--set {item!r}: empty key part in {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads "1e-4" as a string; take it as the number the user meant
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
+        except ValueError:
+            pass
+    return parts, parsed
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    try:
+        parts, value = parse_override(item)
+    except ValueError as e:
+        problems.append(str(e))
+        return
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            problems.append(f"--set {item}: {'.'.join(parts[:i + 1])} is not a section")
+            return
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    """Instantiate dataclass `cls` from a mapping, collecting problems instead of raising."""
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {_tname(raw)} {raw!r}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, path + ".", problems)
+            continue
+        ok, coerced, why = _check_type(value, tp)
+        if not ok:
+            problems.append(f"{path}: {why}")
+            continue
+        rng = fields[key].metadata.get("check")
+        if rng is not None and coerced is not None and not isinstance(coerced, bool):
+            msg = _range_problem(coerced, *rng)
+            if msg:
+                problems.append(f"{path}: {msg}")
+                continue
+        values[key] = coerced
+    return cls(**values)
+
+
+def _tname(v) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _check_type(value, tp) -> tuple[bool, Any, str]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        why = []
+        for arg in typing.get_args(tp):
+            ok, v, w = _check_type(value, arg)
+            if ok:
+                return True, v, ""
+            why.append(w)
+        return False, None, " or ".join(dict.fromkeys(why))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(next(a for a in allowed if a == value)):
+            return True, value, ""
+        choices = ", ".join(repr(a) for a in allowed)
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close and isinstance(value, str) else ""
+        return False, None, f"must be one of {choices}, got {value!r}{hint}"
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list) or not value:
+            return False, None, f"expected a non-empty list of {item_tp.__name__}, got {_tname(value)} {value!r}"
+        for v in value:
+            if not isinstance(v, item_tp):
+                return False, None, f"expected a list of {item_tp.__name__}, got an item {_tname(v)} {v!r}"
+        return True, list(value), ""
+    if tp is type(None):
+        return (value is None), None, f"expected null, got {_tname(value)} {value!r}"
+    if tp is bool:
+        return isinstance(value, bool), value, f"expected true or false, got {_tname(value)} {value!r}"
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return ok, value, f"expected an integer, got {_tname(value)} {value!r}"
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None, f"expected a number, got {_tname(value)} {value!r}"
+    if tp is str:
+        return isinstance(value, str), value, f"expected a string, got {_tname(value)} {value!r}"
+    raise TypeError(f"unsupported schema type {tp}")  # a bug in the schema, not in the recipe
+
+
+def _range_problem(v, lo, hi, lo_open, hi_open) -> str | None:
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        return f"must be {'<' if hi_open else '<='} {hi}, got {v}"
+    return None
+
+
+def _cross_checks(r: Recipe, problems: list[str]) -> None:
+    if isinstance(r.lora.target_modules, str) and r.lora.target_modules != "all-linear":
+        problems.append(
+            f"lora.target_modules: a string must be 'all-linear', got {r.lora.target_modules!r} "
+            "(or give a list such as [q_proj, k_proj, v_proj, o_proj])"
+        )
+    if r.train.gradient_checkpointing == "unsloth" and r.backend == "hf":
+        problems.append("train.gradient_checkpointing: 'unsloth' needs backend unsloth or auto; use true with backend hf")
+    if r.data.eval is not None and r.data.eval_fraction not in (0.0, 0.05):
+        problems.append("data.eval_fraction: set it only when data.eval is not given (a separate eval file wins)")
+    if r.data.format == "text" and r.data.train_on_responses_only:
+        # plain text has no prompt/response split; treat as a clear configuration error
+        problems.append("data.train_on_responses_only: format 'text' has no responses; set it to false")
+    if r.train.eval_generate and r.data.format == "text":
+        problems.append("train.eval_generate: exact-match needs prompts and answers (format alpaca or messages)")
