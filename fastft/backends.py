@@ -116,6 +116,8 @@ def load(recipe: Recipe):
         model, tokenizer = _load_hf(recipe, path, dtype, device, info)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device == "cpu":
+        keep_4bit_trainable_on_cpu(model)
     trainable, total = _count_params(model)
     info.trainable_params, info.total_params = trainable, total
     return model, tokenizer, info
@@ -181,6 +183,24 @@ def _load_unsloth(recipe: Recipe, path: str, dtype, info: BackendInfo):
         max_seq_length=recipe.model.max_seq_length,
     )
     return model, tokenizer
+
+
+def keep_4bit_trainable_on_cpu(model) -> int:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, the first forward of a Linear4bit in eval mode under no_grad (our
+    held-out scoring before training) rewrites the weight in place into a CPU-only layout with
+    bf16 absmax, and the layer keeps using it after model.train(): through ``gemv_4bit``, which has
+    no autograd kernel, so input gradients stop at every base layer (torch warns "an autograd
+    kernel was not registered") and the eval/train numbers shift with the bf16 rounding.
+    Returns the number of layers changed.
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _not_found(name: str, e: Exception) -> str:

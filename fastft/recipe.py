@@ -224,7 +224,8 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6) or [
+                f for f in fields if str(key).startswith(f) or f.startswith(str(key))]
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             problems.append(f"{path}: unknown key{hint}")
             continue
@@ -252,43 +253,47 @@ def _tname(v) -> str:
 
 
 def _check_type(value, tp) -> tuple[bool, Any, str]:
+    """(ok, coerced value, problem). The problem reads "expected <what>, got <value>"."""
+    ok, coerced, want = _match(value, tp)
+    if ok:
+        return True, coerced, ""
+    if typing.get_origin(tp) is Literal:
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close and isinstance(value, str) else ""
+        return False, None, f"must be one of {want}, got {value!r}{hint}"
+    return False, None, f"expected {want}, got {_tname(value)} {value!r}"
+
+
+def _match(value, tp) -> tuple[bool, Any, str]:
+    """(ok, coerced value, description of what tp accepts)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        why = []
+        wants = []
         for arg in typing.get_args(tp):
-            ok, v, w = _check_type(value, arg)
+            ok, v, want = _match(value, arg)
             if ok:
                 return True, v, ""
-            why.append(w)
-        return False, None, " or ".join(dict.fromkeys(why))
+            wants.append(want)
+        return False, None, " or ".join(wants)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value in allowed and type(value) is type(next(a for a in allowed if a == value)):
-            return True, value, ""
-        choices = ", ".join(repr(a) for a in allowed)
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close and isinstance(value, str) else ""
-        return False, None, f"must be one of {choices}, got {value!r}{hint}"
+        ok = any(value == a and type(value) is type(a) for a in allowed)
+        return ok, value, ", ".join(repr(a) for a in allowed)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list) or not value:
-            return False, None, f"expected a non-empty list of {item_tp.__name__}, got {_tname(value)} {value!r}"
-        for v in value:
-            if not isinstance(v, item_tp):
-                return False, None, f"expected a list of {item_tp.__name__}, got an item {_tname(v)} {v!r}"
-        return True, list(value), ""
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, item_tp) for v in value)
+        return ok, list(value) if ok else None, f"a non-empty list of {_tname(item_tp()).split()[-1]}s"
     if tp is type(None):
-        return (value is None), None, f"expected null, got {_tname(value)} {value!r}"
+        return value is None, None, "null"
     if tp is bool:
-        return isinstance(value, bool), value, f"expected true or false, got {_tname(value)} {value!r}"
+        return isinstance(value, bool), value, "true or false"
     if tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return ok, value, f"expected an integer, got {_tname(value)} {value!r}"
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else None, f"expected a number, got {_tname(value)} {value!r}"
+        return ok, float(value) if ok else None, "a number"
     if tp is str:
-        return isinstance(value, str), value, f"expected a string, got {_tname(value)} {value!r}"
+        return isinstance(value, str), value, "a string"
     raise TypeError(f"unsupported schema type {tp}")  # a bug in the schema, not in the recipe
 
 

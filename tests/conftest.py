@@ -1,0 +1,36 @@
+"""Shared fixtures: a per-session model cache, the tiny recipe, and a tensor-diff helper."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fastft_cache(tmp_path_factory):
+    """Keep the user's ~/.cache/fastft out of tests; materialize the tiny model once per session.
+    FASTFT_TEST_CACHE reuses a cache across sessions (the tiny model is rebuilt from its seed)."""
+    cache = os.environ.get("FASTFT_TEST_CACHE") or str(tmp_path_factory.mktemp("fastft-cache"))
+    old = os.environ.get("FASTFT_CACHE")
+    os.environ["FASTFT_CACHE"] = cache
+    yield Path(cache)
+    if old is None:
+        os.environ.pop("FASTFT_CACHE", None)
+    else:
+        os.environ["FASTFT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_path(fastft_cache):
+    from fastft import models
+
+    return models.resolve("fastft-tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_path)

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+
+from fastft import recipe
+from fastft.recipe import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"model": {"name": "fastft-tiny"}, "data": {"train": "d.jsonl"}, "output": {"dir": "out"}}
+
+
+def _with(**patch):
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in GOOD.items()}
+    for path, value in patch.items():
+        section, _, key = path.partition("__")
+        if key:
+            d.setdefault(section, {})[key] = value
+        else:
+            d[section] = value
+    return d
+
+
+def test_defaults_fill_in():
+    r = recipe.from_dict(GOOD)
+    assert r.lora.r == 16 and r.lora.target_modules == "all-linear"
+    assert r.train.optim == "adamw_8bit" and r.backend == "auto" and r.kernels == "auto"
+    assert r.model.load_in_4bit is True
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (_with(lora__rank=8), "lora.rank: unknown key; did you mean 'lora.r'?"),
+    (_with(trian={"lr": 1}), "trian: unknown key; did you mean 'train'?"),
+    (_with(train__lr=-1e-4), "train.lr: must be > 0.0, got -0.0001"),
+    (_with(train__lr="fast"), "train.lr: expected a number, got a string 'fast'"),
+    (_with(lora__r=0), "lora.r: must be >= 1, got 0"),
+    (_with(lora__r=8.5), "lora.r: expected an integer, got a number 8.5"),
+    (_with(lora__dropout=1.0), "lora.dropout: must be < 1.0, got 1.0"),
+    (_with(backend="unsloht"), "backend: must be one of 'auto', 'unsloth', 'hf', got 'unsloht' (did you mean 'unsloth'?)"),
+    (_with(kernels="triton"), "kernels: must be one of 'auto', 'fastft', 'unsloth', 'none', got 'triton'"),
+    (_with(data__format="sharegpt"), "data.format: must be one of 'alpaca', 'messages', 'text', got 'sharegpt'"),
+    (_with(model__load_in_4bit="yes"), "model.load_in_4bit: expected true or false, got a string 'yes'"),
+    (_with(train__optim="adamw8bit"), "(did you mean 'adamw_8bit'?)"),
+    (_with(lora__target_modules="q_proj"), "lora.target_modules: a string must be 'all-linear'"),
+    (_with(lora__target_modules=[]), "lora.target_modules: expected a string or a non-empty list of strings, got a list []"),
+    (_with(data__eval_fraction=1.5), "data.eval_fraction: must be < 1.0, got 1.5"),
+    (_with(model={"max_seq_length": 512}), "model.name: required, but missing or empty"),
+    (_with(output=None), "output.dir: required, but missing or empty"),
+    (_with(train=[1, 2]), "train: expected a mapping of keys, got a list [1, 2]"),
+    (_with(train__gradient_checkpointing="offload"), "train.gradient_checkpointing: expected true or false or 'unsloth', got a string 'offload'"),
+    (_with(backend="hf", train__gradient_checkpointing="unsloth"), "'unsloth' needs backend unsloth or auto"),
+    (_with(data__format="text"), "data.train_on_responses_only: format 'text' has no responses"),
+    ([1, 2], "the top level must be a mapping of sections"),
+])
+def test_bad_recipes_name_the_key(raw, expected):
+    with pytest.raises(RecipeError) as e:
+        recipe.from_dict(raw)
+    assert expected in str(e.value), str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(RecipeError) as e:
+        recipe.from_dict(_with(lora__rr=1, train__lr=0, backend="x"))
+    assert len(e.value.problems) == 3
+
+
+def test_overrides_any_key_with_typed_values():
+    r = recipe.from_dict(GOOD, ["train.lr=1e-4", "lora.r=32", "lora.use_dora=true",
+                                "lora.target_modules=[q_proj, v_proj]", "train.max_steps=7", "backend=hf"])
+    assert r.train.lr == 1e-4 and r.lora.r == 32 and r.lora.use_dora is True
+    assert r.lora.target_modules == ["q_proj", "v_proj"] and r.train.max_steps == 7 and r.backend == "hf"
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("train.lr", "expected KEY=VALUE"),
+    ("train..lr=1", "empty key part"),
+    ("train.lr=abc", "train.lr: expected a number"),
+    ("lora.r.x=1", "lora.r is not a section"),
+])
+def test_bad_overrides(item, expected):
+    with pytest.raises(RecipeError) as e:
+        recipe.from_dict(_with(lora__r=4), [item])
+    assert expected in str(e.value)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recipe not found"):
+        recipe.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        recipe.load(bad)
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        recipe.load(p)
+
+
+def test_asset_and_relative_paths(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {name: fastft-tiny}\ndata: {train: d.jsonl}\noutput: {dir: o}\n")
+    r = recipe.load(p)
+    assert r.resolve_path(r.data.train) == str(tmp_path / "d.jsonl")
+    assert Path(r.resolve_path("asset:data/word-categories.jsonl")).is_file()
+
+
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    r = recipe.load(path)
+    assert r.model.name and r.output.dir
+
+
+def test_recipes_found():
+    assert RECIPES, "recipes/ has no .yaml files"

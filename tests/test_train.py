@@ -1,0 +1,124 @@
+"""End to end on CPU: a real 4-bit QLoRA run of the tiny model through the hf backend."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from support import ROOT, assert_close, tiny_recipe_dict
+from fastft import recipe, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = recipe.from_dict(tiny_recipe_dict(out, train={"eval_generate": 20}))  # backend auto: hf on CPU
+    logs = []
+    import warnings
+
+    with warnings.catch_warnings():
+        # bitsandbytes' CPU inference layout would route training through a kernel without
+        # autograd; fastft turns it off (backends.keep_4bit_trainable_on_cpu), so this must not fire
+        warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
+        result = train.run(r, log=logs.append)
+    return r, out, result, logs, train
+
+
+def test_loss_falls_and_metrics_improve(run):
+    _, _, result, _, _ = run
+    m = result.info["metrics"]
+    losses = m["losses"]
+    assert len(losses) >= 5
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert m["after"]["eval_loss"] < 0.5 * m["before"]["eval_loss"]
+    assert m["after"]["exact_match"] > m["before"]["exact_match"]
+    assert m["steps"] == 40
+
+
+def test_4bit_weights_keep_their_training_layout_after_eval(run):
+    _, _, result, _, _ = run
+    states = [m.weight.quant_state for m in result.model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(states) == 28
+    assert not any(getattr(s, "packing_format_for_cpu", False) for s in states)
+    assert all(s.nested for s in states)  # double quantization intact
+
+
+def test_meter_reports_throughput_and_peak_memory(run):
+    _, out, result, logs, _ = run
+    t = result.info["metrics"]["train"]
+    assert t["tokens_per_second"] > 0 and t["peak_rss_gb"] > 0.1 and t["train_tokens"] > 0
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "loss" in l]
+    assert len(steps) >= 5 and all("tokens_per_second" in l and "peak_rss_gb" in l for l in steps)
+    assert any("run summary" in l and "tokens/s" in l and "peak RSS" in l for l in logs)
+    # real tokens only: the meter's count equals the non-padding tokens of 40 batches of 8 examples
+    assert t["train_tokens"] == sum(l["tokens_seen"] for l in lines[-1:])
+
+
+def test_run_info_records_what_a_rerun_needs(run):
+    r, out, _, _, _ = run
+    info = json.loads((out / "fastft.json").read_text())
+    assert info["schema_version"] == 1
+    assert info["recipe"] == r.to_dict()
+    assert info["backend"]["name"] == "hf" and "no CUDA" in info["backend"]["reason"]
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "fastft"):
+        assert info["versions"][pkg]
+    assert "unsloth" in info["versions"]
+    assert info["data"]["hash"].startswith("sha256:")
+    assert {"before", "after", "train", "losses"} <= set(info["metrics"])
+
+
+def test_adapter_reloads_in_plain_peft_with_identical_logits(run):
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    _, out, result, _, _ = run
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    cfg = PeftConfig.from_pretrained(adapter)
+    assert cfg.r == 8 and cfg.lora_alpha == 16
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model_name_or_path, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    # train mode (dropout is 0, so it computes the same function): in eval mode bitsandbytes' CPU
+    # backend would switch the plain reload to its bf16-absmax inference layout, ~0.09 off here
+    reloaded = PeftModel.from_pretrained(base, adapter).train()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    batch = tok(["<|user|> classify red , blue <|end|> <|assistant|>", "hello there"], return_tensors="pt",
+                padding=True)
+    trained = result.model.train()
+    with torch.no_grad():
+        expected = trained(**batch).logits
+        got = reloaded(**batch).logits
+    assert_close(got, expected, atol=1e-5, rtol=1e-5, what="logits")
+    # and the adapter matters: the bare base model gives different logits
+    with torch.no_grad(), reloaded.disable_adapter():
+        bare = reloaded(**batch).logits
+    assert (bare - expected).abs().max() > 1e-2
+
+
+def test_cli_train_and_errors(tmp_path):
+    import yaml
+
+    cfg = tiny_recipe_dict(tmp_path / "out", backend="hf", train={"max_steps": 3})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = [sys.executable, "-m", "fastft.cli"]
+    ok = subprocess.run(cli + ["train", str(path), "--set", "lora.r=4"], capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "backend hf (requested in the recipe (backend: hf))" in ok.stdout
+    assert json.loads((tmp_path / "out" / "fastft.json").read_text())["recipe"]["lora"]["r"] == 4
+    bad = subprocess.run(cli + ["train", str(path), "--set", "lora.rank=4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "lora.rank: unknown key; did you mean 'lora.r'?" in bad.stderr
+    missing = subprocess.run(cli + ["train", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "recipe not found" in missing.stderr
+
+
+def test_kernels_fastft_is_refused_until_built(tmp_path):
+    r = recipe.from_dict(tiny_recipe_dict(tmp_path, kernels="fastft"))
+    with pytest.raises(train.TrainError, match="kernels: 'fastft' is not available in this build"):
+        train.run(r, log=lambda m: None)
