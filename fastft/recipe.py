@@ -86,6 +86,7 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, Literal["unsloth"]] = True  # "unsloth": offload activations (unsloth backend)
     seed: int = 3407
     eval_every: int | None = field(default=None, metadata=_range(1, None))  # steps; None: only at the end
+    early_stopping_patience: int | None = field(default=None, metadata=_range(1, None))  # evals without improvement (the pre-training eval counts)
     logging_every: int = field(default=10, metadata=_range(1, None))
     eval_generate: int = field(default=0, metadata=_range(0, None))  # held-out examples scored by exact match before/after
     max_new_tokens: int = field(default=16, metadata=_range(1, 4096))  # generation budget for eval_generate
@@ -318,5 +319,7 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if r.data.format == "text" and r.data.train_on_responses_only:
         # plain text has no prompt/response split; treat as a clear configuration error
         problems.append("data.train_on_responses_only: format 'text' has no responses; set it to false")
+    if r.train.early_stopping_patience and not r.train.eval_every:
+        problems.append("train.early_stopping_patience: needs train.eval_every (steps between held-out evaluations)")
     if r.train.eval_generate and r.data.format == "text":
         problems.append("train.eval_generate: exact-match needs prompts and answers (format alpaca or messages)")

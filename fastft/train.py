@@ -14,7 +14,6 @@ import json
 import resource
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +89,34 @@ def _meter_callback_class():
                     **peak_memory()}
 
     return Meter
+
+
+def _early_stop_callback(patience: int, log):
+    from transformers import TrainerCallback
+
+    class EarlyStop(TrainerCallback):
+        """Stop when held-out loss has not improved for `patience` evaluations in a row."""
+
+        def __init__(self):
+            self.best = float("inf")
+            self.bad = 0
+            self.stopped_at = None
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            if loss < self.best:
+                self.best, self.bad = loss, 0
+            else:
+                self.bad += 1
+                if self.bad >= patience and state.global_step < state.max_steps:
+                    self.stopped_at = state.global_step
+                    log(f"fastft: early stop at step {state.global_step}: held-out loss {loss:.4f} has not "
+                        f"improved on {self.best:.4f} for {patience} evaluations")
+                    control.should_training_stop = True
+
+    return EarlyStop()
 
 
 def _trainer_class():
@@ -191,10 +218,11 @@ def run(recipe: Recipe, log=print) -> Run:
     metrics_path.write_text("")
     meter = _meter_callback_class()(metrics_path)
     config = _sft_config(recipe, out_dir, info, optim, bundle.eval is not None)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-        trainer = _trainer_class()(model=model, args=config, train_dataset=bundle.train,
-                                   eval_dataset=bundle.eval, processing_class=tokenizer, callbacks=[meter])
+    callbacks = [meter]
+    if recipe.train.early_stopping_patience and bundle.eval is not None:
+        callbacks.append(_early_stop_callback(recipe.train.early_stopping_patience, log))
+    trainer = _trainer_class()(model=model, args=config, train_dataset=bundle.train,
+                               eval_dataset=bundle.eval, processing_class=tokenizer, callbacks=callbacks)
     trainer.meter = meter
     _adapters_follow_compute_dtype(model, info.dtype)
 

@@ -122,3 +122,14 @@ def test_kernels_fastft_is_refused_until_built(tmp_path):
     r = recipe.from_dict(tiny_recipe_dict(tmp_path, kernels="fastft"))
     with pytest.raises(train.TrainError, match="kernels: 'fastft' is not available in this build"):
         train.run(r, log=lambda m: None)
+
+
+def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
+    # a vanishing lr cannot improve the held-out loss; the evaluation before training is the first
+    # point of comparison, so with patience 2 the evaluations at steps 5 and 10 end the run
+    r = recipe.from_dict(tiny_recipe_dict(tmp_path, train={"lr": 1e-12, "max_steps": 40, "eval_every": 5,
+                                                           "early_stopping_patience": 2, "warmup_ratio": 0.0}))
+    logs = []
+    result = train.run(r, log=logs.append)
+    assert result.info["metrics"]["steps"] == 10, result.info["metrics"]["steps"]
+    assert any("early stop at step 10" in m for m in logs)

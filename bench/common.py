@@ -1,0 +1,89 @@
+"""Result documents shared by every benchmark (DESIGN.md, "Benchmark conventions").
+
+    from bench import common
+    doc = common.result(kind="kernel", name="nf4-dequant", target="h100", config={...}, metrics={...})
+    path = common.write(doc)            # bench/results/<kind>-<name>-<target>-<utc time>.json
+    print(common.dumps_line(doc))       # one compact JSON line, the last line of stdout
+
+A result carries: schema_version, kind, name, target, device (name, capability, memory), versions
+(torch, triton, transformers, peft, bitsandbytes, unsloth, fastft, git sha), config, metrics,
+the command line and the time it was made.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return {"type": "cuda", "name": p.name, "capability": f"{p.major}.{p.minor}",
+                "memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count}
+    import platform
+
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def versions() -> dict:
+    from fastft.backends import versions as stack_versions
+
+    return {**stack_versions(), "git_sha": git_sha()}
+
+
+def result(kind: str, name: str, target: str, config: dict, metrics: dict, command: list[str] | None = None,
+           notes: list[str] | None = None) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "name": name,
+        "target": target,
+        "device": device(),
+        "versions": versions(),
+        "config": config,
+        "metrics": metrics,
+        "notes": notes or [],
+        "command": shlex.join(command if command is not None else [sys.executable, *sys.argv]),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def write(doc: dict, out_dir: str | Path | None = None, stem: str | None = None) -> Path:
+    """Write atomically (temp file + rename) and return the path."""
+    out = Path(out_dir or os.environ.get("FASTFT_BENCH_RESULTS") or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = doc["created_utc"].replace(":", "").replace("-", "")
+    path = out / f"{stem or '-'.join([doc['kind'], doc['name'], doc['target']])}-{stamp}.json"
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def dumps_line(doc: dict) -> str:
+    return json.dumps(doc, separators=(",", ":"), default=str)
