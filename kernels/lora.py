@@ -1,0 +1,483 @@
+"""Fused LoRA linear: forward and backward in Triton, over a 16-bit or an NF4 (bitsandbytes) base weight.
+
+    from fastft.kernels.lora import lora_linear
+    y = lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None)
+
+The math. x: [M, K] tokens, W: [N, K] frozen base weight (16-bit, or NF4 packed as bitsandbytes stores
+it), A: [r, K], B: [N, r] (the trained adapter), s = alpha / r (or alpha / sqrt(r), rsLoRA):
+
+    forward    XA = x·Aᵀ                           [M, r]   kept for the backward
+               y  = x·Wᵀ + s·XA·Bᵀ (+ bias)          [M, N]   one kernel: the LoRA term is the epilogue of
+                                                             the base matmul; x·Wᵀ is never stored
+    backward   dYB = dY·B                          [M, r]
+               dX  = dY·W + s·dYB·A                [M, K]   one kernel, the LoRA term again an epilogue
+               dA  = s·dYBᵀ·x                      [r, K]   split over tokens (M is long, r·K is small)
+               dB  = s·dYᵀ·XA                      [N, r]   split over tokens
+               W and the base bias get no gradient.
+
+Every product is one launch of ``_lora_matmul_kernel``: C = alpha·(P·Q) (+ scale·(L·R)) (+ bias), with
+P and Q read through strides (so transposes cost nothing), an optional NF4 Q dequantized tile by tile
+inside the K loop (no dense copy of W in memory), an optional low-rank epilogue L·R, and an optional
+split of the reduction into fp32 partial sums. Accumulation is fp32; fp32 inputs use IEEE fp32 dots
+(no TF32), matching torch's default for matmul.
+
+NF4 (DESIGN.md "NF4, as bitsandbytes stores it"): flat index i of the dense row-major [N, K] weight
+lives in byte i // 2 (high nibble first), block i // blocksize; value = code[nibble] * absmax[block],
+and with double quantization absmax[block] = code2[absmax_u8[block]] * absmax2[block // blocksize2]
++ offset, each step rounded to fp32 separately (the launch disables FMA contraction, as
+bitsandbytes' own dequant does two roundings), then the value rounds to the compute dtype.
+
+Not fused (the pure-torch reference runs instead and says so once): lora_dropout > 0 in training, a
+trainable base weight or bias, r > MAX_FUSED_RANK, dtypes other than fp16/bf16/fp32, non-NF4 4-bit,
+and tensors that are not on a CUDA device (unless TRITON_INTERPRET=1, the CPU interpreter).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+MAX_FUSED_RANK = 128  # BLOCK_R = next power of two >= r; beyond 128 the epilogue tile spills registers
+NF4_CODE = (  # bitsandbytes' NF4 table (normal-float quantiles), indexed by the 4-bit code
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Launch configurations, one table for every launch (and for tests/test_kernel_compile.py, which
+# compiles each for sm_80/89/90). Chosen by shape in `_pick_config`; `python -m bench.kernels lora`
+# times each of them per shape and prints which one the heuristic chose. None is GPU-measured yet.
+#   name: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+CONFIGS = {
+    "mm_128x128x64_w8_s3": (128, 128, 64, 8, 8, 3),   # large base matmuls (forward, dX), 16-bit W
+    "mm_128x128x32_w8_s4": (128, 128, 32, 8, 8, 4),
+    "mm_128x64x64_w4_s4": (128, 64, 64, 8, 4, 4),     # NF4 W: the dequant tile competes for registers
+    "mm_64x64x64_w4_s3": (64, 64, 64, 8, 4, 3),       # few tokens
+    "thin_128xRx64_w4_s3": (128, 0, 64, 8, 4, 3),     # x·Aᵀ, dY·B: N = r (BLOCK_N set to BLOCK_R)
+    "red_Rx128x64_w4_s3": (0, 128, 64, 1, 4, 3),      # dA, dB^T-like reductions: M = r (BLOCK_M = BLOCK_R)
+    "red_Rx64x64_w4_s3": (0, 64, 64, 1, 4, 3),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _nf4_tile(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, idx, mask,
+              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    """Dequantize the NF4 elements at flat indices `idx` (any shape) of the dense weight, fp32."""
+    byte = tl.load(w_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    q = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)  # first element in the high nibble
+    value = tl.load(code_ptr + q, mask=mask, other=0.0)
+    block = idx // BLOCKSIZE
+    if NESTED:
+        a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        absmax = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
+                                                                      mask=mask, other=0.0)
+        absmax = absmax + offset  # a separate rounding: launched with enable_fp_fusion=False
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return value * absmax
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    p_ptr, q_ptr, c_ptr,  # C[M, N] = alpha * P[M, K] @ Q[K, N]   (Q may be NF4-packed)
+    l_ptr, r_ptr, bias_ptr,  # + scale * L[M, RANK] @ R[RANK, N] + bias[N]
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,  # NF4 Q
+    M, N, K, RANK, k_per_split,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    alpha, scale,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, Q_NF4: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # -- program -> (tile row, tile column, split): grouped order so neighbours share Q tiles in L2
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)  # row offsets can pass 2**31 elements (16384 tokens x 14336 features)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+
+    # -- the K loop: fp32 accumulator, masked loads (sizes need not be multiples of the blocks)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q_mask = mask_k[:, None] & mask_n[None, :]
+        q_idx = offs_k[:, None].to(tl.int64) * stride_qk + offs_n[None, :] * stride_qn
+        if Q_NF4:
+            q = _nf4_tile(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, q_idx, q_mask,
+                          BLOCKSIZE, BLOCKSIZE2, NESTED).to(p_ptr.dtype.element_ty)
+        else:
+            q = tl.load(q_ptr + q_idx, mask=q_mask, other=0.0)
+        if IEEE:
+            acc = tl.dot(p, q, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, q, acc)
+    acc = acc * alpha
+
+    # -- epilogue: the low-rank term on the tile still in registers, then the bias
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < RANK
+        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        up = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if IEEE:
+            acc += scale * tl.dot(lo, up, input_precision="ieee")
+        else:
+            acc += scale * tl.dot(lo, up)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    c = c_ptr + pid_s * stride_cs + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# NF4 weights
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class NF4Weight:
+    """An NF4 base weight in bitsandbytes' layout, read from a Params4bit and its QuantState."""
+
+    packed: torch.Tensor  # uint8, two codes per byte
+    absmax: torch.Tensor  # fp32 per block, or uint8 codes when nested (double quant)
+    code: torch.Tensor  # fp32 [16]
+    blocksize: int
+    shape: tuple[int, int]  # the dense weight, [out_features, in_features]
+    absmax2: torch.Tensor | None = None  # nested: fp32 per block of absmax codes
+    code2: torch.Tensor | None = None  # nested: fp32 [256]
+    blocksize2: int = 256
+    offset: float = 0.0
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, qs) -> "NF4Weight":
+        """From bitsandbytes' ``weight.quant_state`` (read by attribute: no bitsandbytes import)."""
+        if getattr(qs, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only NF4 4-bit weights are fused, not {qs.quant_type!r}")
+        shape = tuple(int(d) for d in qs.shape)
+        if len(shape) != 2:
+            raise ValueError(f"NF4 weight must be 2-D, got shape {shape}")
+        nested = bool(getattr(qs, "nested", False))
+        s2 = qs.state2 if nested else None
+        offset = qs.offset if nested else 0.0
+        return cls(packed=packed.reshape(-1), absmax=qs.absmax.reshape(-1), code=qs.code.float(),
+                   blocksize=int(qs.blocksize), shape=shape,
+                   absmax2=s2.absmax.reshape(-1).float() if nested else None,
+                   code2=s2.code.float() if nested else None,
+                   blocksize2=int(s2.blocksize) if nested else 256,
+                   offset=float(offset.item() if torch.is_tensor(offset) else offset))
+
+
+def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [N, K] weight from an NF4Weight, in pure torch, with the same two fp32 roundings."""
+    n = w.shape[0] * w.shape[1]
+    packed = w.packed.reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    if w.nested:
+        absmax = w.code2[w.absmax.long()] * w.absmax2.repeat_interleave(w.blocksize2)[: w.absmax.numel()]
+        absmax = absmax + w.offset
+    else:
+        absmax = w.absmax.float()
+    values = w.code[codes] * absmax.repeat_interleave(w.blocksize)[:n]
+    return values.to(dtype).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_lora_matmul_kernel).__name__ == "InterpretedFunction"
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _pick_config(kind: str, M: int, N: int, nf4: bool) -> str:
+    """The launch config for one product; `kind`: "mm" (large), "thin" (N = r), "red" (M = r)."""
+    if kind == "thin":
+        return "thin_128xRx64_w4_s3"
+    if kind == "red":
+        return "red_Rx128x64_w4_s3" if N >= 1024 else "red_Rx64x64_w4_s3"
+    if M <= 256 or N <= 256:
+        return "mm_64x64x64_w4_s3"
+    return "mm_128x64x64_w4_s4" if nf4 else "mm_128x128x64_w8_s3"
+
+
+def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.0,
+                lora: tuple | None = None, scale: float = 0.0, bias: torch.Tensor | None = None,
+                kind: str = "mm", rank: int = 0, split_k: int = 1, config: str | None = None) -> torch.Tensor:
+    """C[M, N] = alpha * p[M, K] @ q[K, N] (+ scale * l @ r) (+ bias), fp32 accumulation.
+
+    p and each of lora's two factors are 2-D tensors in any strides (pass a transposed view for free);
+    q is a 2-D tensor or ``(NF4Weight, transposed)``: the [K, N] operand is the NF4 weight's dense
+    [N, K] form transposed (forward, x·Wᵀ) when ``transposed`` and the [N, K] form itself (dX = dY·W)
+    otherwise. ``split_k`` > 1 splits the reduction into fp32 partial sums added at the end.
+    """
+    M, K = p.shape
+    nf4 = isinstance(q, tuple)
+    if nf4:
+        w, transposed = q
+        wn, wk = w.shape
+        N = wn if transposed else wk
+        if (wk if transposed else wn) != K:
+            raise ValueError(f"inner dimensions differ: p is {tuple(p.shape)}, NF4 weight is {w.shape}")
+        stride_qk, stride_qn = (1, wk) if transposed else (wk, 1)
+    else:
+        if q.shape[0] != K:
+            raise ValueError(f"inner dimensions differ: {tuple(p.shape)} @ {tuple(q.shape)}")
+        N = q.shape[1]
+        stride_qk, stride_qn = q.stride()
+    _check_device(p)
+    dtype = p.dtype
+    if dtype not in _DTYPES:
+        raise TypeError(f"lora_matmul: unsupported dtype {dtype}; use fp16, bf16 or fp32")
+    if lora is not None:
+        l_, r_ = lora
+        if l_.dtype != dtype or r_.dtype != dtype:
+            raise TypeError(f"lora factors must be {dtype}, got {l_.dtype} and {r_.dtype}")
+        if l_.shape != (M, rank) or r_.shape != (rank, N):
+            raise ValueError(f"lora factors {tuple(l_.shape)}, {tuple(r_.shape)} do not fit [{M}, {rank}] @ [{rank}, {N}]")
+    if not nf4 and q.dtype != dtype:
+        raise TypeError(f"lora_matmul: operands must share a dtype, got {dtype} and {q.dtype}")
+    if split_k > 1 and (lora is not None or bias is not None):
+        raise ValueError("split_k > 1 supports neither the low-rank epilogue nor a bias")
+
+    name = config or _pick_config(kind, M, N, nf4)
+    bm, bn, bk, group_m, num_warps, num_stages = CONFIGS[name]
+    if kind in ("thin", "red") and not rank:
+        raise ValueError(f"kind {kind!r} needs the rank")
+    block_r = _block_r(rank) if rank else 16
+    bm = bm or block_r
+    bn = bn or block_r
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), bk) * bk
+    split_k = triton.cdiv(K, k_per_split) if K else 1
+    if split_k > 1:
+        out = torch.empty((split_k, M, N), device=p.device, dtype=torch.float32)
+    else:
+        out = torch.empty((1, M, N), device=p.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out[0].zero_()
+    if K == 0:
+        out.zero_()
+    dummy = out  # stands in for absent pointers; never read (their constexpr flags are off)
+    if nf4:
+        q_ptr, absmax, code = w.packed, w.absmax, w.code
+        absmax2 = w.absmax2 if w.nested else dummy
+        code2 = w.code2 if w.nested else dummy
+    else:
+        q_ptr, absmax, code, absmax2, code2 = q, dummy, dummy, dummy, dummy
+    l_, r_ = lora if lora is not None else (dummy[0], dummy[0])
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)
+    extra = {"enable_fp_fusion": False} if nf4 and w.nested else {}
+    _lora_matmul_kernel[grid](
+        p, q_ptr, out, l_, r_, bias if bias is not None else dummy,
+        absmax, code, absmax2, code2, w.offset if nf4 else 0.0,
+        M, N, K, rank, k_per_split,
+        p.stride(0), p.stride(1), stride_qk, stride_qn, out.stride(0), out.stride(1), out.stride(2),
+        l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
+        float(alpha), float(scale),
+        HAS_LORA=lora is not None, HAS_BIAS=bias is not None, Q_NF4=nf4, NESTED=nf4 and w.nested,
+        BLOCKSIZE=w.blocksize if nf4 else 64, BLOCKSIZE2=w.blocksize2 if nf4 else 256,
+        IEEE=dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages, **extra,
+    )
+    if split_k > 1:
+        return out.sum(0).to(out_dtype)
+    return out[0]
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"fastft.kernels.lora needs CUDA tensors (got {t.device}); on CPU set TRITON_INTERPRET=1 "
+                           "before importing it, or use lora_linear_reference")
+
+
+def _split_for(M: int, tiles: int, device: torch.device) -> int:
+    """Token splits for the dA/dB reductions: enough programs to fill the GPU, >= 512 tokens each."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, max(tiles, 1)), M // 512))
+
+
+def _weight_operand(weight, nf4: NF4Weight | None, dtype, transposed: bool):
+    if nf4 is not None:
+        return (nf4, transposed)
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    return w.t() if transposed else w
+
+
+def lora_forward(x2, weight, lora_a, lora_b, scaling, bias=None, nf4: NF4Weight | None = None):
+    """(y, xa) for 2-D x: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias in x's dtype, xa = x·Aᵀ (kept for backward)."""
+    dtype, r = x2.dtype, lora_a.shape[0]
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    xa = lora_matmul(x2, a.t(), dtype, kind="thin", rank=r)
+    y = lora_matmul(x2, _weight_operand(weight, nf4, dtype, True), dtype, lora=(xa, b.t()), scale=scaling,
+                    rank=r, bias=None if bias is None else bias.to(dtype))
+    return y, xa
+
+
+def lora_backward(dy2, x2, xa, weight, lora_a, lora_b, scaling, nf4: NF4Weight | None = None,
+                  need_dx=True, need_da=True, need_db=True):
+    """(dX, dA, dB) for 2-D tensors; dA and dB come back in the adapter's dtypes."""
+    dtype, r = dy2.dtype, lora_a.shape[0]
+    M = dy2.shape[0]
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    dx = da = db = None
+    dyb = lora_matmul(dy2, b, dtype, kind="thin", rank=r) if (need_dx or need_da) else None
+    if need_dx:
+        dx = lora_matmul(dy2, _weight_operand(weight, nf4, dtype, False), dtype, lora=(dyb, a), scale=scaling,
+                         rank=r)
+    if need_da:
+        K = x2.shape[1]
+        split = _split_for(M, triton.cdiv(K, 128), dy2.device)
+        da = lora_matmul(dyb.t(), x2, lora_a.dtype, alpha=scaling, kind="red", rank=r, split_k=split)
+    if need_db:
+        N = dy2.shape[1]
+        split = _split_for(M, triton.cdiv(N, 128), dy2.device)
+        # dB^T = s·XAᵀ·dY: [r, N], the reduction shape with r rows; returned transposed
+        db = lora_matmul(xa.t(), dy2, lora_b.dtype, alpha=scaling, kind="red", rank=r, split_k=split).t()
+    return dx, da, db
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (+ bias) with gradients for x, A and B (W and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, nf4):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y, xa = lora_forward(x2, weight, lora_a, lora_b, scaling, bias, nf4)
+        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        ctx.scaling, ctx.nf4, ctx.in_shape = scaling, nf4, shape
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        if dy2.dtype != x2.dtype:
+            dy2 = dy2.to(x2.dtype)
+        need_dx, _, need_da, need_db = ctx.needs_input_grad[:4]
+        dx, da, db = lora_backward(dy2, x2, xa, weight, lora_a, lora_b, ctx.scaling, ctx.nf4,
+                                   need_dx=need_dx, need_da=need_da, need_db=need_db)
+        if dx is not None:
+            dx = dx.reshape(ctx.in_shape)
+        return dx, None, da, db, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference and entry point
+# --------------------------------------------------------------------------------------------------
+
+def lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None, dropout_p=0.0,
+                          training=True):
+    """The same function in plain torch (autograd does the backward); also the fallback path."""
+    dtype = x.dtype
+    if quant_state is not None:
+        nf4 = quant_state if isinstance(quant_state, NF4Weight) else NF4Weight.from_quant_state(weight, quant_state)
+        w = dequantize_nf4_reference(nf4, dtype)
+    else:
+        w = weight.to(dtype)
+    y = F.linear(x, w, None if bias is None else bias.to(dtype))
+    xd = F.dropout(x, dropout_p, training) if dropout_p else x
+    return y + scaling * F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype))
+
+
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Log a fallback reason the first time it happens in this process."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning("fastft.kernels.lora: %s", message)
+
+
+def unfused_reason(x, weight, lora_a, lora_b, bias=None, quant_state=None, dropout_p=0.0,
+                   training=True) -> str | None:
+    """Why this call cannot take the fused path (None: it can)."""
+    if x.device.type != "cuda" and not interpreted():
+        return f"tensors on {x.device.type} (no CUDA, TRITON_INTERPRET unset): reference path"
+    if dropout_p and training:
+        return f"lora_dropout={dropout_p} > 0 in training: reference path (dropout is not fused)"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} is not fp16/bf16/fp32: reference path"
+    if lora_a.shape[0] > MAX_FUSED_RANK:
+        return f"r={lora_a.shape[0]} > {MAX_FUSED_RANK}: reference path"
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return "trainable base weight or bias: reference path (the fused backward gives them no gradient)"
+    if quant_state is not None and getattr(quant_state, "quant_type", "nf4") != "nf4":
+        return f"4-bit type {quant_state.quant_type!r} is not NF4: reference path"
+    if quant_state is None and weight.dtype not in _DTYPES:
+        return f"base weight dtype {weight.dtype} is neither 16-bit nor fp32 nor NF4: reference path"
+    return None
+
+
+def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None, dropout_p=0.0, training=True):
+    """y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias), fused when it can be (see ``unfused_reason``).
+
+    ``weight`` is the dense [N, K] weight, or the packed uint8 tensor of an NF4 weight with its
+    bitsandbytes ``quant_state`` (or an NF4Weight). Gradients flow to x, lora_a and lora_b.
+    """
+    why = unfused_reason(x, weight, lora_a, lora_b, bias, quant_state, dropout_p, training)
+    if why is not None:
+        say_once(why)
+        return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, quant_state, dropout_p, training)
+    nf4 = None
+    if quant_state is not None:
+        nf4 = quant_state if isinstance(quant_state, NF4Weight) else NF4Weight.from_quant_state(weight, quant_state)
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scaling), nf4)
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
