@@ -60,11 +60,15 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def choose(recipe: Recipe) -> tuple[str, str]:
+def choose(recipe: Recipe, world_size: int = 1) -> tuple[str, str]:
     """(backend, reason) for the recipe's ``backend`` key, without loading a model."""
     want = recipe.backend
     if want == "hf":
         return "hf", "requested in the recipe (backend: hf)"
+    if world_size > 1:
+        # Unsloth's open-source trainer runs on one GPU; data-parallel runs use the hf backend (DDP)
+        return "hf", (f"{'backend: unsloth' if want == 'unsloth' else 'auto'}: {world_size} processes, and "
+                      "Unsloth trains on a single GPU, so falling back to hf (DDP)")
     if want == "unsloth":
         if not unsloth_installed():
             raise BackendError(
@@ -98,14 +102,15 @@ def target_modules(recipe: Recipe):
     return recipe.lora.target_modules  # "all-linear" or an explicit list
 
 
-def load(recipe: Recipe):
-    """Load the base model and add LoRA as the recipe says. Returns (model, tokenizer, BackendInfo)."""
-    name, reason = choose(recipe)
+def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
+    """Load the base model and add LoRA as the recipe says. Returns (model, tokenizer, BackendInfo).
+    Under torchrun / accelerate launch each process loads onto its own GPU (``local_rank``)."""
+    name, reason = choose(recipe, world_size)
     if name == "unsloth":
         import unsloth  # noqa: F401  first, before transformers/peft/trl are imported below
     from . import models
 
-    device = "cuda:0" if cuda_available() else "cpu"
+    device = f"cuda:{local_rank}" if cuda_available() else "cpu"
     dtype = resolve_dtype(recipe.model.dtype, device)
     path = models.resolve(recipe.model.name)
     info = BackendInfo(name=name, reason=reason, device=device, dtype=str(dtype).replace("torch.", ""),

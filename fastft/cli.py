@@ -2,10 +2,13 @@
 
     fastft train recipes/tiny-demo.yaml                       # train; adapter in output.dir/adapter
     fastft train recipes/tiny-demo.yaml --set train.lr=1e-4 --set lora.r=32
+    fastft train recipes/tiny-demo.yaml --resume            # continue from the newest checkpoint
+    torchrun --nproc_per_node 2 -m fastft train recipes/tiny-demo.yaml   # data-parallel (DDP)
     fastft validate recipes/tiny-demo.yaml                    # check a recipe, print it resolved
     fastft info                                               # versions, devices, which backend auto picks
 
-Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line.
+Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line, 130 / 143 stopped by
+SIGINT / SIGTERM after writing a checkpoint (resume with --resume).
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="path to a recipe .yaml (see recipes/)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in output.dir from its newest complete checkpoint "
+                        "(automatic when output.dir holds an unfinished run of the same recipe)")
+    t.add_argument("--overwrite", action="store_true", help="replace a finished (or different) run in output.dir")
     v = sub.add_parser("validate", help="validate a recipe and print it with every default filled in")
     v.add_argument("recipe")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from . import train
 
-        train.run(r)
+        train.run(r, resume=args.resume, overwrite=args.overwrite)
         return 0
     except (recipe_mod.RecipeError, DataError, FileNotFoundError) as e:
         print(f"fastft: error: {e}", file=sys.stderr)
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, TrainError):
             print(f"fastft: error: {e}", file=sys.stderr)
-            return 1
+            return e.exit_code
         raise
 
 

@@ -45,8 +45,9 @@ class DataBundle:
 
 # --- reading -----------------------------------------------------------------------------------
 
-def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows of a local .jsonl/.json/.csv/.parquet file, or of a hub dataset id (needs network)."""
+def read_rows(source: str, split: str = "train", skipped: list[str] | None = None) -> list[dict]:
+    """Rows of a local .jsonl/.json/.csv/.parquet file, or of a hub dataset id (needs network).
+    With a ``skipped`` list, malformed JSONL lines are recorded there instead of raising."""
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
@@ -56,7 +57,7 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         if kind is None:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
         if path.suffix.lower() == ".jsonl":
-            return _read_jsonl(path)
+            return _read_jsonl(path, skipped)
         if kind == "json":
             return _read_json(path)
         import datasets
@@ -72,7 +73,7 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         raise DataError(f"cannot load hub dataset {source!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, skipped: list[str] | None = None) -> list[dict]:
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -83,10 +84,19 @@ def _read_jsonl(path: Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+            err = DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})")
+            if skipped is None:
+                raise err from None
+            skipped.append(str(err))
+            continue
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+            continue
         rows.append(row)
     return rows
 
@@ -204,20 +214,31 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
     import datasets
 
     d = recipe.data
+    skipped: list[str] | None = [] if d.skip_bad_rows else None
+
+    def load(src: str, what: str) -> list:
+        rows = read_rows(src, d.split, skipped)
+        if not rows:
+            raise DataError(f"{src}: no rows ({what} is empty)")
+        if d.max_examples and what == "data.train":
+            rows = rows[: d.max_examples]
+        out = []
+        for i, r in enumerate(rows, 1):
+            try:
+                out.append(to_messages(r, d.format, f"{src} row {i}", d.text_field))
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.append(str(e))
+        if not out:
+            raise DataError(f"{src}: every row is invalid ({what}); first problem: {skipped[0]}")
+        return out
+
     train_src = recipe.resolve_path(d.train)
-    rows = read_rows(train_src, d.split)
-    if not rows:
-        raise DataError(f"{train_src}: no rows (data.train is empty)")
-    if d.max_examples:
-        rows = rows[: d.max_examples]
-    examples = [to_messages(r, d.format, f"{train_src} row {i}", d.text_field) for i, r in enumerate(rows, 1)]
+    examples = load(train_src, "data.train")
     if d.eval:
         eval_src = recipe.resolve_path(d.eval)
-        eval_rows = read_rows(eval_src, d.split)
-        if not eval_rows:
-            raise DataError(f"{eval_src}: no rows (data.eval is empty)")
-        eval_examples = [to_messages(r, d.format, f"{eval_src} row {i}", d.text_field)
-                         for i, r in enumerate(eval_rows, 1)]
+        eval_examples = load(eval_src, "data.eval")
         train_examples = examples
     elif d.eval_fraction > 0:
         order = list(range(len(examples)))
@@ -254,6 +275,8 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
             raise DataError(f"{name}: no usable examples (all empty after truncation to {max_len} tokens)")
         return out
 
+    if skipped:
+        log(f"data: skipped {len(skipped)} bad rows (data.skip_bad_rows: true); first: {skipped[0]}")
     train_tok = encode(train_examples, "train")
     eval_tok = encode(eval_examples, "eval") if eval_examples else []
     pairs = [(ex[:-1], ex[-1]["content"]) for ex in eval_examples
@@ -261,7 +284,8 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
     n_tokens = sum(len(t["input_ids"]) for t in train_tok)
     n_trained = sum(sum(1 for x in t["labels"] if x != IGNORE) for t in train_tok)
     stats = {"train_examples": len(train_tok), "eval_examples": len(eval_tok), "train_tokens": n_tokens,
-             "train_label_tokens": n_trained, "format": d.format, "source": train_src}
+             "train_label_tokens": n_trained, "format": d.format, "source": train_src,
+             "skipped_rows": len(skipped or [])}
     to_ds = lambda toks: datasets.Dataset.from_dict(  # noqa: E731
         {"input_ids": [t["input_ids"] for t in toks], "labels": [t["labels"] for t in toks]})
     return DataBundle(

@@ -68,6 +68,7 @@ class DataConfig:
     text_field: str = "text"  # column used by format: text
     split: str = "train"  # split name for hub datasets
     max_examples: int | None = field(default=None, metadata=_range(1, None))
+    skip_bad_rows: bool = False  # skip malformed or invalid rows (counted and reported) instead of stopping
 
 
 @dataclass
@@ -90,6 +91,9 @@ class TrainConfig:
     logging_every: int = field(default=10, metadata=_range(1, None))
     eval_generate: int = field(default=0, metadata=_range(0, None))  # held-out examples scored by exact match before/after
     max_new_tokens: int = field(default=16, metadata=_range(1, 4096))  # generation budget for eval_generate
+    save_every: int | None = field(default=None, metadata=_range(1, None))  # steps between resumable checkpoints
+    keep_checkpoints: int = field(default=2, metadata=_range(1, None))  # newest complete checkpoints kept
+    max_nonfinite_steps: int = field(default=10, metadata=_range(0, None))  # NaN/Inf steps skipped before stopping
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""The output directory's state: fresh, unfinished (resumable) or finished, and its checkpoints.
+
+    output.dir/
+      fastft-run.json            written at start: the resolved recipe, scores before training
+      checkpoints/checkpoint-N/  adapter, optimizer, scheduler, RNG states, trainer state (data position)
+        fastft-checkpoint.json   written last, atomically: the meter's counters; marks N complete
+      fastft.json                written at the end: the run finished
+
+A checkpoint is staged in checkpoints/.staging/checkpoint-N and renamed into place only after its
+marker is written, so a crash mid-write leaves nothing that looks complete; directories without
+the marker are ignored on resume and removed by the next save.
+
+    from fastft import checkpoints
+    state = checkpoints.inspect("outputs/run")     # RunDirState(kind="unfinished", latest=Path(...), ...)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifacts import atomic_write_text
+
+RUN_FILE = "fastft-run.json"
+FINAL_FILE = "fastft.json"
+MARKER = "fastft-checkpoint.json"
+PREFIX = "checkpoint-"
+
+
+@dataclass
+class RunDirState:
+    kind: str  # "fresh" | "unfinished" | "finished"
+    run: dict | None  # contents of fastft-run.json
+    latest: Path | None  # newest complete checkpoint
+    incomplete: list[Path]  # checkpoint dirs without a marker (crashed mid-write)
+
+
+def checkpoint_root(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _step(p: Path) -> int:
+    try:
+        return int(p.name[len(PREFIX):])
+    except ValueError:
+        return -1
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and _step(p) >= 0]
+    return sorted((p for p in found if (p / MARKER).is_file()), key=_step)
+
+
+def inspect(out_dir: str | Path) -> RunDirState:
+    out = Path(out_dir)
+    root = checkpoint_root(out)
+    incomplete = []
+    if root.is_dir():
+        incomplete = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not (p / MARKER).is_file()]
+        staging = root / ".staging"
+        if staging.is_dir():
+            incomplete += list(staging.iterdir())
+    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
+    if (out / FINAL_FILE).is_file():
+        kind = "finished"
+    elif run is not None:
+        kind = "unfinished"
+    else:
+        kind = "fresh"
+    done = complete_checkpoints(out)
+    return RunDirState(kind=kind, run=run, latest=done[-1] if done else None, incomplete=incomplete)
+
+
+def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two resolved recipes, e.g. ["lora.r: 16 -> 32"]."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_differences(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def write_run_state(out_dir: Path, state: dict) -> None:
+    atomic_write_text(Path(out_dir) / RUN_FILE, json.dumps(state, indent=2, default=str) + "\n")
+
+
+def clear(out_dir: Path) -> None:
+    """Remove what a previous run left (for --overwrite): only fastft's own files and folders."""
+    out = Path(out_dir)
+    for name in ("adapter", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (RUN_FILE, FINAL_FILE, "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def finalize(staged: Path, root: Path, marker: dict, keep: int) -> Path:
+    """Write the marker into a staged checkpoint, rename it into place, drop old and broken ones."""
+    atomic_write_text(staged / MARKER, json.dumps(marker, indent=2, default=str) + "\n")
+    _fsync_dir(staged)
+    final = root / staged.name
+    if final.exists():  # a leftover of a crashed run at the same step
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    _fsync_dir(root)
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    complete = sorted((p for p in done if (p / MARKER).is_file()), key=_step)
+    for p in complete[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in done:
+        if not (p / MARKER).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines logged after ``last_step`` (steps a killed run did past its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
