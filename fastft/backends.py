@@ -44,7 +44,8 @@ class BackendInfo:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
         return (f"backend {self.name} ({self.reason}); device {self.device}, compute dtype {self.dtype}, "
                 f"{'4-bit NF4 base' if self.load_in_4bit else '16-bit base'}; "
-                f"trainable {self.trainable_params:,} of {self.total_params:,} params ({pct:.2f}%)")
+                f"trainable {self.trainable_params:,} of {self.total_params:,} params ({pct:.2f}%)"
+                + "".join(f"; {n}" for n in self.notes))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,9 +113,14 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
 
     device = f"cuda:{local_rank}" if cuda_available() else "cpu"
     dtype = resolve_dtype(recipe.model.dtype, device)
-    path = models.resolve(recipe.model.name)
+    try:
+        path = models.resolve(recipe.model.name, load_in_4bit=recipe.model.load_in_4bit)
+    except ValueError as e:  # an unknown synthetic architecture
+        raise BackendError(str(e)) from None
     info = BackendInfo(name=name, reason=reason, device=device, dtype=str(dtype).replace("torch.", ""),
                        model_path=path, load_in_4bit=recipe.model.load_in_4bit)
+    if models.is_synthetic(recipe.model.name):
+        info.notes.append(f"synthetic weights (random, seed {models.SYNTHETIC_SEED}): speed and memory only")
     if name == "unsloth":
         model, tokenizer = _load_unsloth(recipe, path, dtype, info)
     else:
