@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m fastft train recipes/tiny-demo.yaml   # data-parallel (DDP)
     fastft validate recipes/tiny-demo.yaml                    # check a recipe, print it resolved
     fastft info                                               # versions, devices, which backend auto picks
+    fastft plan recipes/llama3-8b-qlora-alpaca-rtx4090.yaml --target rtx4090   # peak VRAM; exit 1: does not fit
 
 Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line, 130 / 143 stopped by
 SIGINT / SIGTERM after writing a checkpoint (resume with --resume).
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("info", help="versions, devices and the backend 'auto' would pick")
+    pl = sub.add_parser("plan", help="estimate peak VRAM from the model config (no weights); exit 1 if it does not fit")
+    pl.add_argument("recipe")
+    pl.add_argument("--target", default="rtx4090", choices=["rtx4090", "a100-40", "a100-80", "h100"])
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
     return p
 
 
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r.to_dict(), indent=2))
             print(f"{args.recipe}: valid", file=sys.stderr)
             return 0
+        if args.cmd == "plan":
+            return _plan(r, args.target, args.json)
         from . import train
 
         train.run(r, resume=args.resume, overwrite=args.overwrite)
@@ -80,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastft: error: {e}", file=sys.stderr)
             return e.exit_code
         raise
+
+
+def _plan(r, target: str, as_json: bool) -> int:
+    from . import plan
+
+    try:
+        p = plan.plan(r, target)
+    except plan.PlanError as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p.to_dict()) if as_json else plan.format_plan(p))
+    return 0 if p.fits else 1
 
 
 def _info() -> int:

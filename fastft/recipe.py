@@ -87,6 +87,7 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, Literal["unsloth"]] = True  # "unsloth": offload activations (unsloth backend)
     seed: int = 3407
     eval_every: int | None = field(default=None, metadata=_range(1, None))  # steps; None: only at the end
+    eval_batch_size: int | None = field(default=None, metadata=_range(1, 65536))  # None: max(batch_size, 8); long sequences want 1
     early_stopping_patience: int | None = field(default=None, metadata=_range(1, None))  # evals without improvement (the pre-training eval counts)
     logging_every: int = field(default=10, metadata=_range(1, None))
     eval_generate: int = field(default=0, metadata=_range(0, None))  # held-out examples scored by exact match before/after

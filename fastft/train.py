@@ -358,7 +358,7 @@ def _sft_config(recipe: Recipe, out_dir: Path, info, optim: str, has_eval: bool,
     kwargs = dict(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=batch[0],
-        per_device_eval_batch_size=max(batch[0], 8),
+        per_device_eval_batch_size=t.eval_batch_size or max(batch[0], 8),
         gradient_accumulation_steps=batch[1],
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,

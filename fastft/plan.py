@@ -1,0 +1,496 @@
+"""VRAM planner: will this recipe fit on that GPU? Answered from the model config alone.
+
+    fastft plan recipes/llama3-8b-qlora-alpaca-rtx4090.yaml
+    fastft plan recipes/llama3-8b-qlora-alpaca-rtx4090.yaml --target a100-40 --set model.max_seq_length=4096
+
+    from fastft import plan, recipe
+    p = plan.plan(recipe.load("recipes/llama3-8b-qlora-chat.yaml"), target="rtx4090")
+    p.total_bytes, p.fits, p.max_seq_length, p.max_batch_size
+
+The model is built on PyTorch's ``meta`` device (shapes, no weights, no download), so planning an
+8B recipe takes seconds on a laptop. Where the config comes from: a local checkpoint folder's
+config.json, the embedded ``fastft-tiny``, or ``HUB_CONFIGS``, which maps the usual hub ids to the
+public configs shipped in fastft/assets/configs.
+
+The model of memory
+-------------------
+Symbols: L layers, H hidden size, I MLP size, Hq = heads x head_dim, Hkv = kv_heads x head_dim,
+nh heads, V vocab, r LoRA rank, N = batch_size x max_seq_length tokens per micro-batch (packing fills
+rows; without it a batch pads to its longest row, so N is the worst case), s the compute dtype's
+bytes (2 for bf16/fp16, 4 for fp32), a the residual stream's bytes, P_lin the elements of one
+quantized linear weight. Every tensor is rounded up to the CUDA caching allocator's 512-byte block.
+
+Static (alive the whole run):
+  4-bit base weights  sum over quantized linears of  P/2 (two NF4 codes a byte)
+                      + P/64 (uint8 absmax per 64-block, double quantized)
+                      + 4*ceil(P/64/256) (fp32 absmax of each 256-block of absmax) + 64 (NF4 code) + 4.
+                      The LM head is never quantized.  16-bit LoRA (load_in_4bit: false): 2*P.
+  16-bit parts        (embeddings + LM head (once if tied) + 2L+1 RMSNorm weights) x w, where w is
+                      the compute dtype's bytes; hf backend with 4-bit: 4, because PEFT's
+                      prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32.
+  LoRA parameters     sum over adapted linears of r*(in+out) (+ out for DoRA's magnitude) x p,
+                      p = 2 with bf16 compute (TRL keeps adapters in bf16), else 4 (fastft's train.py).
+  gradients           the LoRA parameters again (same dtype).
+  optimizer states    adamw_torch: 2 states x numel x p.  adamw_8bit: tensors of >= 4096 elements
+                      keep 2 uint8 states + fp32 absmax per 256-block (2*numel + 8*ceil(numel/256)),
+                      smaller ones 2 fp32 states (8*numel).  paged_*: the same sizes, but in CUDA
+                      unified memory outside torch's pool, evicted to the host under pressure: shown,
+                      counted 0 toward the total.
+  dequant buffer      one dequantized copy of the largest 4-bit weight, s*max(P) (Unsloth keeps it as
+                      a global buffer; bitsandbytes/PEFT allocate it per matmul).
+
+Per micro-batch (training):
+  layer activations   bytes saved for backward per token per layer, A:
+                      hf backend (measured exactly on CPU, fp32; see tests/test_plan.py):
+                        A = 2*4H (fp32 RMSNorm inputs) + 2aH (norm outputs) + aHq (attention output)
+                            + a(Hq + 2Hkv) (roped q, k, v; GQA is not expanded) + 4nh (logsumexp)
+                            + 4aI (gate, silu(gate), up, their product) + 7ar (LoRA A outputs) + 8
+                      unsloth backend (its fused kernels' save lists: RMSNorm keeps its input,
+                      LoRA_QKV / LoRA_W / LoRA_MLP keep their input and the MLP's gate and up):
+                        A = 4sH + 2sHq + 2sHkv + 2sI + 4nh + 8
+                      DoRA leaves Unsloth's fused path for PEFT's, so it uses the hf formula with
+                      a = s, plus 2s(Hq + 2Hkv + H + 2I + H) for DoRA's base and LoRA outputs.
+  activations term    no checkpointing:          L*A*N
+                      gradient_checkpointing:    L*a*H*N (each layer's input) + A*N (one layer recomputed)
+                      'unsloth' (offloaded):     2*a*H*N (inputs live on the host; two in flight)
+                                                 + A*N
+                      + final norm 4H*N, + RoPE cos/sin 2*4*head_dim*seq.
+  backward working    a*(2I + H)*N: gradients of the MLP's two I-wide products and of the residual
+  set                 stream alive at once (measured on CPU: exactly this, independent of L).
+  logits and loss     hf (TRL 1.16's chunked log-prob head; the (N, V) logits never exist):
+                        min(N, 4096)*32768*s (one logits tile) + 4HN (fp32 grad of the hidden
+                        states) + aHN (hidden states gathered for the head) + 32N (per-token stats)
+                      unsloth (unsloth_zoo's fused CE, 16 bytes a logit in flight, in chunks of at most
+                      min(4 GiB, half the free memory), counts rounded up to a multiple of 4):
+                        16*V*N / n_chunks + sHN (grad of the hidden states)
+  attention mask      hf with sdpa/eager: batch*seq^2 bytes (the 4-D bool causal mask); unsloth: 0.
+Held-out evaluation (no grad, batch max(batch_size, 8) unless train.eval_batch_size, N_e tokens):
+  eval forward        N_e * a*(2H + 3I) (one layer's live tensors) + the logits term for N_e,
+                      without gradients.
+Allocator slack       reserved - allocated: 8% of the per-micro-batch terms (variable-size
+                      transients fragment the caching allocator). An assumption, not yet measured.
+
+  total = static + max(train per-micro-batch terms, eval forward) + allocator slack
+  fits  = total <= target memory - 0.5 GiB (CUDA context and cuBLAS workspaces, outside torch's pool)
+
+What is measured and what is assumed: the hf activation and working-set formulas are checked
+against measured peaks on the tiny model on CPU (tests/test_plan.py); the Unsloth formulas follow
+its source and, like the allocator slack, await the GPU run (bench/gpu.sh) that compares the total
+with torch.cuda.max_memory_reserved.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .hardware import GiB, TARGETS
+from .recipe import Recipe
+
+CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
+TINY_CONFIG = Path(__file__).resolve().parent / "assets" / "tiny-llama" / "config.json"
+
+# hub id (lower case) -> shipped config; Instruct variants share the base model's shapes
+HUB_CONFIGS: dict[str, str] = {}
+for _cfg, _ids in {
+    "llama-3-8b": ["meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
+                   "unsloth/llama-3-8b", "unsloth/llama-3-8b-bnb-4bit",
+                   "unsloth/llama-3-8b-Instruct", "unsloth/llama-3-8b-Instruct-bnb-4bit"],
+    "llama-3.1-8b": ["meta-llama/Meta-Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                     "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
+                     "unsloth/Meta-Llama-3.1-8B", "unsloth/Meta-Llama-3.1-8B-bnb-4bit",
+                     "unsloth/Meta-Llama-3.1-8B-Instruct", "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
+                     "unsloth/Llama-3.1-8B", "unsloth/Llama-3.1-8B-bnb-4bit",
+                     "unsloth/Llama-3.1-8B-Instruct", "unsloth/Llama-3.1-8B-Instruct-bnb-4bit"],
+    "llama-3.2-1b": ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct",
+                     "unsloth/Llama-3.2-1B", "unsloth/Llama-3.2-1B-bnb-4bit",
+                     "unsloth/Llama-3.2-1B-Instruct", "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"],
+    "llama-3.2-3b": ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
+                     "unsloth/Llama-3.2-3B", "unsloth/Llama-3.2-3B-bnb-4bit",
+                     "unsloth/Llama-3.2-3B-Instruct", "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"],
+}.items():
+    for _id in _ids:
+        HUB_CONFIGS[_id.lower()] = _cfg
+
+BLOCK = 512  # CUDA caching allocator rounds every allocation up to this
+CONTEXT_HEADROOM = GiB // 2  # CUDA context + cuBLAS workspaces, outside torch's pool
+ALLOCATOR_SLACK = 0.08  # reserved - allocated, as a fraction of the per-micro-batch terms (assumed)
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl/kernels/chunked_logprob.py (TRL 1.16)
+UNSLOTH_CE_BYTES_PER_LOGIT, UNSLOTH_CE_CAP = 16, 4 * GiB  # unsloth_zoo fused_losses (2026.10)
+ADAM8_MIN = 4096  # bitsandbytes keeps smaller tensors' states in fp32 (min_8bit_size)
+
+
+class PlanError(ValueError):
+    """A recipe the planner cannot plan; the message names the key and the fix."""
+
+
+# --- the model's shapes, from its config, on the meta device --------------------------------------
+
+def find_config(name: str, recipe_dir: str | None = None) -> tuple[dict, str]:
+    """(config dict, where it came from) for ``model.name``; never touches the network."""
+    if name == "fastft-tiny":
+        return json.loads(TINY_CONFIG.read_text()), f"embedded {TINY_CONFIG.parent.name}"
+    candidates = [Path(name).expanduser()]
+    if recipe_dir and not candidates[0].is_absolute():
+        candidates.insert(0, Path(recipe_dir) / name)
+    for p in candidates:
+        cfg = p / "config.json" if p.is_dir() else p
+        if cfg.is_file() and cfg.name.endswith(".json"):
+            return json.loads(cfg.read_text()), str(cfg)
+    shipped = HUB_CONFIGS.get(name.lower())
+    if shipped:
+        path = CONFIGS / f"{shipped}.json"
+        return json.loads(path.read_text()), f"{shipped} (shipped config for {name})"
+    known = ", ".join(sorted({v for v in HUB_CONFIGS.values()}))
+    raise PlanError(
+        f"model.name: no config for {name!r}: it is not a local checkpoint folder (with config.json), "
+        f"not fastft-tiny, and not a hub id the planner knows (it knows the {known} families, e.g. "
+        "unsloth/llama-3-8b-bnb-4bit). Give model.name as a local folder holding the model's config.json, "
+        "e.g. --set model.name=/models/my-llama")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the planner needs from a model, counted from the meta-device module tree."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    q_dim: int  # heads x head_dim
+    kv_dim: int
+    heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int
+    tied: bool
+    linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every Linear inside the layers
+    embed_params: int
+    lm_head_params: int  # 0 when tied to the embeddings
+    norm_params: int
+    total_params: int
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(config_json: str) -> Shapes:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(config_json)
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    lm_head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    tied = lm_head.weight is embed.weight
+    linears, norm = [], 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m is not lm_head:
+            linears.append((name, m.in_features, m.out_features))
+        elif "norm" in type(m).__name__.lower():
+            norm += sum(p.numel() for p in m.parameters(recurse=False))
+    attn = model.model.layers[0].self_attn
+    head_dim = attn.head_dim
+    return Shapes(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+        q_dim=attn.q_proj.out_features, kv_dim=attn.k_proj.out_features,
+        heads=attn.q_proj.out_features // head_dim, head_dim=head_dim, vocab=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", 0) or 0, tied=tied, linears=tuple(linears),
+        embed_params=embed.weight.numel(), lm_head_params=0 if tied else lm_head.weight.numel(),
+        norm_params=norm, total_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def shapes(config: dict) -> Shapes:
+    return _shapes(json.dumps(config, sort_keys=True))
+
+
+# --- the terms --------------------------------------------------------------------------------------
+
+def _blk(nbytes: float) -> int:
+    """Bytes the caching allocator hands out for one tensor of ``nbytes``."""
+    return int(math.ceil(nbytes / BLOCK) * BLOCK) if nbytes > 0 else 0
+
+
+def nf4_bytes(numel: int) -> int:
+    """One bitsandbytes NF4 weight with double quantization, blocksize 64 (DESIGN.md)."""
+    blocks = math.ceil(numel / 64)
+    return (_blk(math.ceil(numel / 2)) + _blk(blocks) + _blk(4 * math.ceil(blocks / 256))
+            + _blk(16 * 4) + _blk(4))
+
+
+def adapted(sh: Shapes, target_modules) -> list[tuple[str, int, int]]:
+    if target_modules == "all-linear":
+        return list(sh.linears)
+    hit = [l for l in sh.linears if l[0].split(".")[-1] in target_modules]
+    missing = [t for t in target_modules if not any(l[0].split(".")[-1] == t for l in sh.linears)]
+    if missing:
+        valid = sorted({l[0].split(".")[-1] for l in sh.linears})
+        raise PlanError(f"lora.target_modules: {', '.join(missing)} not in this model; valid: {', '.join(valid)} "
+                        "(or all-linear)")
+    return hit
+
+
+def optimizer_bytes(optim: str, tensor_numels: list[int], elem: int) -> int:
+    if optim == "adamw_torch" or optim == "paged_adamw_32bit":
+        return sum(2 * _blk(n * elem) for n in tensor_numels)
+    # 8-bit AdamW (bitsandbytes blockwise, 256-element blocks)
+    total = 0
+    for n in tensor_numels:
+        if n >= ADAM8_MIN:
+            total += 2 * _blk(n) + 2 * _blk(4 * math.ceil(n / 256))
+        else:
+            total += 2 * _blk(4 * n)
+    return total
+
+
+def layer_activation_bytes(sh: Shapes, backend: str, s: int, a: int, r: int, dora: bool) -> float:
+    """A: bytes saved for backward per token per decoder layer (formulas in the module docstring)."""
+    H, I, Hq, Hkv, nh = sh.hidden, sh.intermediate, sh.q_dim, sh.kv_dim, sh.heads
+    if backend == "unsloth" and not dora:
+        return 4 * s * H + 2 * s * Hq + 2 * s * Hkv + 2 * s * I + 4 * nh + 8
+    hf = 2 * 4 * H + 2 * a * H + a * Hq + a * (Hq + 2 * Hkv) + 4 * nh + 4 * a * I + 7 * a * r + 8
+    if dora:
+        hf += 2 * s * (Hq + 2 * Hkv + H + 2 * I + H)
+    return hf
+
+
+def logits_bytes(sh: Shapes, backend: str, n: int, s: int, a: int, free: float, grad: bool = True) -> float:
+    """Transient memory of the LM head + loss for n tokens (module docstring, 'logits and loss')."""
+    H, V = sh.hidden, sh.vocab
+    if backend == "unsloth":
+        budget = max(min(UNSLOTH_CE_CAP, free / 2), 1)
+        whole = UNSLOTH_CE_BYTES_PER_LOGIT * V * n
+        exact = whole / budget
+        chunks = 1 if exact <= 1 else min(math.ceil(exact / 4) * 4, n)
+        return whole / chunks + (s * H * n if grad else 0)
+    tile = min(n, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * s
+    return tile + a * H * n + 32 * n + ((4 * H * n + tile) if grad else 0)
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+@dataclass
+class Term:
+    name: str
+    bytes: float
+    note: str = ""
+    counted: bool = True  # paged optimizer states are shown but live outside torch's pool
+
+
+@dataclass
+class Plan:
+    model: str
+    config_source: str
+    target: str
+    backend: str
+    dtype: str
+    batch_size: int
+    max_seq_length: int
+    static: list[Term]
+    train: list[Term]
+    eval: list[Term]
+    slack: Term
+    budget_bytes: int
+    shapes: Shapes
+    lora_params: int = 0
+    max_seq_length_fit: int | None = None
+    max_batch_size_fit: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static_bytes(self) -> float:
+        return sum(t.bytes for t in self.static if t.counted)
+
+    @property
+    def train_bytes(self) -> float:
+        return sum(t.bytes for t in self.train)
+
+    @property
+    def eval_bytes(self) -> float:
+        return sum(t.bytes for t in self.eval)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.static_bytes + max(self.train_bytes, self.eval_bytes) + self.slack.bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict:
+        row = lambda t: {"name": t.name, "bytes": int(t.bytes), "counted": t.counted, "note": t.note}  # noqa: E731
+        return {"model": self.model, "config": self.config_source, "target": self.target, "backend": self.backend,
+                "dtype": self.dtype, "batch_size": self.batch_size, "max_seq_length": self.max_seq_length,
+                "total_params": self.shapes.total_params, "lora_params": self.lora_params,
+                "static": [row(t) for t in self.static], "train": [row(t) for t in self.train],
+                "eval": [row(t) for t in self.eval], "allocator_slack": row(self.slack),
+                "total_bytes": int(self.total_bytes), "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "max_seq_length_fit": self.max_seq_length_fit, "max_batch_size_fit": self.max_batch_size_fit,
+                "notes": self.notes}
+
+
+def planned_backend(recipe: Recipe) -> tuple[str, str]:
+    if recipe.backend != "auto":
+        return recipe.backend, f"backend: {recipe.backend} in the recipe"
+    return "unsloth", "auto on a CUDA machine with fastft[gpu] installed"
+
+
+def _dtype_bytes(recipe: Recipe) -> tuple[str, int]:
+    d = recipe.model.dtype
+    if d == "auto":
+        return "bfloat16", 2  # every target (sm_80, sm_89, sm_90) has bf16
+    return d, {"float32": 4, "float16": 2, "bfloat16": 2}[d]
+
+
+def plan(recipe: Recipe, target: str = "rtx4090", search: bool = True) -> Plan:
+    """The peak-VRAM plan of ``recipe`` on ``target`` (a name in fastft.hardware.TARGETS)."""
+    if target not in TARGETS or TARGETS[target].memory_bytes is None:
+        gpus = ", ".join(n for n, t in TARGETS.items() if t.memory_bytes)
+        raise PlanError(f"--target: unknown GPU target {target!r}; choose one of {gpus}")
+    recipe_dir = str(Path(recipe.source).resolve().parent) if recipe.source else None
+    config, source = find_config(recipe.model.name, recipe_dir)
+    sh = shapes(config)
+    p = _plan(recipe, target, sh, source, recipe.train.batch_size, recipe.model.max_seq_length)
+    if search:
+        p.max_seq_length_fit = _largest(lambda t: _plan(recipe, target, sh, source, p.batch_size, t).fits,
+                                        256, max(sh.max_positions, 256), 256)
+        p.max_batch_size_fit = _largest(lambda b: _plan(recipe, target, sh, source, b, p.max_seq_length).fits,
+                                        1, 4096, 1)
+    return p
+
+
+def _largest(fits, lo: int, hi: int, step: int) -> int | None:
+    """Largest multiple of ``step`` in [lo, hi] for which the (monotone) ``fits`` holds; None if none."""
+    if not fits(lo):
+        return None
+    a, b = lo // step, hi // step
+    while a < b:
+        m = (a + b + 1) // 2
+        a, b = (m, b) if fits(m * step) else (a, m - 1)
+    return a * step
+
+
+def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq: int) -> Plan:
+    backend, why = planned_backend(recipe)
+    dtype, s = _dtype_bytes(recipe)
+    q4 = recipe.model.load_in_4bit
+    lora, t = recipe.lora, recipe.train
+    adapter_elem = 2 if dtype == "bfloat16" else 4
+    # residual stream: hf + 4-bit runs it in fp32 (prepare_model_for_kbit_training upcasts embeddings)
+    a = 4 if (backend == "hf" and q4) else s
+    if backend == "unsloth" and lora.use_dora:
+        a = s
+    n = batch * seq
+    budget = TARGETS[target].memory_bytes - CONTEXT_HEADROOM
+
+    # static
+    base_numels = [i * o for _, i, o in sh.linears]
+    if q4:
+        base = Term("base weights, 4-bit NF4", sum(nf4_bytes(x) for x in base_numels),
+                    f"{sum(base_numels):,} params, 0.516 B each with double-quantized absmax")
+    else:
+        base = Term("base weights, 16-bit", sum(_blk(x * s) for x in base_numels), f"{sum(base_numels):,} params")
+    w16 = 4 if (backend == "hf" and q4) else s
+    n16 = sh.embed_params + sh.lm_head_params + sh.norm_params
+    parts16 = Term("embeddings, LM head, norms", _blk(sh.embed_params * w16) + _blk(sh.lm_head_params * w16)
+                   + (2 * sh.layers + 1) * _blk(sh.hidden * w16),
+                   f"{n16:,} params x {w16} B" + (" (PEFT upcasts them to fp32)" if w16 == 4 and s == 2 else "")
+                   + (", LM head tied" if sh.tied else ""))
+    targets = adapted(sh, lora.target_modules)
+    tensors = []
+    for _, i, o in targets:
+        tensors += [lora.r * i, lora.r * o] + ([o] if lora.use_dora else [])
+    n_lora = sum(tensors)
+    lora_b = sum(_blk(x * adapter_elem) for x in tensors)
+    static = [
+        base, parts16,
+        Term("LoRA parameters", lora_b, f"{n_lora:,} params, r={lora.r}, {len(targets)} linears"
+             + (", DoRA magnitudes" if lora.use_dora else "")),
+        Term("LoRA gradients", lora_b, f"{adapter_elem} B each"),
+    ]
+    paged = t.optim.startswith("paged_")
+    static.append(Term(f"optimizer states ({t.optim})", optimizer_bytes(t.optim, tensors, adapter_elem),
+                       "paged: unified memory outside torch's pool, not counted" if paged else
+                       ("2 x 8-bit + absmax" if "8bit" in t.optim else f"2 x {adapter_elem} B"), counted=not paged))
+    if q4:
+        static.append(Term("dequantization buffer", _blk(s * max(base_numels)), "largest 4-bit weight, dequantized"))
+
+    # training micro-batch
+    A = layer_activation_bytes(sh, backend, s, a, lora.r, lora.use_dora)
+    gc = t.gradient_checkpointing
+    fixed = 4 * sh.hidden * n + 2 * 4 * sh.head_dim * seq
+    if gc is False:
+        act = Term("activations, no checkpointing", sh.layers * A * n + fixed,
+                   f"{sh.layers} layers x {A / 1024:.1f} KiB/token x {n:,} tokens")
+    elif gc == "unsloth" and backend == "unsloth":
+        act = Term("activations, offloaded checkpointing", 2 * a * sh.hidden * n + A * n + fixed,
+                   f"layer inputs on the host ({sh.layers * a * sh.hidden * n / GiB:.1f} GiB pinned RAM); "
+                   f"one layer recomputed, {A / 1024:.1f} KiB/token")
+    else:
+        act = Term("activations, checkpointing", sh.layers * a * sh.hidden * n + A * n + fixed,
+                   f"{sh.layers} layer inputs + one layer recomputed ({A / 1024:.1f} KiB/token)")
+    work = Term("backward working set", a * (2 * sh.intermediate + sh.hidden) * n, "MLP + residual gradients")
+    static_b = sum(x.bytes for x in static if x.counted)
+    free = budget - static_b - act.bytes - work.bytes
+    logit = Term("logits and loss", logits_bytes(sh, backend, n, s, a, free),
+                 "Unsloth fused CE, chunked" if backend == "unsloth" else "TRL chunked log-prob head")
+    train = [act, work, logit]
+    attn_hf = backend == "hf" and recipe.model.attn_implementation != "flash_attention_2"
+    if attn_hf:
+        train.append(Term("attention mask", _blk(batch * seq * seq), "4-D bool causal mask"))
+
+    # held-out evaluation: no grad, a bigger batch (train.py)
+    eval_terms: list[Term] = []
+    # train.py scores held-out data before and after training (and every eval_every steps)
+    if recipe.data.eval is not None or recipe.data.eval_fraction > 0:
+        eb = t.eval_batch_size or max(batch, 8)
+        ne = eb * seq
+        eval_terms = [
+            Term("eval forward, no grad", a * (2 * sh.hidden + 3 * sh.intermediate) * ne, f"batch {eb} x {seq}"),
+            Term("eval logits", logits_bytes(sh, backend, ne, s, a, budget - static_b, grad=False)),
+        ]
+        if attn_hf:
+            eval_terms.append(Term("eval attention mask", _blk(eb * seq * seq)))
+    dyn = max(sum(x.bytes for x in train), sum(x.bytes for x in eval_terms))
+    slack = Term("allocator slack (assumed)", ALLOCATOR_SLACK * dyn, f"{ALLOCATOR_SLACK:.0%} of the larger of train/eval")
+    p = Plan(model=recipe.model.name, config_source=source, target=target, backend=backend, dtype=dtype,
+             batch_size=batch, max_seq_length=seq, static=static, train=train, eval=eval_terms, slack=slack,
+             budget_bytes=budget, shapes=sh, lora_params=n_lora)
+    p.notes.append(f"backend {backend} ({why})")
+    if seq > sh.max_positions > 0:
+        p.notes.append(f"model.max_seq_length {seq} exceeds the config's max_position_embeddings {sh.max_positions}")
+    return p
+
+
+def format_plan(p: Plan) -> str:
+    gb = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
+    tgt = TARGETS[p.target]
+    lines = [f"fastft plan: {p.model} ({p.config_source})",
+             f"  {p.shapes.total_params:,} params; LoRA {p.lora_params:,} trainable; backend {p.backend}, "
+             f"{p.dtype}; batch {p.batch_size} x {p.max_seq_length} tokens; target {p.target}: {tgt.description}",
+             "", f"  {'term':<40} {'GiB':>8}  note"]
+    section = lambda title, terms: [f"  -- {title}"] + [  # noqa: E731
+        f"  {t.name:<40} {gb(t.bytes) if t.counted else '   (' + format(t.bytes / GiB, '.2f') + ')'}  {t.note}"
+        for t in terms]
+    lines += section("static", p.static)
+    lines += section(f"training micro-batch ({p.batch_size * p.max_seq_length:,} tokens)", p.train)
+    if p.eval:
+        lines += section("held-out evaluation (no grad)", p.eval)
+    lines += [f"  {p.slack.name:<40} {gb(p.slack.bytes)}  {p.slack.note}",
+              f"  {'TOTAL (planned peak reserved)':<40} {gb(p.total_bytes)}  "
+              f"static + max(train {p.train_bytes / GiB:.2f}, eval {p.eval_bytes / GiB:.2f}) + slack",
+              f"  {'budget on ' + p.target:<40} {gb(p.budget_bytes)}  {tgt.memory_bytes / GiB:.0f} GiB - 0.5 GiB CUDA context",
+              ""]
+    verdict = "FITS" if p.fits else "DOES NOT FIT"
+    lines.append(f"  {verdict} on {p.target}: {p.total_bytes / GiB:.2f} of {p.budget_bytes / GiB:.2f} GiB "
+                 f"({100 * p.total_bytes / p.budget_bytes:.0f}%)")
+    if p.max_seq_length_fit is not None or p.max_batch_size_fit is not None:
+        seq = p.max_seq_length_fit or "none (not even 256)"
+        bat = p.max_batch_size_fit or "none (not even 1)"
+        lines.append(f"  largest max_seq_length that fits at batch {p.batch_size}: {seq}  "
+                     f"(multiples of 256, up to {p.shapes.max_positions})")
+        lines.append(f"  largest batch_size that fits at max_seq_length {p.max_seq_length}: {bat}")
+    lines += [f"  note: {n}" for n in p.notes]
+    return "\n".join(lines)
