@@ -5,7 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+# Triton kernels run on the CPU under the interpreter; it must be on before any test module imports
+# fastft.kernels (a @triton.jit decorator picks the interpreter when it runs).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

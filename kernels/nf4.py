@@ -1,0 +1,504 @@
+"""4-bit (NF4 / FP4) dequantization of bitsandbytes weights, bit-exact with bitsandbytes.
+
+    from fastft.kernels.nf4 import dequantize_nf4
+    w = dequantize_nf4(linear4bit.weight)                   # Params4bit -> [out, in] in quant_state.dtype
+    w = dequantize_nf4(linear4bit)                           # or the module holding it
+    w = dequantize_nf4(packed_uint8, quant_state, out=buf)   # into a reused buffer (training)
+
+The format (bitsandbytes `quantize_4bit`): the flattened weight of ``n`` elements is packed two codes
+per byte, ``(n + 1) // 2`` bytes, element ``2i`` in the high nibble of byte ``i`` and ``2i + 1`` in the
+low one. Element ``j`` belongs to absmax block ``j // blocksize`` (blocksize a power of two, 32..4096).
+A code indexes a 16-entry fp32 table (NF4: normal quantiles; FP4: 1 sign, 2 exponent, 1 mantissa bit).
+With double quantization ("compress_statistics") the absmax itself is uint8 codes of an 8-bit
+blockwise dynamic map (``state2.code``, 256 fp32 entries) with one fp32 scale per ``state2.blocksize``
+(256) absmax values, plus one fp32 ``offset`` (the mean that was subtracted before quantizing them).
+
+The exact order of operations, and why (each step one IEEE fp32 rounding, round to nearest even):
+
+    absmax[b] = fp32(code2[qabsmax[b]] * absmax2[b // blocksize2])      (nested only: one multiply,
+    absmax[b] = fp32(absmax[b] + offset)                                  then one add, never an FMA)
+    value[j]  = fp32(TABLE[code[j]] * absmax[j // blocksize])
+    out[j]    = value[j] rounded to fp16 / bf16 (nearest even), or value[j] itself for fp32
+
+This is what bitsandbytes 0.50 computes on every backend. `functional.dequantize_4bit` dequantizes a
+nested absmax with `dequantize_blockwise` (CUDA `kDequantizeBlockwise<General8bit>`:
+``code[q] * absmax2``; CPU: the same product in C++) and then adds the offset in a separate torch op
+(``absmax += offset``); so two roundings, and fusing them into one FMA changes the last bit of about
+one absmax in ten. The 4-bit kernel (`kDequantizeBlockwise<NF4|FP4>`) multiplies the fp32 table
+entry by the fp32 absmax and converts the product to the output type with a round-to-nearest
+conversion; its CPU paths (C++ and the torch fallback used for odd shapes and blocksize >= 2048) do
+the same product in fp32 and then cast. bitsandbytes' CUDA library is built with ``--use_fast_math``,
+so its two multiplies flush subnormal fp32 results to zero; on the GPU this kernel multiplies with
+libdevice ``mul_rn``, which Triton links with the FTZ reflection on (``mul.rn.ftz.f32``), and adds
+with a plain fp32 add (torch's add, like bitsandbytes' offset add, keeps subnormals). Kernels launch
+with ``enable_fp_fusion=False`` as well, so no multiply-add pair can become an FMA. Under the Triton
+interpreter (CPU) libdevice is unavailable and the products are plain numpy fp32 multiplies, which
+keep subnormals like bitsandbytes' CPU code. Subnormal products need an absmax below 1e-37, which no
+real weight has.
+
+The 4-bit tables are fastft's own constants, not ``quant_state.code``, because bitsandbytes' kernels
+ignore that tensor too (NF4 and FP4 are selected by ``quant_type``). They equal the fp32 values of
+`bitsandbytes.functional.get_4bit_type` and of the CUDA kernel's literals; FP4 code 0b1000 is -0.0 as
+in the CUDA kernel (sign * 0.0), where bitsandbytes' CPU table has +0.0 (equal under torch.equal).
+
+Performance (memory bound: per element half a byte read, 2 bytes written for bf16): each program
+dequantizes a [ROWS, COLS] tile of packed bytes in which a row never crosses an absmax block, so the
+scale (three gathers and two flops when nested) is computed once per row and broadcast instead of
+once per byte; the 16-entry table is a 64-byte gather that stays in L1; the two nibbles of a byte are
+interleaved in registers (`tl.interleave`) so each thread stores contiguous 16-byte vectors. One
+launch replaces bitsandbytes' three for a nested weight (8-bit absmax dequant, offset add, 4-bit
+dequant). Launch configs are autotuned per (bytes, blocksize, nesting, dtypes) from `LAUNCH_CONFIGS`;
+`python -m bench.kernels nf4` prints the chosen one per shape.
+
+Errors: `dequantize_nf4` raises TypeError for a wrong kind of input or dtype and ValueError for a
+wrong device, a shape that does not match the quant state, a non-contiguous tensor or an unsupported
+blocksize / quant type; each message names the tensor and says how to fix it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only; without it only the torch reference runs
+    triton = None
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------
+
+# bitsandbytes `get_4bit_type("nf4")`: 16 quantiles of N(0, 1) scaled to [-1, 1], as fp32.
+NF4_TABLE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# bitsandbytes FP4 (e2m1, exponent bias 2), in code order, normalized by its largest magnitude 12.
+FP4_TABLE = tuple(v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)) + tuple(
+    -v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0))  # -0.0 / 12 keeps the sign
+TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
+
+# Every blocksize bitsandbytes' `quantize_4bit` accepts.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Packed bytes per program (a power of two) and warps per program."""
+    bytes_per_program: int
+    num_warps: int
+
+    @property
+    def name(self) -> str:
+        return f"B{self.bytes_per_program}_w{self.num_warps}"
+
+
+# The autotuner's candidates; each is compiled for sm_80/sm_89/sm_90 in tests/test_kernel_compile.py.
+# Not yet measured on a GPU: the range spans 8 to 32 packed bytes per thread (16-64 outputs) so the
+# tuner can trade load-vector width and bytes in flight against the tail wave on 132 SMs.
+LAUNCH_CONFIGS = (
+    LaunchConfig(1024, 4),
+    LaunchConfig(2048, 4),
+    LaunchConfig(2048, 8),
+    LaunchConfig(4096, 4),
+    LaunchConfig(4096, 8),
+    LaunchConfig(8192, 8),
+)
+# Interpreter runs (CPU tests): small tiles keep the numpy emulation fast, and a tile smaller than a
+# 4096 block exercises the ROWS == 1 path.
+INTERPRETER_CONFIG = LaunchConfig(256, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _mul_fp32(a, b, USE_MUL_RN: tl.constexpr):
+        # mul_rn is never contracted and is FTZ like bitsandbytes' --use_fast_math build; the
+        # interpreter has no libdevice, and its numpy multiply is a single rounding anyway.
+        if USE_MUL_RN:
+            return libdevice.mul_rn(a, b)
+        else:
+            return a * b
+
+    @triton.jit
+    def _round_to(x, out_ty: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+        # fp32 -> output type, round to nearest even. The interpreter's fp32 -> bf16 cast truncates
+        # (triton 3.9 runtime/interpreter.py `_convert_float`), so interpreter runs round on the bit
+        # pattern instead: add 0x7FFF plus the lowest kept bit, drop 16 bits (exact for finite
+        # values). GPUs use the native cvt.rn.bf16.f32.
+        if BF16_BY_BITS:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(out_ty)
+
+    @triton.jit
+    def _dequantize_4bit_kernel(
+        packed_ptr,  # uint8 [n_bytes]: two codes per byte, the even element in the high nibble
+        absmax_ptr,  # fp32 [n_blocks], or uint8 [n_blocks] when NESTED
+        table_ptr,  # fp32 [16]: the NF4 or FP4 code table
+        absmax2_ptr,  # fp32 [ceil(n_blocks / BLOCKSIZE2)] (NESTED only)
+        code2_ptr,  # fp32 [256]: the 8-bit dynamic map of the absmax codes (NESTED only)
+        offset_ptr,  # fp32 [1]: added to every decoded absmax (NESTED only)
+        out_ptr,  # fp16 / bf16 / fp32 [n_elements]
+        n_elements,
+        n_bytes,
+        n_blocks,
+        HALF: tl.constexpr,  # packed bytes per absmax block: blocksize // 2
+        BLOCKSIZE2: tl.constexpr,
+        NESTED: tl.constexpr,
+        BYTES_PER_PROGRAM: tl.constexpr,  # a power of two
+        USE_MUL_RN: tl.constexpr,
+        BF16_BY_BITS: tl.constexpr = False,  # interpreter only: see _round_to
+    ):
+        # A row of the tile never crosses an absmax block (COLS <= HALF), so it has one scale.
+        COLS: tl.constexpr = HALF if HALF < BYTES_PER_PROGRAM else BYTES_PER_PROGRAM
+        ROWS: tl.constexpr = BYTES_PER_PROGRAM // COLS
+
+        # -- program -> tile: a [ROWS, COLS] tile of packed bytes starting at byte `base` ----------
+        # 64-bit scalar bases (the 128256x4096 lm_head has 2^29 elements, bigger ones pass 2^31);
+        # offsets inside the tile stay 32-bit.
+        pid = tl.program_id(0).to(tl.int64)
+        base = pid * BYTES_PER_PROGRAM
+        block_base = base // HALF
+        # What is left past this tile's start, clamped so the masks compare 32-bit values.
+        bytes_left = tl.minimum(n_bytes - base, BYTES_PER_PROGRAM).to(tl.int32)
+        elements_left = tl.minimum(n_elements - 2 * base, 2 * BYTES_PER_PROGRAM).to(tl.int32)
+        blocks_left = tl.minimum(n_blocks - block_base, ROWS).to(tl.int32)
+        rows = tl.arange(0, ROWS)
+        cols = tl.arange(0, COLS)
+        row_block = (rows * COLS) // HALF  # absmax block of each row, relative to block_base
+
+        # -- one scale per row ------------------------------------------------------------------
+        row_mask = row_block < blocks_left
+        if NESTED:
+            qabsmax = tl.load(absmax_ptr + block_base + row_block, mask=row_mask, other=0)
+            code2 = tl.load(code2_ptr + qabsmax.to(tl.int32), mask=row_mask, other=0.0,
+                            eviction_policy="evict_last")
+            absmax2 = tl.load(absmax2_ptr + (block_base + row_block) // BLOCKSIZE2, mask=row_mask,
+                              other=0.0, eviction_policy="evict_last")
+            # Two roundings, as bitsandbytes: the product, then the offset add (no FMA).
+            scale = _mul_fp32(code2, absmax2, USE_MUL_RN) + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block_base + row_block, mask=row_mask, other=0.0)
+        scale = scale[:, None]
+
+        # -- packed bytes -> two fp32 values each -------------------------------------------------
+        offs = rows[:, None] * COLS + cols[None, :]
+        packed = tl.load(packed_ptr + base + offs, mask=offs < bytes_left, other=0,
+                         eviction_policy="evict_first")  # read once: keep L2 for the output
+        hi = tl.load(table_ptr + (packed >> 4).to(tl.int32), eviction_policy="evict_last")
+        lo = tl.load(table_ptr + (packed & 15).to(tl.int32), eviction_policy="evict_last")
+        out_ty = out_ptr.dtype.element_ty
+        hi = _round_to(_mul_fp32(hi, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
+        lo = _round_to(_mul_fp32(lo, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
+
+        # -- interleave (high nibble first) and store ------------------------------------------
+        vals = tl.interleave(hi, lo)  # [ROWS, 2 * COLS]
+        out_offs = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+        tl.store(out_ptr + 2 * base + out_offs, vals, mask=out_offs < elements_left)
+
+    def _autotune_configs():
+        return [triton.Config({"BYTES_PER_PROGRAM": c.bytes_per_program}, num_warps=c.num_warps)
+                for c in LAUNCH_CONFIGS]
+
+    _INTERPRETED = not isinstance(_dequantize_4bit_kernel, triton.runtime.JITFunction)
+    _dequantize_4bit_autotuned = triton.autotune(
+        configs=_autotune_configs(), key=["n_bytes", "HALF", "BLOCKSIZE2", "NESTED"])(_dequantize_4bit_kernel)
+else:
+    _INTERPRETED = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: a Params4bit, the module holding one, or packed bytes + a QuantState (duck-typed)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """The fields of a bitsandbytes QuantState this module reads, validated."""
+    shape: tuple
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    absmax: torch.Tensor
+    nested: bool
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    blocksize2: int = 0
+    numel: int = field(init=False)
+
+    def __post_init__(self):
+        self.numel = math.prod(self.shape)
+
+
+def _unpack(weight_or_packed, quant_state):
+    """-> (packed uint8 tensor, quant_state object)."""
+    obj = weight_or_packed
+    if quant_state is None:
+        if isinstance(obj, torch.nn.Module):
+            weight = getattr(obj, "weight", None)
+            if weight is None or getattr(weight, "quant_state", None) is None:
+                raise TypeError(f"dequantize_nf4: module {type(obj).__name__} has no 4-bit weight "
+                                "(no .weight.quant_state); pass a bitsandbytes Linear4bit / Params4bit, "
+                                "or packed bytes with their quant_state")
+            obj = weight
+        if not isinstance(obj, torch.Tensor):
+            raise TypeError(f"dequantize_nf4: expected a bitsandbytes Params4bit, the module holding it, "
+                            f"or a packed uint8 tensor with quant_state=..., got {type(obj).__name__}")
+        quant_state = getattr(obj, "quant_state", None)
+        if quant_state is None:
+            raise TypeError("dequantize_nf4: this tensor has no quant_state: pass quant_state=... with "
+                            "packed bytes, or quantize the Params4bit first (moving it to CUDA does)")
+    elif not isinstance(obj, torch.Tensor):
+        raise TypeError(f"dequantize_nf4: with quant_state=..., the first argument must be the packed "
+                        f"tensor, got {type(obj).__name__}")
+    packed = obj.data if isinstance(obj, torch.nn.Parameter) else obj
+    if isinstance(quant_state, (list, tuple)):
+        raise TypeError("dequantize_nf4: the list form of a quant state (bitsandbytes < 0.41) is not "
+                        "supported; pass a bitsandbytes.functional.QuantState")
+    return packed, quant_state
+
+
+def _state(quant_state, dtype) -> _State:
+    missing = [k for k in ("absmax", "shape", "blocksize", "quant_type", "dtype")
+               if getattr(quant_state, k, None) is None]
+    if missing:
+        raise TypeError(f"dequantize_nf4: quant_state lacks {', '.join(missing)}; expected a "
+                        f"bitsandbytes QuantState from quantize_4bit, got {type(quant_state).__name__}")
+    quant_type = quant_state.quant_type
+    if quant_type not in TABLES:
+        raise ValueError(f"dequantize_nf4: quant_type {quant_type!r} is not supported; "
+                         f"supported: {', '.join(TABLES)} (quantize with quant_type='nf4')")
+    blocksize = int(quant_state.blocksize)
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"dequantize_nf4: blocksize {blocksize} is not supported; supported: "
+                         f"{', '.join(map(str, BLOCKSIZES))} (bitsandbytes' 4-bit blocksizes)")
+    out_dtype = dtype or quant_state.dtype
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"dequantize_nf4: output dtype {out_dtype} is not supported; use torch.float16, "
+                        "torch.bfloat16 or torch.float32")
+    state2 = getattr(quant_state, "state2", None)
+    st = _State(shape=tuple(quant_state.shape), dtype=out_dtype, blocksize=blocksize,
+                quant_type=quant_type, absmax=quant_state.absmax, nested=state2 is not None)
+    n_blocks = -(-st.numel // blocksize)
+    if st.absmax.numel() != n_blocks:
+        raise ValueError(f"dequantize_nf4: absmax has {st.absmax.numel()} values but shape "
+                         f"{list(st.shape)} with blocksize {blocksize} needs {n_blocks}; the weight and "
+                         "its quant_state do not belong together")
+    if st.nested:
+        if st.absmax.dtype != torch.uint8:
+            raise TypeError(f"dequantize_nf4: a double-quantized absmax must be uint8 codes, got "
+                            f"{st.absmax.dtype}")
+        st.offset, st.absmax2, st.code2 = quant_state.offset, state2.absmax, state2.code
+        st.blocksize2 = int(state2.blocksize)
+        if st.offset is None or st.absmax2 is None or st.code2 is None:
+            raise TypeError("dequantize_nf4: a double-quantized quant_state needs offset, state2.absmax "
+                            "and state2.code")
+        if st.blocksize2 < 1 or st.blocksize2 & (st.blocksize2 - 1):
+            raise ValueError(f"dequantize_nf4: state2.blocksize {st.blocksize2} is not a power of two")
+        if not isinstance(st.offset, torch.Tensor):  # a float after some state-dict round trips
+            st.offset = torch.tensor(float(st.offset), dtype=torch.float32, device=st.absmax.device)
+        for name, t, n in (("state2.absmax", st.absmax2, -(-n_blocks // st.blocksize2)),
+                           ("state2.code", st.code2, 256), ("offset", st.offset, 1)):
+            if t.dtype != torch.float32:
+                raise TypeError(f"dequantize_nf4: {name} must be float32, got {t.dtype}")
+            if t.numel() != n:
+                raise ValueError(f"dequantize_nf4: {name} has {t.numel()} values, expected {n} for "
+                                 f"{n_blocks} absmax blocks; the quant_state is inconsistent")
+    elif st.absmax.dtype != torch.float32:
+        raise TypeError(f"dequantize_nf4: absmax must be float32 (or uint8 with double quantization), "
+                        f"got {st.absmax.dtype}")
+    return st
+
+
+def _check_tensors(packed, st: _State, out):
+    n_bytes = (st.numel + 1) // 2
+    if packed.numel() * packed.element_size() != n_bytes:
+        raise ValueError(f"dequantize_nf4: the packed weight has {packed.numel() * packed.element_size()} "
+                         f"bytes but quant_state.shape {list(st.shape)} needs {n_bytes}; the weight and "
+                         "its quant_state do not belong together")
+    if not packed.is_contiguous():
+        raise ValueError("dequantize_nf4: the packed weight must be contiguous; call .contiguous()")
+    device = packed.device
+    tensors = [("absmax", st.absmax)]
+    if st.nested:
+        tensors += [("state2.absmax", st.absmax2), ("state2.code", st.code2), ("offset", st.offset)]
+    if out is not None:
+        tensors.append(("out", out))
+    for name, t in tensors:
+        if t.device != device:
+            raise ValueError(f"dequantize_nf4: {name} is on {t.device} but the packed weight is on "
+                             f"{device}; move the whole layer with .to({str(device)!r})")
+    if out is not None:
+        if out.dtype != st.dtype:
+            raise TypeError(f"dequantize_nf4: out is {out.dtype} but the output dtype is {st.dtype}; "
+                            "pass dtype=out.dtype or allocate out with that dtype")
+        if tuple(out.shape) != st.shape:
+            raise ValueError(f"dequantize_nf4: out has shape {list(out.shape)}, expected "
+                             f"{list(st.shape)} (quant_state.shape)")
+        if not out.is_contiguous():
+            raise ValueError("dequantize_nf4: out must be contiguous")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"dequantize_nf4: tensors on {device.type} are not supported; use a CUDA "
+                         "device (or the CPU, where the torch reference runs)")
+    return n_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher, reference, public entry point
+# ----------------------------------------------------------------------------------------------
+
+_TABLE_CACHE: dict = {}
+
+
+def _table(quant_type: str, device) -> torch.Tensor:
+    key = (quant_type, str(device))
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = torch.tensor(TABLES[quant_type], dtype=torch.float32, device=device)
+    return _TABLE_CACHE[key]
+
+
+def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int):
+    """Launch the Triton kernel (GPU, or CPU tensors under TRITON_INTERPRET=1) into `out`."""
+    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    n_blocks = st.absmax.numel()
+    table = _table(st.quant_type, packed.device)
+    # Non-nested: the unused pointer arguments get a real tensor, never read (NESTED is constexpr).
+    absmax2, code2, offset = (st.absmax2, st.code2, st.offset) if st.nested else (table, table, table)
+    args = (packed, st.absmax, table, absmax2, code2, offset, out, st.numel, n_bytes, n_blocks)
+    meta = dict(HALF=st.blocksize // 2, BLOCKSIZE2=st.blocksize2 or 1, NESTED=st.nested,
+                USE_MUL_RN=not _INTERPRETED)
+    if _INTERPRETED:
+        bpp = INTERPRETER_CONFIG.bytes_per_program
+        _dequantize_4bit_kernel[(triton.cdiv(n_bytes, bpp),)](*args, **meta, BYTES_PER_PROGRAM=bpp,
+                                                               BF16_BY_BITS=out.dtype == torch.bfloat16,
+                                                               num_warps=INTERPRETER_CONFIG.num_warps)
+    else:
+        with torch.cuda.device(packed.device):
+            _dequantize_4bit_autotuned[lambda m: (triton.cdiv(n_bytes, m["BYTES_PER_PROGRAM"]),)](
+                *args, **meta, enable_fp_fusion=False)
+    return out
+
+
+def chosen_config(n_bytes: int, blocksize: int, blocksize2: int, nested: bool):
+    """The LaunchConfig the autotuner picked for these arguments (after a launch), else None."""
+    if triton is None or _INTERPRETED:
+        return None
+    for key, cfg in _dequantize_4bit_autotuned.cache.items():
+        if tuple(key[:4]) == (n_bytes, blocksize // 2, blocksize2 or 1, nested):
+            return LaunchConfig(cfg.kwargs["BYTES_PER_PROGRAM"], cfg.num_warps)
+    return None
+
+
+def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None):
+    """Pure-torch dequantization with the same fp32 roundings as the kernel (see the module docstring).
+    It is what `dequantize_nf4` runs on CPU tensors outside the Triton interpreter."""
+    packed, quant_state = _unpack(packed, quant_state)
+    st = _state(quant_state, dtype)
+    _check_tensors(packed, st, None)
+    return _reference(packed, st)
+
+
+def _reference(packed, st: _State) -> torch.Tensor:
+    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[: st.numel].long()
+    if st.nested:
+        blocks = torch.arange(st.absmax.numel(), device=packed.device)
+        absmax = st.code2[st.absmax.long()] * st.absmax2[blocks // st.blocksize2]  # rounding 1
+        absmax = absmax + st.offset.reshape(())  # rounding 2: a separate op, never fused
+    else:
+        absmax = st.absmax
+    index = torch.arange(st.numel, device=packed.device) // st.blocksize
+    values = _table(st.quant_type, packed.device)[codes] * absmax.reshape(-1)[index]
+    return values.to(st.dtype).reshape(st.shape)
+
+
+def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes 4-bit weight (NF4 or FP4, any 4-bit blocksize, double quantization
+    on or off) into a tensor of ``quant_state.shape``, bit-exact with
+    ``bitsandbytes.functional.dequantize_4bit``.
+
+    weight_or_packed: a ``bitsandbytes.nn.Params4bit``, the module holding it (``.weight``), or the
+        packed bytes (uint8, or another dtype viewed as bytes) when ``quant_state`` is given.
+    out: optional preallocated, contiguous output of ``quant_state.shape``; written in place and
+        returned (reuse one per shape in training instead of allocating per call).
+    dtype: float16, bfloat16 or float32; defaults to ``out.dtype``, else ``quant_state.dtype``.
+
+    CUDA tensors run the Triton kernel; CPU tensors run it under ``TRITON_INTERPRET=1`` and the torch
+    reference otherwise.
+    """
+    packed, quant_state = _unpack(weight_or_packed, quant_state)
+    if dtype is None and out is not None:
+        dtype = out.dtype
+    st = _state(quant_state, dtype)
+    n_bytes = _check_tensors(packed, st, out)
+    if packed.device.type == "cpu" and not _INTERPRETED:
+        result = _reference(packed, st)
+        return result if out is None else out.copy_(result)
+    if triton is None:
+        raise RuntimeError("dequantize_nf4: CUDA tensors need triton; pip install triton")
+    if out is None:
+        out = torch.empty(st.shape, dtype=st.dtype, device=packed.device)
+    if st.numel:
+        _launch(packed, st, out, n_bytes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# What tests/test_kernel_compile.py compiles for sm_80 / sm_89 / sm_90 (without a GPU)
+# ----------------------------------------------------------------------------------------------
+
+def _compile_configs():
+    if triton is None:
+        return []
+    sig = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*fp32", "absmax2_ptr": "*fp32",
+           "code2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "n_elements": "i32",
+           "n_bytes": "i32", "n_blocks": "i32"}
+    cases = []
+    # Every shipped config on the production specialization (blocksize 64, nested, bf16 and fp32:
+    # fp32 holds the most registers per output) ...
+    for c in LAUNCH_CONFIGS:
+        for out_ty in ("bf16", "fp32"):
+            cases.append((c, 64, True, out_ty))
+    # ... and the blocksize extremes (tile shapes 4096x... rows of 16 bytes; one row of 2048), fp16,
+    # non-nested, with the largest tile.
+    big = max(LAUNCH_CONFIGS, key=lambda c: (c.bytes_per_program, c.num_warps))
+    for bs, nested, out_ty in ((32, True, "fp16"), (4096, True, "bf16"), (64, False, "fp16"),
+                               (4096, False, "fp32")):
+        cases.append((big, bs, nested, out_ty))
+    configs = []
+    for c, bs, nested, out_ty in cases:
+        s = dict(sig, out_ptr=f"*{out_ty}")
+        if not nested:
+            s["absmax_ptr"] = "*fp32"
+        else:
+            s["absmax_ptr"] = "*u8"
+        configs.append(dict(
+            name=f"nf4_dequant-{c.name}-bs{bs}-{'nested' if nested else 'flat'}-{out_ty}",
+            kernel=f"{__name__}:_dequantize_4bit_kernel",
+            signature=s,
+            constexprs=dict(HALF=bs // 2, BLOCKSIZE2=256, NESTED=nested, BYTES_PER_PROGRAM=c.bytes_per_program,
+                            USE_MUL_RN=True),
+            options=dict(num_warps=c.num_warps, num_stages=1, enable_fp_fusion=False),
+        ))
+    return configs
+
+
+# Each entry: name, kernel ("module:attribute" of the @triton.jit function), signature, constexprs,
+# options (as triton.compile takes them).
+COMPILE_CONFIGS = _compile_configs()
