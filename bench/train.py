@@ -290,7 +290,9 @@ def run_one(args, target: str, backend: str, kernels: str, recipe_path: str, log
 
 
 def doc_for_target(args, target: str, runs: list[dict], recipe) -> dict:
-    synthetic = any(r.get("weights") == WEIGHTS_SYNTHETIC for r in runs)
+    from fastft import models
+
+    synthetic = models.is_synthetic(recipe.model.name)
     t = recipe.train
     config = {
         "recipe": os.path.relpath(Path(args.recipe).resolve(), ROOT) if Path(args.recipe).resolve().is_relative_to(ROOT)
@@ -486,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="fastft-bench-logs-"))
     last = None
     for target in targets:
-        results = []
+        results: list[dict] = []
+        doc = doc_for_target(args, target, results, recipe)
+        doc["command"] = shlex.join(["python", "-m", "bench.train", *(argv if argv is not None else sys.argv[1:])])
         for backend, kernels in runs:
             res = run_one(args, target, backend, kernels, str(Path(args.recipe).resolve()), log_dir)
             results.append(res)
@@ -494,9 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.train: {target} {backend}:{kernels}: {res['status']}"
                   + (f", {m['tokens_per_second']:,.0f} tokens/s" if res["status"] == "ok" else
                      f" ({res.get('message', '')[:300]})"), file=sys.stderr, flush=True)
-        doc = doc_for_target(args, target, results, recipe)
-        doc["command"] = shlex.join(["python", "-m", "bench.train", *(argv if argv is not None else sys.argv[1:])])
-        paths = write_outputs(doc, out_dir, args.no_chart)
+            # rewritten (same file) after every run, so a suite cut short keeps what was measured
+            paths = write_outputs(doc, out_dir, args.no_chart)
         print(markdown_table(doc))
         print(f"bench.train: wrote {', '.join(str(v) for v in paths.values() if v)}")
         last = doc
