@@ -164,40 +164,43 @@ if triton is not None:
         USE_MUL_RN: tl.constexpr,
         BF16_BY_BITS: tl.constexpr = False,  # interpreter only: see _round_to
     ):
-        # A row of the tile never crosses an absmax block (COLS <= HALF), so it has one scale.
-        COLS: tl.constexpr = HALF if HALF < BYTES_PER_PROGRAM else BYTES_PER_PROGRAM
-        ROWS: tl.constexpr = BYTES_PER_PROGRAM // COLS
-
-        # -- program -> tile: a [ROWS, COLS] tile of packed bytes starting at byte `base` ----------
+        # -- program -> tile ------------------------------------------------------------------------
+        # A [GROUPS, GROUP] tile of packed bytes: GROUP bytes decode to exactly one 16-byte vector
+        # of output (4 bytes -> 8 x 16-bit, 2 bytes -> 4 x fp32), and a group's bytes are contiguous
+        # in that dimension only. Triton then gives the load one GROUP-byte vector per thread and
+        # the store one 16-byte vector per thread with the same thread mapping, so the interleave
+        # of the two nibbles needs no shared-memory layout conversion (a [ROWS, blocksize / 2] tile
+        # compiled to 16-byte loads but a 4 KB shared-memory shuffle before the stores, sm_90 PTX).
+        # GROUP <= 16 <= blocksize / 2, so a group never crosses an absmax block.
+        GROUP: tl.constexpr = 16 // (2 * (out_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        GROUPS: tl.constexpr = BYTES_PER_PROGRAM // GROUP
         # 64-bit scalar bases (the 128256x4096 lm_head has 2^29 elements, bigger ones pass 2^31);
         # offsets inside the tile stay 32-bit.
-        pid = tl.program_id(0).to(tl.int64)
-        base = pid * BYTES_PER_PROGRAM
+        base = tl.program_id(0).to(tl.int64) * BYTES_PER_PROGRAM
         block_base = base // HALF
+        base_in_block = (base % HALF).to(tl.int32)
         # What is left past this tile's start, clamped so the masks compare 32-bit values.
         bytes_left = tl.minimum(n_bytes - base, BYTES_PER_PROGRAM).to(tl.int32)
         elements_left = tl.minimum(n_elements - 2 * base, 2 * BYTES_PER_PROGRAM).to(tl.int32)
-        blocks_left = tl.minimum(n_blocks - block_base, ROWS).to(tl.int32)
-        rows = tl.arange(0, ROWS)
-        cols = tl.arange(0, COLS)
-        row_block = (rows * COLS) // HALF  # absmax block of each row, relative to block_base
+        groups = tl.arange(0, GROUPS)
+        group_block = (base_in_block + groups * GROUP) // HALF  # relative to block_base
 
-        # -- one scale per row ------------------------------------------------------------------
-        row_mask = row_block < blocks_left
+        # -- one scale per group (its absmax block) ------------------------------------------------
+        group_mask = groups * GROUP < bytes_left
         if NESTED:
-            qabsmax = tl.load(absmax_ptr + block_base + row_block, mask=row_mask, other=0)
-            code2 = tl.load(code2_ptr + qabsmax.to(tl.int32), mask=row_mask, other=0.0,
+            qabsmax = tl.load(absmax_ptr + block_base + group_block, mask=group_mask, other=0)
+            code2 = tl.load(code2_ptr + qabsmax.to(tl.int32), mask=group_mask, other=0.0,
                             eviction_policy="evict_last")
-            absmax2 = tl.load(absmax2_ptr + (block_base + row_block) // BLOCKSIZE2, mask=row_mask,
+            absmax2 = tl.load(absmax2_ptr + (block_base + group_block) // BLOCKSIZE2, mask=group_mask,
                               other=0.0, eviction_policy="evict_last")
             # Two roundings, as bitsandbytes: the product, then the offset add (no FMA).
             scale = _mul_fp32(code2, absmax2, USE_MUL_RN) + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block_base + row_block, mask=row_mask, other=0.0)
+            scale = tl.load(absmax_ptr + block_base + group_block, mask=group_mask, other=0.0)
         scale = scale[:, None]
 
         # -- packed bytes -> two fp32 values each -------------------------------------------------
-        offs = rows[:, None] * COLS + cols[None, :]
+        offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         packed = tl.load(packed_ptr + base + offs, mask=offs < bytes_left, other=0,
                          eviction_policy="evict_first")  # read once: keep L2 for the output
         hi = tl.load(table_ptr + (packed >> 4).to(tl.int32), eviction_policy="evict_last")
@@ -207,8 +210,8 @@ if triton is not None:
         lo = _round_to(_mul_fp32(lo, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
 
         # -- interleave (high nibble first) and store ------------------------------------------
-        vals = tl.interleave(hi, lo)  # [ROWS, 2 * COLS]
-        out_offs = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+        vals = tl.interleave(hi, lo)  # [GROUPS, 2 * GROUP]
+        out_offs = groups[:, None] * (2 * GROUP) + tl.arange(0, 2 * GROUP)[None, :]
         tl.store(out_ptr + 2 * base + out_offs, vals, mask=out_offs < elements_left)
 
     def _autotune_configs():
@@ -493,12 +496,18 @@ def _compile_configs():
             kernel=f"{__name__}:_dequantize_4bit_kernel",
             signature=s,
             constexprs=dict(HALF=bs // 2, BLOCKSIZE2=256, NESTED=nested, BYTES_PER_PROGRAM=c.bytes_per_program,
-                            USE_MUL_RN=True),
+                            USE_MUL_RN=True, BF16_BY_BITS=False),
             options=dict(num_warps=c.num_warps, num_stages=1, enable_fp_fusion=False),
+            # torch allocations are 16-byte aligned; Llama shapes make every count a multiple of 16
+            divisible_by_16=list(s),
+            # bit-exactness: FTZ multiplies as bitsandbytes' fast-math build, a separate rn add for
+            # the offset, no FMA; speed: 16-byte stores and no shared-memory shuffle
+            ptx_require=["mul.rn.ftz.f32", "st.global.v4.b32"] + (["add.rn.f32"] if nested else []),
+            ptx_forbid=["fma.rn", "bar.sync"],
         ))
     return configs
 
 
-# Each entry: name, kernel ("module:attribute" of the @triton.jit function), signature, constexprs,
-# options (as triton.compile takes them).
+# Entries as tests/test_kernel_compile.py documents them: name, kernel ("module:attribute"), signature,
+# constexprs, options, divisible_by_16, ptx_require, ptx_forbid.
 COMPILE_CONFIGS = _compile_configs()
