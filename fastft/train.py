@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, backends, checkpoints, data, evaluate
+from . import artifacts, backends, checkpoints, data, evaluate, patch
 from .recipe import Recipe
 
 
@@ -459,9 +459,6 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     t_start = time.perf_counter()
     world = World.from_env()
     say = log if world.main else (lambda m: None)
-    if recipe.kernels == "fastft":
-        raise TrainError("kernels: 'fastft' is not available in this build yet (the fused Triton LoRA kernels "
-                         "are not installed); use kernels: auto, unsloth or none")
     out_dir = Path(recipe.output.dir)
     previous, ckpt = _prepare_output(recipe, out_dir, resume, overwrite, world, say)
     batch = _per_device_batch(recipe, world)
@@ -469,8 +466,8 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     # 1. model
     model, tokenizer, info = backends.load(recipe, world_size=world.size, local_rank=world.local_rank)
     say(f"fastft: {info.summary()}")
-    kernels_used = {"auto": f"{info.name}'s own", "unsloth": "unsloth's", "none": "stock PEFT"}[recipe.kernels]
-    say(f"fastft: kernels: {recipe.kernels} -> {kernels_used} LoRA path (fastft's Triton kernels are not in this build)")
+    kernels = patch.apply(model, recipe.kernels)  # fastft's fused LoRA, Unsloth's, or stock PEFT
+    say(f"fastft: {kernels.summary()}")
     if world.size > 1:
         say(f"fastft: data-parallel over {world.size} processes: per-device batch {batch[0]} x grad accum "
             f"{batch[1]} x {world.size} = global batch {recipe.train.batch_size * recipe.train.grad_accum}")

@@ -118,10 +118,48 @@ def test_cli_train_and_errors(tmp_path):
     assert missing.returncode == 2 and "recipe not found" in missing.stderr
 
 
-def test_kernels_fastft_is_refused_until_built(tmp_path):
-    r = recipe.from_dict(tiny_recipe_dict(tmp_path, kernels="fastft"))
-    with pytest.raises(train.TrainError, match="kernels: 'fastft' is not available in this build"):
-        train.run(r, log=lambda m: None)
+def test_kernels_fastft_trains_like_stock_peft_and_saves_plain_peft_adapters(tmp_path):
+    """The whole model: QLoRA steps with fastft's fused LoRA (Triton; the CPU interpreter here) and with
+    stock PEFT give the same per-step losses, and both adapters reload in plain PEFT with one function."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from fastft.kernels import lora
+
+    small = {"batch_size": 2, "max_steps": 3, "logging_every": 1}  # the interpreter: ~5 s per step here
+    data_ = {"max_examples": 24, "eval_fraction": 0.0}
+    runs = {}
+    for mode in ("fastft", "none"):
+        logs = []
+        r = recipe.from_dict(tiny_recipe_dict(tmp_path / mode, kernels=mode, train=small, data=data_))
+        torch.manual_seed(0)  # PEFT draws lora_A's initial values from the global RNG when the model loads
+        runs[mode] = (train.run(r, log=logs.append), logs)
+    fused, stock = runs["fastft"][0], runs["none"][0]
+    assert any("fastft fused LoRA on 28 of 28 LoRA layers" in m for m in runs["fastft"][1]), runs["fastft"][1]
+    assert any("kernels none: peft LoRA path" in m for m in runs["none"][1])
+    if not torch.cuda.is_available():
+        assert lora.interpreted()  # conftest turns the interpreter on: the Triton kernels ran, not the reference
+    got, want = fused.info["metrics"]["losses"], stock.info["metrics"]["losses"]
+    assert len(got) == len(want) == 3
+    # fp32 compute: the fused kernels and PEFT differ only in summation order (measured ~1e-7 relative)
+    assert_close(torch.tensor(got), torch.tensor(want), atol=0, rtol=1e-5, what="per-step losses")
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "none" / "adapter")
+    batch = tok(["<|user|> classify red , blue <|end|> <|assistant|>"], return_tensors="pt")
+    logits = {}
+    for mode, (result, _) in runs.items():
+        base = AutoModelForCausalLM.from_pretrained(result.info["backend"]["model_path"], dtype=torch.float32,
+                                                    quantization_config=bnb)
+        reloaded = PeftModel.from_pretrained(base, tmp_path / mode / "adapter").train()  # train: see above
+        with torch.no_grad():
+            logits[mode] = reloaded(**batch).logits
+            if mode == "fastft":  # the patched model in memory computes what plain PEFT reloads
+                assert_close(result.model.train()(**batch).logits, logits[mode], atol=1e-5, rtol=1e-5,
+                             what="fused in memory vs plain PEFT reload")
+    assert_close(logits["fastft"], logits["none"], atol=1e-4, rtol=1e-4, what="fastft vs stock adapters")
 
 
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
