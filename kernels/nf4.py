@@ -111,6 +111,10 @@ LAUNCH_CONFIGS = (
     LaunchConfig(4096, 8),
     LaunchConfig(8192, 8),
 )
+# Weights under 1 MB packed (2M elements) take DEFAULT_CONFIG untuned: their launches are a few
+# microseconds either way, and tuning every small test shape would compile all six configs for it.
+AUTOTUNE_MIN_BYTES = 1 << 20
+DEFAULT_CONFIG = LaunchConfig(2048, 4)
 # Interpreter runs (CPU tests): small tiles keep the numpy emulation fast, and a tile smaller than a
 # 4096 block exercises the ROWS == 1 path.
 INTERPRETER_CONFIG = LaunchConfig(256, 4)
@@ -375,8 +379,10 @@ def _table(quant_type: str, device) -> torch.Tensor:
     return _TABLE_CACHE[key]
 
 
-def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int):
-    """Launch the Triton kernel (GPU, or CPU tensors under TRITON_INTERPRET=1) into `out`."""
+def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int,
+            config: LaunchConfig | None = None):
+    """Launch the Triton kernel (GPU, or CPU tensors under TRITON_INTERPRET=1) into `out`.
+    config=None: autotuned (or DEFAULT_CONFIG below AUTOTUNE_MIN_BYTES); else that config."""
     packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
     n_blocks = st.absmax.numel()
     table = _table(st.quant_type, packed.device)
@@ -386,25 +392,51 @@ def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int):
     meta = dict(HALF=st.blocksize // 2, BLOCKSIZE2=st.blocksize2 or 1, NESTED=st.nested,
                 USE_MUL_RN=not _INTERPRETED)
     if _INTERPRETED:
-        bpp = INTERPRETER_CONFIG.bytes_per_program
-        _dequantize_4bit_kernel[(triton.cdiv(n_bytes, bpp),)](*args, **meta, BYTES_PER_PROGRAM=bpp,
-                                                               BF16_BY_BITS=out.dtype == torch.bfloat16,
-                                                               num_warps=INTERPRETER_CONFIG.num_warps)
-    else:
-        with torch.cuda.device(packed.device):
+        config = config or INTERPRETER_CONFIG
+        _dequantize_4bit_kernel[(triton.cdiv(n_bytes, config.bytes_per_program),)](
+            *args, **meta, BYTES_PER_PROGRAM=config.bytes_per_program, num_warps=config.num_warps,
+            BF16_BY_BITS=out.dtype == torch.bfloat16)
+        return out
+    if config is None and n_bytes < AUTOTUNE_MIN_BYTES:
+        config = DEFAULT_CONFIG
+    with torch.cuda.device(packed.device):
+        if config is None:
             _dequantize_4bit_autotuned[lambda m: (triton.cdiv(n_bytes, m["BYTES_PER_PROGRAM"]),)](
                 *args, **meta, enable_fp_fusion=False)
+        else:
+            _dequantize_4bit_kernel[(triton.cdiv(n_bytes, config.bytes_per_program),)](
+                *args, **meta, BYTES_PER_PROGRAM=config.bytes_per_program, num_warps=config.num_warps,
+                enable_fp_fusion=False)
     return out
 
 
-def chosen_config(n_bytes: int, blocksize: int, blocksize2: int, nested: bool):
-    """The LaunchConfig the autotuner picked for these arguments (after a launch), else None."""
+def chosen_config(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None):
+    """The LaunchConfig `dequantize_nf4` uses for this weight: the autotuner's pick once it has run
+    for this (size, blocksize, nesting, dtype), DEFAULT_CONFIG for small weights, else None."""
+    packed, quant_state = _unpack(packed, quant_state)
+    st = _state(quant_state, dtype)
+    n_bytes = (st.numel + 1) // 2
     if triton is None or _INTERPRETED:
-        return None
+        return INTERPRETER_CONFIG if _INTERPRETED else None
+    if n_bytes < AUTOTUNE_MIN_BYTES:
+        return DEFAULT_CONFIG
+    want = (n_bytes, st.blocksize // 2, st.blocksize2 or 1, st.nested)
     for key, cfg in _dequantize_4bit_autotuned.cache.items():
-        if tuple(key[:4]) == (n_bytes, blocksize // 2, blocksize2 or 1, nested):
+        if tuple(key[:4]) == want and str(st.dtype) in key[4:]:
             return LaunchConfig(cfg.kwargs["BYTES_PER_PROGRAM"], cfg.num_warps)
     return None
+
+
+def dequantize_nf4_with_config(packed, quant_state, config: LaunchConfig, out=None, dtype=None):
+    """`dequantize_nf4` with a fixed launch config instead of the autotuner (benchmark sweeps)."""
+    packed, quant_state = _unpack(packed, quant_state)
+    if dtype is None and out is not None:
+        dtype = out.dtype
+    st = _state(quant_state, dtype)
+    n_bytes = _check_tensors(packed, st, out)
+    if out is None:
+        out = torch.empty(st.shape, dtype=st.dtype, device=packed.device)
+    return _launch(packed, st, out, n_bytes, config) if st.numel else out
 
 
 def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None):

@@ -218,3 +218,24 @@ def test_gpu_formats_and_blocksizes_match_bitsandbytes(quant_type, nested):
             packed, qs = quantize((1027, 771), dtype, quant_type, blocksize, nested, device="cuda")
             assert_bit_exact(nf4.dequantize_nf4(packed, qs), F.dequantize_4bit(packed, qs),
                              f"cuda {quant_type} bs={blocksize} nested={nested} {dtype}")
+
+
+# -- the benchmark harness runs end to end (CPU: interpreter smoke, figures are not claims) ----------
+
+def test_bench_cpu_smoke_runs_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "bench.kernels", "nf4", "--cpu-smoke", "--dtypes", "bf16",
+                           "--shapes", "48x64,3x100", "--no-torch", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["kind"] == "kernel" and doc["target"] == "cpu" and doc["config"]["cpu_smoke"]
+    assert any("not a measurement" in n for n in doc["notes"])
+    rows = {r["impl"]: r for r in doc["metrics"]["rows"] if r["shape"] == [3, 100]}
+    assert rows["fastft"]["bit_exact"] and rows["bitsandbytes"]["bit_exact"]
+    assert list(tmp_path.glob("kernel-nf4-dequant-smoke-cpu-*.json"))
