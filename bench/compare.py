@@ -44,15 +44,15 @@ def parse_tolerance(text: str) -> float:
 
 def flatten(doc: dict) -> list[dict]:
     """Runs of a result document (or a merged baseline), each with name, target, device, config."""
-    if "kind" in doc:
+    if isinstance(doc.get("runs"), list):  # a baseline file
+        return list(doc["runs"])
+    if doc.get("kind") == "train":
         out = []
         for r in doc.get("metrics", {}).get("runs", []):
             out.append({**r, "name": doc["name"], "target": doc["target"], "device": doc.get("device", {}),
                         "config": doc.get("config", {}), "command": doc.get("command"),
                         "created_utc": doc.get("created_utc")})
         return out
-    if isinstance(doc.get("runs"), list):
-        return list(doc["runs"])
     raise ValueError("not a bench.train result document nor a baseline ({\"runs\": [...]})")
 
 

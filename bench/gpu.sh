@@ -133,13 +133,13 @@ step nf4-test 120 "tests/test_nf4.py" \
   "$PY -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/test_nf4.py" \
   "$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_nf4.py --junitxml=$OUT/junit-nf4.xml" \
   "NF4 dequant bit-exact vs bitsandbytes (pytest -m gpu)"
-step nf4-bench 90 "bench/kernels.py" \
+step nf4-bench 90 "bench/kernels.py bench/kernels_nf4.py" \
   "$PY -m bench.kernels nf4 --help" \
   "$PY -m bench.kernels nf4" \
   "NF4 dequant microbenchmark (python -m bench.kernels nf4)"
 
 # --- 3. fused LoRA: microbenchmark, then every other GPU test -------------------------------------------
-step lora-bench 90 "bench/kernels.py kernels/lora.py" \
+step lora-bench 90 "bench/kernels.py bench/kernels_lora.py kernels/lora.py" \
   "$PY -m bench.kernels lora --help" \
   "$PY -m bench.kernels lora" \
   "fused LoRA microbenchmark (python -m bench.kernels lora)"

@@ -1,0 +1,280 @@
+"""The benchmark harness: synthetic models, bench.train on CPU, bench.compare, bench.report, bench/gpu.sh."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+from support import ROOT
+
+LLAMA3_8B_PARAMS = 8_030_261_248  # the published parameter count of Meta-Llama-3-8B
+LLAMA32_1B_PARAMS = 1_235_814_400  # Llama-3.2-1B (tied embeddings)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+# --- synthetic models ------------------------------------------------------------------------------
+
+def test_synthetic_llama3_8b_on_meta_has_the_real_parameter_count_without_memory():
+    from fastft import models
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB, the peak so far
+    model = models.synthetic_on_meta("synthetic:llama-3-8b")
+    assert models.count_parameters(model) == LLAMA3_8B_PARAMS
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grew_mb < 300, f"building on meta raised peak RSS by {grew_mb:.0f} MB (16 GB would be materialized weights)"
+    assert models.count_parameters(models.synthetic_on_meta("llama-3.2-1b")) == LLAMA32_1B_PARAMS
+
+
+def test_flops_formula_counts_every_linear_weight_of_the_model():
+    from bench.train import flops_per_token
+    from fastft import models
+
+    model = models.synthetic_on_meta("synthetic:llama-3-8b")
+    linear = sum(m.weight.numel() for m in model.modules() if m.__class__.__name__ == "Linear")
+    f = flops_per_token(model.config, n_lora=1000, tokens_per_row=2048)
+    assert f["n_linear"] == linear  # q,k,v,o,gate,up,down in 32 layers + lm_head
+    cfg = model.config
+    assert f["flops_per_token"] == 4 * linear + 6 * 1000 + 6 * cfg.num_hidden_layers * 2048 * cfg.hidden_size
+
+
+def test_unknown_synthetic_architecture_names_the_choices():
+    from fastft import models
+
+    with pytest.raises(ValueError, match="synthetic:llama-3-8b"):
+        models.resolve("synthetic:llama-9-400b")
+
+
+def test_synthetic_tiny_is_a_prequantized_nf4_checkpoint(fastft_cache):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastft import models
+
+    path = models.resolve("synthetic:fastft-tiny")
+    assert models.resolve("synthetic:fastft-tiny") == path  # cached
+    cfg = json.loads((ROOT / "fastft/assets/tiny-llama/config.json").read_text())
+    saved = json.loads(open(os.path.join(path, "config.json")).read())
+    assert saved["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert saved["quantization_config"]["bnb_4bit_use_double_quant"] is True
+    assert json.loads(open(os.path.join(path, "fastft-synthetic.json")).read())["weights"].startswith("synthetic weights")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"})
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.__class__.__name__ == "Linear4bit" and q.weight.quant_state.nested  # double quantization
+    assert models.count_parameters(model) == models.count_parameters(models.synthetic_on_meta("fastft-tiny"))
+    assert model.config.hidden_size == cfg["hidden_size"]
+
+
+# --- bench.train on CPU ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_train_cpu_writes_every_field(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.train", "recipes/bench-tiny-cpu.yaml", "--target", "cpu",
+           "--steps", "2", "--warmup", "1", "--set", "model.name=synthetic:fastft-tiny",
+           "--set", "model.max_seq_length=64", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])  # the result, as the last line of stdout
+    files = sorted(out.iterdir())
+    doc = json.loads(next(f for f in files if f.suffix == ".json").read_text())
+    assert doc == last
+    assert {".json", ".md", ".png"} <= {f.suffix for f in files}
+    for key in ("schema_version", "kind", "name", "target", "device", "versions", "config", "metrics", "notes",
+                "command", "created_utc"):
+        assert key in doc, key
+    assert doc["kind"] == "train" and doc["target"] == "cpu" and doc["device"]["type"] == "cpu"
+    assert doc["config"]["weights"] == "synthetic weights"
+    for key in ("torch", "transformers", "peft", "bitsandbytes", "fastft", "git_sha"):
+        assert key in doc["versions"]
+    (run,) = doc["metrics"]["runs"]
+    assert run["status"] == "ok", run.get("message")
+    m = run["metrics"]
+    assert m["tokens_per_second"] > 0 and m["measured_steps"] == 2 and m["warmup_steps"] == 1
+    assert m["measured_tokens"] == 2 * 4 * 64  # 2 steps x batch 4 x every row a full 64 real tokens
+    assert len(m["per_step"]) == 3 and len(m["losses"]) == 3
+    for key in ("step_seconds_median", "step_seconds_min", "step_seconds_max", "step_seconds_stdev",
+                "step_seconds_spread_pct", "peak_rss_gb", "flops"):
+        assert m[key] is not None, key
+    assert m["mfu"] is None  # no MFU on a CPU
+    assert "synthetic weights" in " ".join(run["backend_info"]["notes"])
+    assert "tokens/s" in (out / next(f.name for f in files if f.suffix == ".md")).read_text()
+
+
+def test_bench_train_gpu_target_without_gpu_is_a_clear_error():
+    from bench import train as bench_train
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench_train.main(["recipes/bench-tiny-cpu.yaml", "--target", "h100"]) == 2
+
+
+def test_runs_are_parsed_in_order_without_duplicates():
+    import argparse
+
+    from bench.train import parse_runs
+    from fastft import recipe
+
+    r = recipe.load(ROOT / "recipes/bench-llama3-8b.yaml")
+    args = argparse.Namespace(run=["hf", "unsloth:fastft", "hf"], backend=["unsloth"], kernels=["unsloth", "fastft"])
+    assert parse_runs(args, r) == [("hf", "auto"), ("unsloth", "fastft"), ("unsloth", "unsloth")]
+    with pytest.raises(SystemExit, match="unknown run"):
+        parse_runs(argparse.Namespace(run=["tf:xla"], backend=None, kernels=None), r)
+
+
+# --- bench.compare ---------------------------------------------------------------------------------
+
+def _doc(tps=1000.0, alloc=10.0, reserved=12.0, runs=(("hf", "auto"), ("unsloth", "unsloth")), status="ok"):
+    return {
+        "schema_version": 1, "kind": "train", "name": "bench-llama3-8b", "target": "h100",
+        "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"},
+        "config": {"model": "synthetic:llama-3-8b", "max_seq_length": 2048, "batch_size": 2, "grad_accum": 4},
+        "metrics": {"runs": [{"backend": b, "kernels": k, "target": "h100", "status": status,
+                              "metrics": {"tokens_per_second": tps, "peak_vram_allocated_gb": alloc,
+                                          "peak_vram_reserved_gb": reserved}} for b, k in runs]},
+        "command": "python -m bench.train ...", "created_utc": "2026-11-26T10:00:00Z",
+    }
+
+
+def _compare(tmp_path, new, base, *extra):
+    from bench import compare
+
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    return compare.main([str(tmp_path / "new.json"), "--baseline", str(tmp_path / "base.json"), *extra])
+
+
+def test_compare_fails_a_10_percent_slowdown_and_passes_2_percent(tmp_path, capsys):
+    assert _compare(tmp_path, _doc(tps=900.0), _doc(), "--tolerance", "5%") == 1
+    out = capsys.readouterr().out
+    assert "FAIL tokens_per_second" in out and "-10.0%" in out
+    assert _compare(tmp_path, _doc(tps=980.0), _doc(), "--tolerance", "5%") == 0
+    assert "PASS" in capsys.readouterr().out
+    assert _compare(tmp_path, _doc(tps=1500.0), _doc(), "--tolerance", "5%") == 0  # faster is fine
+
+
+def test_compare_fails_a_memory_rise(tmp_path, capsys):
+    assert _compare(tmp_path, _doc(reserved=13.0), _doc(), "--tolerance", "5%") == 1
+    assert "FAIL peak_vram_reserved_gb" in capsys.readouterr().out
+    assert _compare(tmp_path, _doc(alloc=10.4), _doc(), "--tolerance", "0.05") == 0
+    assert _compare(tmp_path, _doc(alloc=9.0), _doc(), "--tolerance", "5") == 0  # less memory is fine
+
+
+def test_compare_reports_unmatched_configs(tmp_path, capsys):
+    new = _doc(runs=(("hf", "auto"), ("unsloth", "fastft")))
+    assert _compare(tmp_path, new, _doc()) == 1
+    out = capsys.readouterr().out
+    assert "MISSING bench-llama3-8b [h100] unsloth:unsloth" in out
+    assert "NEW bench-llama3-8b [h100] unsloth:fastft" in out
+    assert _compare(tmp_path, new, _doc(), "--allow-missing") == 0
+
+
+def test_compare_fails_when_a_run_no_longer_fits(tmp_path, capsys):
+    assert _compare(tmp_path, _doc(status="does not fit"), _doc()) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_compare_usage_errors_exit_2(tmp_path, capsys):
+    from bench import compare
+
+    assert compare.main([str(tmp_path / "nope.json"), "--baseline", str(tmp_path / "b.json")]) == 2
+    (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
+    assert compare.main([str(tmp_path / "x.json"), "--baseline", str(tmp_path / "x.json")]) == 2
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "x.json"), "--baseline", "b", "--tolerance", "lots"])
+
+
+def test_write_baseline_merges_runs(tmp_path, capsys):
+    from bench import compare
+
+    base = tmp_path / "baselines" / "h100.json"
+    (tmp_path / "a.json").write_text(json.dumps(_doc(tps=1000.0)))
+    (tmp_path / "b.json").write_text(json.dumps(_doc(tps=1100.0, runs=(("hf", "auto"),))))
+    assert compare.main([str(tmp_path / "a.json"), "--baseline", str(base), "--write-baseline"]) == 0
+    assert compare.main([str(tmp_path / "b.json"), "--baseline", str(base), "--write-baseline"]) == 0
+    runs = json.loads(base.read_text())["runs"]
+    assert sorted((r["backend"], r["metrics"]["tokens_per_second"]) for r in runs) == [("hf", 1100.0), ("unsloth", 1000.0)]
+    assert compare.main([str(tmp_path / "b.json"), "--baseline", str(base), "--allow-missing"]) == 0
+
+
+# --- bench.report ----------------------------------------------------------------------------------
+
+def test_report_rewrites_only_the_marked_readme_section(tmp_path, capsys):
+    from bench import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = _doc(runs=(("unsloth", "unsloth"),))
+    doc["metrics"]["runs"][0]["metrics"].update(step_seconds_median=4.2, mfu=0.41)
+    doc["config"]["weights"] = "synthetic weights"
+    (results / "train-bench-llama3-8b-h100-20261126T100000Z.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.BEGIN}\nold table\n{report.END}\n\n## Tests\nkeep me\n")
+    args = ["--results", str(results), "--readme", str(readme)]
+    assert report.main(args + ["--check"]) == 1
+    assert report.main(args) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith("## Tests\nkeep me\n") and text.startswith("# x\n")
+    assert "| bench-llama3-8b (seq 2048, batch 2x4) | h100 | NVIDIA H100 80GB HBM3 | unsloth + unsloth kernels | 1,000 |" in text
+    assert "41.0%" in text and "python -m bench.train" in text
+    assert report.main(args + ["--check"]) == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="bench:begin"):
+        report.main(args)
+
+
+def test_readme_benchmark_table_is_up_to_date():
+    from bench import report
+
+    assert report.main(["--check"]) == 0, "run: python -m bench.report"
+
+
+# --- the GPU suite's rehearsal ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path):
+    env = _env()
+    env["OUT"] = str(tmp_path)
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = (tmp_path / "summary.md").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    names = [s["step"] for s in steps]
+    assert names == ["install", "env", "nf4-test", "nf4-bench", "lora-bench", "gpu-tests", "synthetic-8b",
+                     "e2e-h100", "e2e-rtx4090", "plan"]
+    status = {s["step"]: s["status"] for s in steps}
+    for name in ("env", "synthetic-8b", "e2e-h100", "e2e-rtx4090"):
+        assert status[name] == "ok", (name, summary)
+    assert all(s["status"] in ("ok", "missing", "none") for s in steps), summary
+    assert "finished" in summary
+    assert f"{LLAMA3_8B_PARAMS:,} parameters" in (tmp_path / "logs" / "e2e-h100.log").read_text()
+
+
+@pytest.mark.unsloth
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,
+                    reason="unsloth not installed here; `make test` runs these in .venv-unsloth")
+def test_bench_train_unsloth_loads_the_synthetic_nf4_checkpoint(tmp_path):
+    """The path the GPU suite takes for Llama-3-8B, on the tiny architecture: Unsloth's
+    FastLanguageModel.from_pretrained on fastft's pre-quantized synthetic checkpoint."""
+    cmd = [sys.executable, "-m", "bench.train", "recipes/bench-tiny-cpu.yaml", "--target", "cpu", "--run", "unsloth",
+           "--steps", "1", "--warmup", "1", "--set", "model.name=synthetic:fastft-tiny",
+           "--set", "model.max_seq_length=64", "--out", str(tmp_path), "--no-chart"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]["runs"]
+    assert run["status"] == "ok", run.get("message")
+    assert run["backend_info"]["name"] == "unsloth" and run["metrics"]["measured_tokens"] == 4 * 64
