@@ -123,7 +123,9 @@ def timer(cpu: bool):
     from triton.testing import do_bench
 
     def run(fn):
-        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        # 10 ms warm-up, 50 ms of runs: thousands of runs of a 10-500 us kernel; keeps the whole
+        # benchmark inside its 90 s slot in bench/gpu.sh
+        med, p20, p80 = do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
         return med * 1e3, p20 * 1e3, p80 * 1e3
     return run
 

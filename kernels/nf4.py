@@ -23,11 +23,15 @@ The exact order of operations, and why (each step one IEEE fp32 rounding, round 
 This is what bitsandbytes 0.50 computes on every backend. `functional.dequantize_4bit` dequantizes a
 nested absmax with `dequantize_blockwise` (CUDA `kDequantizeBlockwise<General8bit>`:
 ``code[q] * absmax2``; CPU: the same product in C++) and then adds the offset in a separate torch op
-(``absmax += offset``); so two roundings, and fusing them into one FMA changes the last bit of about
-one absmax in ten. The 4-bit kernel (`kDequantizeBlockwise<NF4|FP4>`) multiplies the fp32 table
-entry by the fp32 absmax and converts the product to the output type with a round-to-nearest
-conversion; its CPU paths (C++ and the torch fallback used for odd shapes and blocksize >= 2048) do
-the same product in fp32 and then cast. bitsandbytes' CUDA library is built with ``--use_fast_math``,
+(``absmax += offset``); so two roundings. Fusing them into one FMA changes 6.6% of the absmax
+values of a random 4096x4096 weight, hence 5.3% of its fp32 outputs and 2 in a million bf16 ones.
+The 4-bit kernel (`kDequantizeBlockwise<NF4|FP4>`) multiplies the fp32 table entry by the fp32
+absmax and converts the product to the output type with a round-to-nearest conversion; its CPU
+paths (C++ and the torch fallback used for odd row lengths and blocksize >= 2048) do the same
+product in fp32 and then cast. (One exception, a bitsandbytes 0.50 bug: its CPU C++ path indexes
+absmax per row for row lengths that are multiples of 32 but not of the blocksize, e.g. 40 x 96 at
+blocksize 64, and disagrees with its quantizer, its CUDA kernel and its own torch path, which this
+module follows; tests/test_nf4.py shows it.) bitsandbytes' CUDA library is built with ``--use_fast_math``,
 so its two multiplies flush subnormal fp32 results to zero; on the GPU this kernel multiplies with
 libdevice ``mul_rn``, which Triton links with the FTZ reflection on (``mul.rn.ftz.f32``), and adds
 with a plain fp32 add (torch's add, like bitsandbytes' offset add, keeps subnormals). Kernels launch
@@ -41,13 +45,14 @@ ignore that tensor too (NF4 and FP4 are selected by ``quant_type``). They equal 
 `bitsandbytes.functional.get_4bit_type` and of the CUDA kernel's literals; FP4 code 0b1000 is -0.0 as
 in the CUDA kernel (sign * 0.0), where bitsandbytes' CPU table has +0.0 (equal under torch.equal).
 
-Performance (memory bound: per element half a byte read, 2 bytes written for bf16): each program
-dequantizes a [ROWS, COLS] tile of packed bytes in which a row never crosses an absmax block, so the
-scale (three gathers and two flops when nested) is computed once per row and broadcast instead of
-once per byte; the 16-entry table is a 64-byte gather that stays in L1; the two nibbles of a byte are
-interleaved in registers (`tl.interleave`) so each thread stores contiguous 16-byte vectors. One
-launch replaces bitsandbytes' three for a nested weight (8-bit absmax dequant, offset add, 4-bit
-dequant). Launch configs are autotuned per (bytes, blocksize, nesting, dtypes) from `LAUNCH_CONFIGS`;
+Performance (memory bound: per element half a byte read, 2 bytes written for bf16): one launch
+replaces bitsandbytes' three for a nested weight (8-bit absmax dequant, offset add, 4-bit dequant).
+Each program dequantizes a tile of GROUP-byte groups, GROUP chosen so that a group decodes to exactly
+one 16-byte vector of output; a thread then loads a group with one 2- or 4-byte load, gathers the
+16-entry table (64 bytes, stays in L1), interleaves the two nibbles in registers and stores one
+16-byte vector, with no shared-memory shuffle (checked on the PTX by tests/test_kernel_compile.py).
+The scale of a group (three gathers and two flops when nested) is computed once per group of 4
+bytes. Launch configs are autotuned per (bytes, blocksize, nesting, dtypes) from `LAUNCH_CONFIGS`;
 `python -m bench.kernels nf4` prints the chosen one per shape.
 
 Errors: `dequantize_nf4` raises TypeError for a wrong kind of input or dtype and ValueError for a
@@ -422,7 +427,9 @@ def chosen_config(packed: torch.Tensor, quant_state, dtype: torch.dtype | None =
         return DEFAULT_CONFIG
     want = (n_bytes, st.blocksize // 2, st.blocksize2 or 1, st.nested)
     for key, cfg in _dequantize_4bit_autotuned.cache.items():
-        if tuple(key[:4]) == want and str(st.dtype) in key[4:]:
+        # the tuner's key: the `key` arguments in order, then the dtype of each tensor argument
+        # in order, so out's dtype comes last
+        if tuple(key[:4]) == want and key[-1] == str(st.dtype):
             return LaunchConfig(cfg.kwargs["BYTES_PER_PROGRAM"], cfg.num_warps)
     return None
 
