@@ -190,6 +190,28 @@ def test_errors_name_the_problem():
         nf4.dequantize_nf4(flat_packed, bad)
 
 
+def test_cpu_without_interpreter_runs_the_torch_reference():
+    """Outside the Triton interpreter, CPU tensors take the pure-torch reference (a fresh process:
+    this one has TRITON_INTERPRET=1 from conftest)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, bitsandbytes.functional as F\n"
+        "from fastft.kernels import nf4\n"
+        "assert not nf4._INTERPRETED\n"
+        "w = torch.randn(37, 129, dtype=torch.bfloat16) * 0.02\n"
+        "p, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type='nf4')\n"
+        "out = torch.empty(37, 129, dtype=torch.bfloat16)\n"
+        "assert nf4.dequantize_nf4(p, qs, out=out) is out\n"
+        "assert torch.equal(out, F.dequantize_4bit(p, qs))\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 # -- GPU: Llama-3-8B layer shapes ------------------------------------------------------------------
 
 LLAMA3_8B_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]
@@ -240,3 +262,23 @@ def test_bench_cpu_smoke_runs_end_to_end(tmp_path):
     rows = {r["impl"]: r for r in doc["metrics"]["rows"] if r["shape"] == [3, 100]}
     assert rows["fastft"]["bit_exact"] and rows["bitsandbytes"]["bit_exact"]
     assert list(tmp_path.glob("kernel-nf4-dequant-smoke-cpu-*.json"))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_wrong_device_is_an_error():
+    packed, qs = quantize((64, 64), torch.bfloat16, device="cuda")
+    bad = copy.copy(qs)
+    bad.absmax = qs.absmax.cpu()
+    with pytest.raises(ValueError, match="absmax is on cpu but the packed weight is on cuda"):
+        nf4.dequantize_nf4(packed, bad)
+    with pytest.raises(ValueError, match="out is on cpu but the packed weight is on cuda"):
+        nf4.dequantize_nf4(packed, qs, out=torch.empty(64, 64, dtype=torch.bfloat16))
+
+
+def test_untuned_configs_are_among_the_compiled_ones():
+    # tests/test_kernel_compile.py compiles LAUNCH_CONFIGS for sm_80/89/90; the untuned default
+    # for small weights must be one of them
+    assert nf4.DEFAULT_CONFIG in nf4.LAUNCH_CONFIGS
+    assert {c["constexprs"]["BYTES_PER_PROGRAM"] for c in nf4.COMPILE_CONFIGS} == {
+        c.bytes_per_program for c in nf4.LAUNCH_CONFIGS}
