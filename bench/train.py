@@ -311,6 +311,9 @@ def doc_for_target(args, target: str, runs: list[dict], recipe) -> dict:
         notes.append("a target caps memory, not speed: device names the GPU that ran it")
     else:
         notes.append("target cpu: exercises the harness; these figures are a CPU's, not GPU claims")
+        load = os.getloadavg()
+        notes.append(f"CPU load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on "
+                     f"{os.cpu_count()} cores: other processes share the CPU when it exceeds the core count")
     return common.result(kind="train", name=Path(args.recipe).stem, target=target, config=config,
                          metrics={"runs": runs}, notes=notes)
 
