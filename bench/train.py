@@ -155,6 +155,7 @@ def worker(spec_path: str) -> int:
             notes.append(f"the GPU has {total / 2**30:.1f} GiB, not more than {target.name}'s "
                          f"{target.memory_bytes / 2**30:.0f} GiB: no cap")
         out["memory_cap_bytes"] = min(target.memory_bytes, total)
+    out["device"] = common.device()
 
     r = recipe_mod.load(spec["recipe"], spec["overrides"])
     r.backend, r.kernels = spec["backend"], spec["kernels"]
@@ -261,6 +262,10 @@ def run_one(args, target: str, backend: str, kernels: str, recipe_path: str, log
                 "work_dir": work, "result_path": str(Path(work) / "result.json")}
         Path(work, "spec.json").write_text(json.dumps(spec))
         env = dict(os.environ)
+        if _HIDDEN:  # give the worker the GPUs this process hid from itself
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+            if _PARENT_CUDA_VISIBLE is not None:
+                env["CUDA_VISIBLE_DEVICES"] = _PARENT_CUDA_VISIBLE
         if target == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -438,6 +443,18 @@ def dry_run(args, recipe, runs, targets) -> int:
     return 1 if problems else 0
 
 
+_HIDDEN = False
+_PARENT_CUDA_VISIBLE: str | None = None
+
+
+def _hide_gpu_from_this_process() -> None:
+    global _HIDDEN, _PARENT_CUDA_VISIBLE
+    if _HIDDEN or "torch" in sys.modules:  # too late to hide it; harmless for a parent that allocated nothing
+        return
+    _HIDDEN, _PARENT_CUDA_VISIBLE = True, os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -481,12 +498,15 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(args, recipe, runs, targets)
     gpu_targets = [t for t in targets if t != "cpu"]
     if gpu_targets:
-        import torch
-
-        if not torch.cuda.is_available():
+        probe = subprocess.run([sys.executable, "-c", "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"],
+                               capture_output=True)
+        if probe.returncode != 0:
             print(f"bench.train: error: target {gpu_targets[0]} needs a CUDA GPU and none is visible; "
                   "use --target cpu here", file=sys.stderr)
             return 2
+    # This process never touches the GPU (a CUDA context here would take memory from the runs);
+    # each result names the GPU its worker reported.
+    _hide_gpu_from_this_process()
     out_dir = Path(args.out) if args.out else None
     log_dir = Path(tempfile.mkdtemp(prefix="fastft-bench-logs-"))
     last = None
@@ -494,9 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         results: list[dict] = []
         doc = doc_for_target(args, target, results, recipe)
         doc["command"] = shlex.join(["python", "-m", "bench.train", *(argv if argv is not None else sys.argv[1:])])
+        if target != "cpu":
+            doc["device"] = {"type": "cuda", "name": "unknown (no run reported its GPU)"}
         for backend, kernels in runs:
             res = run_one(args, target, backend, kernels, str(Path(args.recipe).resolve()), log_dir)
             results.append(res)
+            if target != "cpu" and res.get("device", {}).get("type") == "cuda":
+                doc["device"] = res["device"]
             m = res.get("metrics") or {}
             print(f"bench.train: {target} {backend}:{kernels}: {res['status']}"
                   + (f", {m['tokens_per_second']:,.0f} tokens/s" if res["status"] == "ok" else

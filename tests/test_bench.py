@@ -278,3 +278,17 @@ def test_bench_train_unsloth_loads_the_synthetic_nf4_checkpoint(tmp_path):
     (run,) = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]["runs"]
     assert run["status"] == "ok", run.get("message")
     assert run["backend_info"]["name"] == "unsloth" and run["metrics"]["measured_tokens"] == 4 * 64
+
+
+@pytest.mark.slow
+def test_bench_train_reports_out_of_memory_as_does_not_fit(tmp_path):
+    env = _env()
+    env["FASTFT_FAULT_OOM_STEP"] = "2"  # fastft.train's fault hook: a CUDA out-of-memory error at step 2
+    cmd = [sys.executable, "-m", "bench.train", "recipes/bench-tiny-cpu.yaml", "--target", "cpu", "--steps", "2",
+           "--warmup", "1", "--set", "model.max_seq_length=32", "--out", str(tmp_path), "--no-chart"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]["runs"]
+    assert run["status"] == "does not fit", run
+    assert "out of" in run["message"] and "peak_rss_gb" in run["metrics"]
+    assert "| hf | does not fit |" in proc.stdout
