@@ -5,7 +5,12 @@
 #   bash ../shared/gpu/wheelhouse.sh .whl pytest pluggy iniconfig   # here, once: the offline wheels
 #   bash bench/gpu.sh --dry-run      # here, on CPU: check every step's command, list missing steps
 #   bash bench/gpu.sh                # on the GPU machine ($OUT set by the `run` tool; carry .whl)
-#   bash bench/gpu.sh --only e2e-h100,plan --budget 300   # a subset (step names as listed)
+#   bash bench/gpu.sh --only synthetic-8b,e2e-rtx4090,plan   # a subset (install always runs)
+#
+# Steps, most valuable first: install env nf4-test nf4-bench lora-bench gpu-tests synthetic-8b
+# e2e-h100 e2e-rtx4090 plan. Each gets min(its limit, what is left of --budget); a step that would
+# start with under 20 s left is "skipped". If the budget ends before the end-to-end runs, call again
+# with --only on the same warm machine: the synthetic 8B checkpoint stays in $FASTFT_CACHE.
 #
 # What comes back under $OUT (written as each step ends, so a run cut short keeps what it measured):
 #   summary.md / summary.jsonl   one line per step: status (ok, failed, timeout, missing, skipped), rc, seconds
@@ -29,7 +34,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
     --only) ONLY=",$2," ; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -73,7 +78,7 @@ record() {  # record NAME STATUS RC SECONDS WHAT
 #   DRY_CMD: run instead of CMD by --dry-run (cheap, CPU-only); CMD: the real thing (run by bash -c)
 step() {
   local name=$1 limit=$2 needs=$3 dry=$4 cmd=$5 what=$6
-  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then return; fi
+  if [ -n "$ONLY" ] && [ "$name" != install ] && [[ "$ONLY" != *",$name,"* ]]; then return; fi
   local missing=""
   for f in $needs; do [ -e "$f" ] || missing="$missing $f"; done
   if [ -n "$missing" ]; then record "$name" missing - 0 "$what (not in this checkout:$missing)"; return; fi
@@ -119,7 +124,7 @@ else
 fi
 
 T="--target"
-E2E_RUNS="--run hf --run unsloth:unsloth --run unsloth:fastft"
+E2E_RUNS="--run unsloth:unsloth --run unsloth:fastft --run hf"  # the kernels comparison first, then the hf baseline
 E2E_STEPS="--steps 3 --warmup 1"
 
 # --- 1. what the machine is -------------------------------------------------------------------------
@@ -156,7 +161,7 @@ step synthetic-8b 150 "" \
 step e2e-h100 330 "" \
   "$PY -m bench.train recipes/bench-llama3-8b.yaml $T h100 $E2E_RUNS $E2E_STEPS --dry-run" \
   "$PY -m bench.train recipes/bench-llama3-8b.yaml $T h100 $E2E_RUNS $E2E_STEPS --timeout 150 --no-chart" \
-  "Llama-3-8B synthetic, seq 2048, batch 2x4, r=16 all-linear: hf / unsloth / unsloth+fastft (80 GiB cap)"
+  "Llama-3-8B synthetic, seq 2048, batch 2x4, r=16 all-linear: unsloth / unsloth+fastft / hf (80 GiB cap)"
 step e2e-rtx4090 300 "" \
   "$PY -m bench.train recipes/bench-llama3-8b.yaml $T rtx4090 $E2E_RUNS $E2E_STEPS --dry-run" \
   "$PY -m bench.train recipes/bench-llama3-8b.yaml $T rtx4090 $E2E_RUNS $E2E_STEPS --timeout 120 --no-chart" \
