@@ -28,10 +28,10 @@ values of a random 4096x4096 weight, hence 5.3% of its fp32 outputs and 2 in a m
 The 4-bit kernel (`kDequantizeBlockwise<NF4|FP4>`) multiplies the fp32 table entry by the fp32
 absmax and converts the product to the output type with a round-to-nearest conversion; its CPU
 paths (C++ and the torch fallback used for odd row lengths and blocksize >= 2048) do the same
-product in fp32 and then cast. (One exception, a bitsandbytes 0.50 bug: its CPU C++ path indexes
-absmax per row for row lengths that are multiples of 32 but not of the blocksize, e.g. 40 x 96 at
-blocksize 64, and disagrees with its quantizer, its CUDA kernel and its own torch path, which this
-module follows; tests/test_nf4.py shows it.) bitsandbytes' CUDA library is built with ``--use_fast_math``,
+product in fp32 and then cast. (One exception, a bitsandbytes 0.50 bug: its CPU C++ path picks the
+wrong absmax for row lengths that are multiples of 16 but not of the blocksize when there are several
+rows, e.g. 40 x 96 at blocksize 64, disagreeing with its quantizer, its CUDA kernel and its own torch
+path, which this module follows; tests/test_nf4.py shows it.) bitsandbytes' CUDA library is built with ``--use_fast_math``,
 so its two multiplies flush subnormal fp32 results to zero; on the GPU this kernel multiplies with
 libdevice ``mul_rn``, which Triton links with the FTZ reflection on (``mul.rn.ftz.f32``), and adds
 with a plain fp32 add (torch's add, like bitsandbytes' offset add, keeps subnormals). Kernels launch

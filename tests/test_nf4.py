@@ -70,6 +70,15 @@ def test_odd_shapes_match_bitsandbytes(quant_type, shape):
         check(shape, dtype, quant_type, 64, True)
 
 
+@pytest.mark.parametrize("config", nf4.LAUNCH_CONFIGS, ids=lambda c: c.name)
+def test_every_shipped_launch_config_is_exact(config):
+    # the tile sizes the GPU autotuner chooses from; a 4096 block is larger than every tile
+    for blocksize, dtype in ((32, torch.bfloat16), (4096, torch.float16)):
+        packed, qs = quantize((7, 1001), dtype, "nf4", blocksize, True)
+        assert_bit_exact(nf4.dequantize_nf4_with_config(packed, qs, config), F.dequantize_4bit(packed, qs),
+                         f"{config.name} bs={blocksize} {dtype}")
+
+
 def test_fp4_and_blocksize_32_fp32_flat():
     check((5, 77), torch.float32, "fp4", 32, False)
 
@@ -93,7 +102,7 @@ def test_two_roundings_are_what_bitsandbytes_computes():
 def test_blocks_straddling_rows_follow_the_flat_layout():
     """Absmax block j covers flat elements [j * blocksize, (j + 1) * blocksize) whatever the row length:
     that is how quantize_4bit and bitsandbytes' CUDA kernel index. bitsandbytes 0.50's CPU C++
-    dequantizer (taken for an even row length) disagrees for row lengths that are multiples of 32 but
+    dequantizer (taken for an even row length) disagrees for row lengths that are multiples of 16 but
     not of the blocksize when there are several rows (e.g. 40 x 96, blocksize 64: 3348 of 3840 values
     differ, with 3x the round-trip error), so the oracle here is bitsandbytes' own portable torch
     implementation of the same op, the path it takes for odd row lengths."""
