@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
     --only) ONLY=",$2," ; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "bench/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -139,7 +139,7 @@ step nf4-test 120 "tests/test_nf4.py" \
   "$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_nf4.py --junitxml=$OUT/junit-nf4.xml" \
   "NF4 dequant bit-exact vs bitsandbytes (pytest -m gpu)"
 step nf4-bench 90 "bench/kernels.py bench/kernels_nf4.py" \
-  "$PY -m bench.kernels nf4 --help" \
+  "$PY -m bench.kernels nf4 --cpu-smoke" \
   "$PY -m bench.kernels nf4" \
   "NF4 dequant microbenchmark (python -m bench.kernels nf4)"
 
