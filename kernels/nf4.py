@@ -62,7 +62,6 @@ blocksize / quant type; each message names the tensor and says how to fix it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -106,8 +105,9 @@ class LaunchConfig:
 
 
 # The autotuner's candidates; each is compiled for sm_80/sm_89/sm_90 in tests/test_kernel_compile.py.
-# Not yet measured on a GPU: the range spans 8 to 32 packed bytes per thread (16-64 outputs) so the
-# tuner can trade load-vector width and bytes in flight against the tail wave on 132 SMs.
+# Not yet measured on a GPU (none was available while writing this): they span 8 to 32 packed bytes
+# per thread (2 to 8 independent 4-byte loads for 16-bit outputs), trading bytes in flight per thread
+# against registers and occupancy (32 to 80 registers on sm_90 for bf16, `cuobjdump -res-usage`).
 LAUNCH_CONFIGS = (
     LaunchConfig(1024, 4),
     LaunchConfig(2048, 4),
@@ -121,7 +121,7 @@ LAUNCH_CONFIGS = (
 AUTOTUNE_MIN_BYTES = 1 << 20
 DEFAULT_CONFIG = LaunchConfig(2048, 4)
 # Interpreter runs (CPU tests): small tiles keep the numpy emulation fast, and a tile smaller than a
-# 4096 block exercises the ROWS == 1 path.
+# 4096 block (2048 packed bytes) exercises tiles that start inside an absmax block.
 INTERPRETER_CONFIG = LaunchConfig(256, 4)
 
 
@@ -482,7 +482,8 @@ def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None 
     dtype: float16, bfloat16 or float32; defaults to ``out.dtype``, else ``quant_state.dtype``.
 
     CUDA tensors run the Triton kernel; CPU tensors run it under ``TRITON_INTERPRET=1`` and the torch
-    reference otherwise.
+    reference otherwise. The result always has ``quant_state.shape`` (bitsandbytes transposes its
+    result when the packed tensor has a single row, a legacy layout; this function does not).
     """
     packed, quant_state = _unpack(weight_or_packed, quant_state)
     if dtype is None and out is not None:
