@@ -175,7 +175,7 @@ PLAN_ONE='plan1() { out=$1; shift; '"$PY"' -m fastft plan "$@" --json > "$out"; 
 PLAN_BENCH="plan1 $OUT/results/plan-bench-llama3-8b-h100.json recipes/bench-llama3-8b.yaml --target h100 --set model.name=unsloth/llama-3-8b-bnb-4bit; plan1 $OUT/results/plan-bench-llama3-8b-rtx4090.json recipes/bench-llama3-8b.yaml --target rtx4090 --set model.name=unsloth/llama-3-8b-bnb-4bit"
 PLAN_ALL="for r in $PLAN_RECIPES; do plan1 $OUT/results/plan-\$(basename \$r .yaml).json \$r; done"
 step plan 90 "fastft/plan.py $PLAN_RECIPES" \
-  "$PLAN_ONE; $PLAN_BENCH" \
+  "$PLAN_ONE; plan1 $OUT/results/plan-dry.json recipes/bench-llama3-8b.yaml --target rtx4090 --set model.name=unsloth/llama-3-8b-bnb-4bit" \
   "$PLAN_ONE; $PLAN_BENCH; $PLAN_ALL" \
   "fastft plan --json: the bench recipe (h100, rtx4090) and recipes/llama3-*.yaml, to set beside the measured peaks"
 
