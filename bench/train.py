@@ -443,6 +443,16 @@ def dry_run(args, recipe, runs, targets) -> int:
     return 1 if problems else 0
 
 
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 _HIDDEN = False
 _PARENT_CUDA_VISIBLE: str | None = None
 
@@ -516,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["command"] = shlex.join(["python", "-m", "bench.train", *(argv if argv is not None else sys.argv[1:])])
         if target != "cpu":
             doc["device"] = {"type": "cuda", "name": "unknown (no run reported its GPU)"}
+        elif doc["device"].get("type") == "cpu":
+            doc["device"]["name"] = cpu_model() or doc["device"]["name"]
         for backend, kernels in runs:
             res = run_one(args, target, backend, kernels, str(Path(args.recipe).resolve()), log_dir)
             results.append(res)
