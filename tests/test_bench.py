@@ -72,6 +72,10 @@ def test_synthetic_tiny_is_a_prequantized_nf4_checkpoint(fastft_cache):
     assert q.__class__.__name__ == "Linear4bit" and q.weight.quant_state.nested  # double quantization
     assert models.count_parameters(model) == models.count_parameters(models.synthetic_on_meta("fastft-tiny"))
     assert model.config.hidden_size == cfg["hidden_size"]
+    bf16 = models.resolve("synthetic:fastft-tiny", load_in_4bit=False)  # 16-bit LoRA: a bf16 checkpoint
+    assert bf16 != path and "quantization_config" not in json.loads(open(os.path.join(bf16, "config.json")).read())
+    dense = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
+    assert models.count_parameters(dense) == models.count_parameters(model)
 
 
 # --- bench.train on CPU ----------------------------------------------------------------------------
