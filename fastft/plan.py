@@ -10,7 +10,7 @@
 The model is built on PyTorch's ``meta`` device (shapes, no weights, no download), so planning an
 8B recipe takes seconds on a laptop. Where the config comes from: a local checkpoint folder's
 config.json, the embedded ``fastft-tiny``, or ``HUB_CONFIGS``, which maps the usual hub ids to the
-public configs shipped in fastft/assets/configs.
+public configs shipped in fastft/assets/configs (as do fastft.models' ``synthetic:<arch>`` names).
 
 The model of memory
 -------------------
@@ -50,27 +50,32 @@ Per micro-batch (training):
                         A = 4sH + 2sHq + 2sHkv + 2sI + 4nh + 8
                       DoRA leaves Unsloth's fused path for PEFT's, so it uses the hf formula with
                       a = s, plus 2s(Hq + 2Hkv + H + 2I + H) for DoRA's base and LoRA outputs.
-  activations term    no checkpointing:          L*A*N
-                      gradient_checkpointing:    L*a*H*N (each layer's input) + A*N (one layer recomputed)
-                      'unsloth' (offloaded):     2*a*H*N (inputs live on the host; two in flight)
-                                                 + A*N
-                      + final norm 4H*N, + RoPE cos/sin 2*4*head_dim*seq.
-  backward working    a*(2I + H)*N: gradients of the MLP's two I-wide products and of the residual
-  set                 stream alive at once (measured on CPU: exactly this, independent of L).
+  saved activations   what stays alive from the forward until its layer's backward:
+                      no checkpointing:          L*A*N
+                      gradient_checkpointing:    L*a*H*N (each layer's input)
+                      'unsloth' (offloaded):     2*a*H*N (the inputs live on the host; two in flight)
+                      + RoPE cos/sin 2*4*head_dim*seq; unsloth: + (sH + 4)*N, its final RMSNorm's
+                      input and 1/rms (the hf run on CPU holds no such tensor: measured).
+  one layer's         with checkpointing the layer's activations are recomputed, A*N, then:
+  backward            a*(2I + H)*N, the gradients of the MLP's two I-wide products and of the residual
+                      stream alive at once (measured on CPU: exactly this, independent of L).
   logits and loss     hf (TRL 1.16's chunked log-prob head; the (N, V) logits never exist):
-                        min(N, 4096)*32768*s (one logits tile) + 4HN (fp32 grad of the hidden
-                        states) + aHN (hidden states gathered for the head) + 32N (per-token stats)
+                        min(N, 4096)*32768*s (one logits tile, forward's or backward's) + 4HN (fp32
+                        grad of the hidden states) + aHN (hidden states gathered for the head)
+                        + 32N (per-token statistics)
                       unsloth (unsloth_zoo's fused CE, 16 bytes a logit in flight, in chunks of at most
                       min(4 GiB, half the free memory), counts rounded up to a multiple of 4):
                         16*V*N / n_chunks + sHN (grad of the hidden states)
   attention mask      hf with sdpa/eager: batch*seq^2 bytes (the 4-D bool causal mask); unsloth: 0.
+  train peak          saved activations + max(one layer's backward, logits and loss) + mask: the loss's
+                      backward finishes (and frees its tiles) before the first layer's backward starts.
 Held-out evaluation (no grad, batch max(batch_size, 8) unless train.eval_batch_size, N_e tokens):
   eval forward        N_e * a*(2H + 3I) (one layer's live tensors) + the logits term for N_e,
                       without gradients.
 Allocator slack       reserved - allocated: 8% of the per-micro-batch terms (variable-size
                       transients fragment the caching allocator). An assumption, not yet measured.
 
-  total = static + max(train per-micro-batch terms, eval forward) + allocator slack
+  total = static + max(train peak, eval forward) + allocator slack
   fits  = total <= target memory - 0.5 GiB (CUDA context and cuBLAS workspaces, outside torch's pool)
 
 What is measured and what is assumed: the hf activation and working-set formulas are checked
@@ -130,8 +135,15 @@ class PlanError(ValueError):
 
 def find_config(name: str, recipe_dir: str | None = None) -> tuple[dict, str]:
     """(config dict, where it came from) for ``model.name``; never touches the network."""
-    if name == "fastft-tiny":
+    arch = name[len("synthetic:"):] if name.startswith("synthetic:") else None  # fastft.models' random-weight models
+    if name == "fastft-tiny" or arch == "fastft-tiny":
         return json.loads(TINY_CONFIG.read_text()), f"embedded {TINY_CONFIG.parent.name}"
+    if arch is not None:
+        path = CONFIGS / f"{arch}.json"
+        if not path.is_file():
+            known = ", ".join(f"synthetic:{c.stem}" for c in sorted(CONFIGS.glob("*.json")))
+            raise PlanError(f"model.name: unknown synthetic architecture {arch!r}; choose one of {known}, synthetic:fastft-tiny")
+        return json.loads(path.read_text()), f"{arch} (shipped config)"
     candidates = [Path(name).expanduser()]
     if recipe_dir and not candidates[0].is_absolute():
         candidates.insert(0, Path(recipe_dir) / name)
@@ -265,8 +277,8 @@ def logits_bytes(sh: Shapes, backend: str, n: int, s: int, a: int, free: float, 
         exact = whole / budget
         chunks = 1 if exact <= 1 else min(math.ceil(exact / 4) * 4, n)
         return whole / chunks + (s * H * n if grad else 0)
-    tile = min(n, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * s
-    return tile + a * H * n + 32 * n + ((4 * H * n + tile) if grad else 0)
+    tile = min(n, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * s  # one at a time: forward's is freed before backward's
+    return tile + a * H * n + 32 * n + (4 * H * n if grad else 0)
 
 
 # --- the plan --------------------------------------------------------------------------------------
@@ -305,7 +317,9 @@ class Plan:
 
     @property
     def train_bytes(self) -> float:
-        return sum(t.bytes for t in self.train)
+        """saved activations + max(one layer's backward, logits and loss) + attention mask"""
+        act, layer, logits, *mask = self.train
+        return act.bytes + max(layer.bytes, logits.bytes) + sum(t.bytes for t in mask)
 
     @property
     def eval_bytes(self) -> float:
@@ -420,18 +434,20 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     # training micro-batch
     A = layer_activation_bytes(sh, backend, s, a, lora.r, lora.use_dora)
     gc = t.gradient_checkpointing
-    fixed = 4 * sh.hidden * n + 2 * 4 * sh.head_dim * seq
+    # RoPE cos/sin; Unsloth's final RMSNorm keeps its input (the hf run measured no such tensor)
+    fixed = 2 * 4 * sh.head_dim * seq + ((s * sh.hidden + 4) * n if backend == "unsloth" else 0)
     if gc is False:
-        act = Term("activations, no checkpointing", sh.layers * A * n + fixed,
+        act = Term("saved activations, no checkpointing", sh.layers * A * n + fixed,
                    f"{sh.layers} layers x {A / 1024:.1f} KiB/token x {n:,} tokens")
     elif gc == "unsloth" and backend == "unsloth":
-        act = Term("activations, offloaded checkpointing", 2 * a * sh.hidden * n + A * n + fixed,
-                   f"layer inputs on the host ({sh.layers * a * sh.hidden * n / GiB:.1f} GiB pinned RAM); "
-                   f"one layer recomputed, {A / 1024:.1f} KiB/token")
+        act = Term("saved activations, offloaded ckpt", 2 * a * sh.hidden * n + fixed,
+                   f"layer inputs in pinned host RAM ({sh.layers * a * sh.hidden * n / GiB:.1f} GiB)")
     else:
-        act = Term("activations, checkpointing", sh.layers * a * sh.hidden * n + A * n + fixed,
-                   f"{sh.layers} layer inputs + one layer recomputed ({A / 1024:.1f} KiB/token)")
-    work = Term("backward working set", a * (2 * sh.intermediate + sh.hidden) * n, "MLP + residual gradients")
+        act = Term("saved activations, checkpointing", sh.layers * a * sh.hidden * n + fixed,
+                   f"{sh.layers} layer inputs x {n:,} tokens")
+    recompute = A * n if gc else 0
+    work = Term("one layer's backward", recompute + a * (2 * sh.intermediate + sh.hidden) * n,
+                (f"recomputed layer {A / 1024:.1f} KiB/token + " if gc else "") + "MLP and residual gradients")
     static_b = sum(x.bytes for x in static if x.counted)
     free = budget - static_b - act.bytes - work.bytes
     logit = Term("logits and loss", logits_bytes(sh, backend, n, s, a, free),
@@ -453,7 +469,8 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
         ]
         if attn_hf:
             eval_terms.append(Term("eval attention mask", _blk(eb * seq * seq)))
-    dyn = max(sum(x.bytes for x in train), sum(x.bytes for x in eval_terms))
+    act_b, layer_b, logit_b = act.bytes, work.bytes, logit.bytes
+    dyn = max(act_b + max(layer_b, logit_b) + sum(x.bytes for x in train[3:]), sum(x.bytes for x in eval_terms))
     slack = Term("allocator slack (assumed)", ALLOCATOR_SLACK * dyn, f"{ALLOCATOR_SLACK:.0%} of the larger of train/eval")
     p = Plan(model=recipe.model.name, config_source=source, target=target, backend=backend, dtype=dtype,
              batch_size=batch, max_seq_length=seq, static=static, train=train, eval=eval_terms, slack=slack,
@@ -475,7 +492,8 @@ def format_plan(p: Plan) -> str:
         f"  {t.name:<40} {gb(t.bytes) if t.counted else '   (' + format(t.bytes / GiB, '.2f') + ')'}  {t.note}"
         for t in terms]
     lines += section("static", p.static)
-    lines += section(f"training micro-batch ({p.batch_size * p.max_seq_length:,} tokens)", p.train)
+    lines += section(f"training micro-batch ({p.batch_size * p.max_seq_length:,} tokens; peak = saved + "
+                     "max(layer backward, logits) + mask)", p.train)
     if p.eval:
         lines += section("held-out evaluation (no grad)", p.eval)
     lines += [f"  {p.slack.name:<40} {gb(p.slack.bytes)}  {p.slack.note}",
