@@ -22,8 +22,8 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs in bench/gp
 
 
 def quantize(shape, dtype, quant_type="nf4", blocksize=64, nested=True, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(shape, generator=g) * 0.02).to(dtype).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
     return F.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
 
 
