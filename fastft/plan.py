@@ -31,7 +31,8 @@ Static (alive the whole run):
   LoRA parameters     sum over adapted linears of r*(in+out) (+ out for DoRA's magnitude) x p,
                       p = 2 with bf16 compute (TRL keeps adapters in bf16), else 4 (fastft's train.py).
   gradients           the LoRA parameters again (same dtype).
-  optimizer states    adamw_torch: 2 states x numel x p.  adamw_8bit: tensors of >= 4096 elements
+  optimizer states    adamw_torch: 2 states x numel x p; paged_adamw_32bit: 2 x numel x 4.
+                      adamw_8bit / paged_adamw_8bit: tensors of >= 4096 elements
                       keep 2 uint8 states + fp32 absmax per 256-block (2*numel + 8*ceil(numel/256)),
                       smaller ones 2 fp32 states (8*numel).  paged_*: the same sizes, but in CUDA
                       unified memory outside torch's pool, evicted to the host under pressure: shown,
@@ -245,8 +246,10 @@ def adapted(sh: Shapes, target_modules) -> list[tuple[str, int, int]]:
 
 
 def optimizer_bytes(optim: str, tensor_numels: list[int], elem: int) -> int:
-    if optim == "adamw_torch" or optim == "paged_adamw_32bit":
+    if optim == "adamw_torch":  # torch keeps the states in the parameters' dtype
         return sum(2 * _blk(n * elem) for n in tensor_numels)
+    if optim == "paged_adamw_32bit":  # bitsandbytes' 32-bit states are fp32 whatever the parameters
+        return sum(2 * _blk(n * 4) for n in tensor_numels)
     # 8-bit AdamW (bitsandbytes blockwise, 256-element blocks)
     total = 0
     for n in tensor_numels:
@@ -476,6 +479,9 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
              batch_size=batch, max_seq_length=seq, static=static, train=train, eval=eval_terms, slack=slack,
              budget_bytes=budget, shapes=sh, lora_params=n_lora)
     p.notes.append(f"backend {backend} ({why})")
+    if recipe.kernels == "fastft":
+        p.notes.append("kernels: fastft: the activation terms are the backend's own LoRA path's; fastft's fused "
+                       "kernels are planned the same")
     if seq > sh.max_positions > 0:
         p.notes.append(f"model.max_seq_length {seq} exceeds the config's max_position_embeddings {sh.max_positions}")
     return p

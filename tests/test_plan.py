@@ -331,3 +331,13 @@ def test_local_path_relative_to_the_recipe(tmp_path):
     path.write_text("model: {name: models/mine}\ndata: {train: d.jsonl}\noutput: {dir: o}\n")
     p = plan.plan(recipe.load(path), "rtx4090", search=False)
     assert p.shapes.hidden == 256 and Path(p.config_source) == tmp_path / "models" / "mine" / "config.json"
+
+
+def test_readme_lists_every_llama3_recipe_with_its_planned_peak():
+    readme = (ROOT / "README.md").read_text()
+    for path in RECIPES:
+        if not path.name.startswith("llama3-"):
+            continue
+        stated = re.search(r"\(not measured yet\): ([0-9.]+) GiB", path.read_text()).group(1)
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `recipes/{path.name}`")), None)
+        assert row and f"planned {stated} GiB" in row, f"README's recipe table: {path.name} (planned {stated} GiB)"
