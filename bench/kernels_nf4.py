@@ -20,7 +20,8 @@ write, timed the same way), "% roof" by the datasheet DRAM bandwidth of the targ
 Output: a table per dtype, the launch config the autotuner chose per shape, a summary against the
 issue's targets (>= 1.15x bitsandbytes on every shape, >= Unsloth's best on the median, >= 85% of
 copy bandwidth on the largest shape), then one result JSON (bench.common; written under
-$FASTFT_BENCH_RESULTS or bench/results/, --cpu-smoke: a temporary folder unless --out) and the
+$FASTFT_BENCH_RESULTS or bench/results/; --cpu-smoke: --out, $FASTFT_BENCH_RESULTS or a temporary
+folder, never bench/results/) and the
 same document as one compact JSON line, last.
 """
 from __future__ import annotations
@@ -249,7 +250,9 @@ def main(argv=None) -> int:
                                                                  *(sys.argv[2:] if argv is None else argv)],
                         notes=notes)
     if not args.no_write:
-        out_dir = args.out or (tempfile.mkdtemp(prefix="fastft-nf4-smoke-") if cpu else None)
+        # a smoke result never lands in bench/results/ by default: it is not a measurement
+        out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-nf4-smoke-")
+                               if cpu else None)
         print(f"result: {common.write(doc, out_dir)}")
     print(common.dumps_line(doc))
     return 0
