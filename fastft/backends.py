@@ -137,7 +137,7 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
 def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     if recipe.model.attn_implementation != "auto":
@@ -163,6 +163,8 @@ def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = recipe.lora
+    # LoRA A is drawn from the global RNG: seed it, or two runs of one recipe start from different adapters
+    set_seed(recipe.train.seed)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules(recipe),
         use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM",

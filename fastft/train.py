@@ -103,6 +103,13 @@ def peak_memory() -> dict:
     return {"peak_rss_gb": rss_kb * 1024 / 1e9}
 
 
+def _cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _meter_callback_class():
     from transformers import TrainerCallback
 
@@ -119,16 +126,22 @@ def _meter_callback_class():
             if counters:
                 self.tokens_before, self.time_before = counters["tokens"], counters["step_seconds"]
             self._t0 = None
+            self._t0_tokens = 0
+            self.steps: list[tuple[int, int, float]] = []  # (global step, real tokens, seconds) per optimizer step
             self._last_tokens = float(self.tokens_before)
             self._last_time = self.time_before
             self.history: list[dict] = []
 
         def on_step_begin(self, args, state, control, **kw):
-            self._t0 = time.perf_counter()
+            _cuda_sync()  # CUDA runs asynchronously: a step's time ends when its kernels have
+            self._t0, self._t0_tokens = time.perf_counter(), self.tokens
 
         def on_step_end(self, args, state, control, **kw):
             if self._t0 is not None:
-                self.step_time += time.perf_counter() - self._t0
+                _cuda_sync()
+                dt = time.perf_counter() - self._t0
+                self.step_time += dt
+                self.steps.append((state.global_step, self.tokens - self._t0_tokens, dt))
                 self._t0 = None
 
         def totals(self) -> tuple[float, float]:
@@ -159,7 +172,8 @@ def _meter_callback_class():
         def summary(self) -> dict:
             tokens, seconds = self.totals()
             return {"train_tokens": int(tokens), "train_step_seconds": seconds,
-                    "tokens_per_second": tokens / seconds if seconds else None, **peak_memory()}
+                    "tokens_per_second": tokens / seconds if seconds else None, **peak_memory(),
+                    "per_step": [list(s) for s in self.steps]}  # [step, tokens, seconds], this process
 
     return Meter
 
@@ -509,6 +523,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         before = previous["before"]
     else:
         before = _score(trainer, model, tokenizer, bundle, n_gen, recipe, world)
+        _forget_eval_preparation(trainer, model)
     say(f"fastft: before training: {_fmt_scores(before)}")
     if world.main:
         checkpoints.write_run_state(out_dir, {"status": "running", "recipe": recipe.to_dict(),
@@ -569,6 +584,17 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
                              + ". Nothing incomplete was left in place of adapter/ or fastft.json.") from e
         say(_final_table(summary, adapter_dir))
     return Run(info=run_info, model=model, tokenizer=tokenizer, out_dir=out_dir)
+
+
+def _forget_eval_preparation(trainer, model) -> None:
+    """Trainer.evaluate() before train() prepares the model for evaluation and marks it prepared;
+    train() then skips preparing it, so under torchrun the model is never wrapped in DDP and each
+    rank silently trains on its own gradients (measured here: rank-local grad norms, diverging
+    loss curves). Clear the mark so train() prepares (and DDP-wraps) the model as usual."""
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        models = trainer.accelerator._models
+        models[:] = [m for m in models if m is not model]
 
 
 def _oom_message(recipe: Recipe, e: Exception, out_dir: Path) -> str:

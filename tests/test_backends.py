@@ -73,3 +73,15 @@ def test_hf_backend_16bit_lora_and_explicit_targets():
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(BackendError, match="model.name: cannot load .*No model hub is reachable"):
         backends.load(_r(backend="hf", model={"name": str(tmp_path / "no-such-model")}))
+
+
+def test_lora_init_is_seeded_by_the_recipe():
+    import torch
+
+    def lora_a(seed):
+        model, _, _ = backends.load(_r(backend="hf", train={**BASE["train"], "seed": seed}))
+        return [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+    a, b, c = lora_a(1), lora_a(1), lora_a(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
