@@ -19,10 +19,9 @@ write, timed the same way), "% roof" by the datasheet DRAM bandwidth of the targ
 
 Output: a table per dtype, the launch config the autotuner chose per shape, a summary against the
 issue's targets (>= 1.15x bitsandbytes on every shape, >= Unsloth's best on the median, >= 85% of
-copy bandwidth on the largest shape), then one result JSON (bench.common; written under
-$FASTFT_BENCH_RESULTS or bench/results/; --cpu-smoke: --out, $FASTFT_BENCH_RESULTS or a temporary
-folder, never bench/results/) and the
-same document as one compact JSON line, last.
+copy bandwidth on the largest shape), then one result JSON (bench.common) and the same document as
+one compact JSON line, last. The JSON goes to --out, else $FASTFT_BENCH_RESULTS, else bench/results/;
+with --cpu-smoke the last fallback is a temporary folder, never bench/results/.
 """
 from __future__ import annotations
 
