@@ -341,3 +341,18 @@ def test_readme_lists_every_llama3_recipe_with_its_planned_peak():
         stated = re.search(r"\(not measured yet\): ([0-9.]+) GiB", path.read_text()).group(1)
         row = next((line for line in readme.splitlines() if line.startswith(f"| `recipes/{path.name}`")), None)
         assert row and f"planned {stated} GiB" in row, f"README's recipe table: {path.name} (planned {stated} GiB)"
+
+
+@pytest.mark.parametrize("eval_batch_size, expected", [(None, 8), (1, 1)])
+def test_eval_batch_size_reaches_the_trainer(tmp_path, eval_batch_size, expected):
+    """train.eval_batch_size (the long-context recipe sets 1) is what the trainer evaluates with."""
+    from types import SimpleNamespace
+
+    from fastft import train
+
+    r = recipe.from_dict({"model": {"name": "fastft-tiny"}, "data": {"train": "d.jsonl"}, "output": {"dir": "o"},
+                          "train": {"batch_size": 2, "eval_every": 5, "eval_batch_size": eval_batch_size}})
+    info = SimpleNamespace(device="cpu", dtype="float32")
+    config = train._sft_config(r, tmp_path, info, "adamw_torch", True, train.World(), (2, 4))
+    assert config.per_device_eval_batch_size == expected
+    assert plan.plan(r, "rtx4090", search=False).eval[0].note.startswith(f"batch {expected} x")
