@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,19 +53,37 @@ NF4_CODE = (  # bitsandbytes' NF4 table (normal-float quantiles), indexed by the
     0.7229568362236023, 1.0,
 )
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# How an NF4 base weight reaches the matmuls: "in_kernel" dequantizes each [BLOCK_K, BLOCK_N] tile in
+# registers inside the K loop (W is read as 4-bit, never written dense); "dequantize" first writes the
+# dense weight with fastft.kernels.nf4.dequantize_nf4 (one memory-bound pass, 2.5 bytes per element)
+# and runs the 16-bit kernel on it, as Unsloth does with cuBLAS. The issue asks for whichever measures
+# faster; `python -m bench.kernels lora` times both. Not GPU-measured yet, so the default is the one
+# that moves fewer bytes.
+NF4_PATH = os.environ.get("FASTFT_LORA_NF4", "in_kernel")
 
 # Launch configurations, one table for every launch (and for tests/test_kernel_compile.py, which
 # compiles each for sm_80/89/90). Chosen by shape in `_pick_config`; `python -m bench.kernels lora`
 # times each of them per shape and prints which one the heuristic chose. None is GPU-measured yet.
 #   name: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 CONFIGS = {
-    "mm_128x128x64_w8_s3": (128, 128, 64, 8, 8, 3),   # large base matmuls (forward, dX), 16-bit W
-    "mm_128x128x32_w8_s4": (128, 128, 32, 8, 8, 4),
-    "mm_128x64x64_w4_s4": (128, 64, 64, 8, 4, 4),     # NF4 W: the dequant tile competes for registers
+    "mm_128x128x64_w8_s3": (128, 128, 64, 8, 8, 3),   # large 16-bit base matmuls (forward, dX)
     "mm_64x64x64_w4_s3": (64, 64, 64, 8, 4, 3),       # few tokens
+    # NF4 W: the code and absmax gathers are pipelined too, so stages cost far more shared memory
+    # (compiled for sm_89, bf16: 128x128x64 with 3 stages needs 224 KB, with 2 stages 128 KB)
+    "nf4_128x64x64_w4_s2": (128, 64, 64, 8, 4, 2),    # 72 KB
+    "nf4_64x64x64_w4_s2": (64, 64, 64, 8, 4, 2),
+    "f32_64x64x32_w4_s2": (64, 64, 32, 8, 4, 2),      # fp32 operands (IEEE dots): twice the bytes per tile
     "thin_128xRx64_w4_s3": (128, 0, 64, 8, 4, 3),     # x·Aᵀ, dY·B: N = r (BLOCK_N set to BLOCK_R)
-    "red_Rx128x64_w4_s3": (0, 128, 64, 1, 4, 3),      # dA, dB^T-like reductions: M = r (BLOCK_M = BLOCK_R)
+    "red_Rx128x64_w4_s3": (0, 128, 64, 1, 4, 3),      # dA, dBᵀ: M = r (BLOCK_M = BLOCK_R), split over tokens
     "red_Rx64x64_w4_s3": (0, 64, 64, 1, 4, 3),
+}
+# Alternatives the benchmark also times (`python -m bench.kernels lora --sweep`); not shipped, so not
+# compile-checked in CI: one that wins on a GPU moves into CONFIGS (and so into the compile test).
+CANDIDATES = {
+    "mm_128x128x32_w8_s4": (128, 128, 32, 8, 8, 4),
+    "mm_128x256x64_w8_s3": (128, 256, 64, 8, 8, 3),
+    "nf4_128x128x32_w8_s2": (128, 128, 32, 8, 8, 2),  # 64 KB on sm_89
+    "nf4_128x128x64_w8_s1": (128, 128, 64, 8, 8, 1),
 }
 # The CPU interpreter (tests): its cost is per program and per tile op, not per flop, so fewer, wider
 # tiles run fastest (measured on 2 cores, NF4 72x256 -> 768, r=8, forward + backward: 1.05 s with
@@ -189,6 +208,7 @@ class NF4Weight:
     code2: torch.Tensor | None = None  # nested: fp32 [256]
     blocksize2: int = 256
     offset: float = 0.0
+    quant_state: object = None  # bitsandbytes' QuantState it came from (for the "dequantize" NF4 path)
 
     @property
     def nested(self) -> bool:
@@ -210,7 +230,7 @@ class NF4Weight:
                    absmax2=s2.absmax.reshape(-1).float() if nested else None,
                    code2=s2.code.float() if nested else None,
                    blocksize2=int(s2.blocksize) if nested else 256,
-                   offset=float(offset.item() if torch.is_tensor(offset) else offset))
+                   offset=float(offset.item() if torch.is_tensor(offset) else offset), quant_state=qs)
 
 
 def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -240,7 +260,7 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _pick_config(kind: str, M: int, N: int, nf4: bool) -> str:
+def _pick_config(kind: str, M: int, N: int, nf4: bool, fp32: bool = False) -> str:
     """The launch config for one product; `kind`: "mm" (large), "thin" (N = r), "red" (M = r)."""
     if interpreted():
         return f"interp_{kind}"
@@ -248,9 +268,11 @@ def _pick_config(kind: str, M: int, N: int, nf4: bool) -> str:
         return "thin_128xRx64_w4_s3"
     if kind == "red":
         return "red_Rx128x64_w4_s3" if N >= 1024 else "red_Rx64x64_w4_s3"
+    if fp32:
+        return "f32_64x64x32_w4_s2"
     if M <= 256 or N <= 256:
-        return "mm_64x64x64_w4_s3"
-    return "mm_128x64x64_w4_s4" if nf4 else "mm_128x128x64_w8_s3"
+        return "nf4_64x64x64_w4_s2" if nf4 else "mm_64x64x64_w4_s3"
+    return "nf4_128x64x64_w4_s2" if nf4 else "mm_128x128x64_w8_s3"
 
 
 def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.0,
@@ -292,8 +314,9 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
     if split_k > 1 and (lora is not None or bias is not None):
         raise ValueError("split_k > 1 supports neither the low-rank epilogue nor a bias")
 
-    name = config or _pick_config(kind, M, N, nf4)
-    bm, bn, bk, group_m, num_warps, num_stages = CONFIGS.get(name) or INTERPRETER_CONFIGS[name]
+    name = config or _pick_config(kind, M, N, nf4, dtype == torch.float32)
+    bm, bn, bk, group_m, num_warps, num_stages = (CONFIGS.get(name) or CANDIDATES.get(name)
+                                                   or INTERPRETER_CONFIGS[name])
     if kind in ("thin", "red") and not rank:
         raise ValueError(f"kind {kind!r} needs the rank")
     block_r = _block_r(rank) if rank else 16
@@ -352,6 +375,10 @@ def _split_for(M: int, tiles: int, device: torch.device) -> int:
 
 
 def _weight_operand(weight, nf4: NF4Weight | None, dtype, transposed: bool):
+    if nf4 is not None and NF4_PATH == "dequantize" and nf4.quant_state is not None:
+        from fastft.kernels.nf4 import dequantize_nf4
+
+        weight, nf4 = dequantize_nf4(nf4.packed, nf4.quant_state, dtype=dtype), None
     if nf4 is not None:
         return (nf4, transposed)
     w = weight if weight.dtype == dtype else weight.to(dtype)
@@ -492,3 +519,76 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None,
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile registry (tests/test_kernel_compile.py builds each for sm_80, sm_89 and sm_90)
+# --------------------------------------------------------------------------------------------------
+
+def _compile_configs() -> list[dict]:
+    """Every shipped config in the specializations the launchers produce.
+
+    Triton's JIT turns integer arguments equal to 1 into constants, so each launch's unit strides are
+    constexprs here, as at run time (which strides are 1 follows from the launchers' views). Worst
+    cases for registers: BLOCK_R 128 (r up to MAX_FUSED_RANK) in every epilogue, NF4 nested with bias.
+    """
+    ptrs = ("p_ptr", "q_ptr", "c_ptr", "l_ptr", "r_ptr", "bias_ptr", "absmax_ptr", "code_ptr", "absmax2_ptr",
+            "code2_ptr")
+    ints = ("M", "N", "K", "RANK", "k_per_split", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
+            "stride_cs", "stride_cm", "stride_cn", "stride_lm", "stride_lr", "stride_rr", "stride_rn")
+    unit = {  # launch -> the strides that are 1
+        "fwd": ("stride_pk", "stride_qk", "stride_cn", "stride_lr", "stride_rr"),  # x·Wᵀ + s·XA·Bᵀ
+        "dx": ("stride_pk", "stride_qn", "stride_cn", "stride_lr", "stride_rn"),  # dY·W + s·dYB·A
+        "thin": ("stride_pk", "stride_qk", "stride_cn", "stride_lr", "stride_rn"),  # x·Aᵀ (dY·B: qn)
+        "red": ("stride_pm", "stride_qn", "stride_cn", "stride_lr", "stride_rn"),  # dYBᵀ·x, XAᵀ·dY
+    }
+    cases = []  # (config name, launch, dtype, q: "dense" | "nf4" | "nf4_flat", bias, BLOCK_R, split)
+    # every config once in its heaviest specialization (bf16, BLOCK_R 128, bias, NF4 nested), the large
+    # NF4 one in both operand layouts; one fp16 and the fp32 one (CI compiles each for 3 targets, 1-10 s
+    # per compile on 2 cores, so the list stays short)
+    for name in CONFIGS:
+        if name.startswith("mm_"):
+            cases.append((name, "fwd", "bf16", "dense", True, 128, False))
+        elif name.startswith("nf4_"):
+            cases.append((name, "fwd", "bf16", "nf4", True, 128, False))
+            if name == "nf4_128x64x64_w4_s2":
+                cases.append((name, "dx", "bf16", "nf4", False, 128, False))
+        elif name.startswith("thin_"):
+            cases.append((name, "thin", "bf16", "dense", False, 128, False))
+        elif name.startswith("red_"):
+            cases.append((name, "red", "bf16", "dense", False, 128, True))
+    cases.append(("nf4_128x64x64_w4_s2", "fwd", "fp16", "nf4_flat", True, 64, False))
+    cases.append(("f32_64x64x32_w4_s2", "fwd", "fp32", "nf4", True, 64, False))
+    configs = []
+    for name, launch, dtype, q, bias, block_r, split in cases:
+        bm, bn, bk, group_m, num_warps, num_stages = CONFIGS[name]
+        bm, bn = bm or block_r, bn or block_r
+        nf4 = q.startswith("nf4")
+        nested = q == "nf4"
+        out = "fp32" if split else dtype
+        sig = {k: f"*{dtype}" for k in ptrs}
+        sig.update(c_ptr=f"*{out}", bias_ptr=f"*{dtype}" if bias else f"*{out}",
+                   q_ptr="*u8" if nf4 else f"*{dtype}", absmax_ptr="*u8" if nested else "*fp32",
+                   code_ptr="*fp32", absmax2_ptr="*fp32", code2_ptr="*fp32", offset="fp32")
+        sig.update({k: "i32" for k in ints if k not in unit[launch]})
+        sig.update(alpha="fp32", scale="fp32")
+        constexprs = {k: 1 for k in unit[launch]}
+        constexprs.update(HAS_LORA=launch in ("fwd", "dx"), HAS_BIAS=bias, Q_NF4=nf4, NESTED=nested,
+                          BLOCKSIZE=64, BLOCKSIZE2=256, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m)
+        options = dict(num_warps=num_warps, num_stages=num_stages)
+        if nested:
+            options["enable_fp_fusion"] = False
+        configs.append(dict(
+            name=f"lora_matmul-{name}-{launch}-{dtype}-{q}{'-bias' if bias else ''}-r{block_r}",
+            kernel=f"{__name__}:_lora_matmul_kernel", signature=sig, constexprs=constexprs, options=options,
+            # torch allocations are 16-byte aligned; Llama shapes make sizes and leading strides 16-divisible
+            divisible_by_16=[k for k in sig if k.endswith("_ptr") or k in ("M", "N", "K", "stride_pm",
+                                                                            "stride_qk", "stride_qn", "stride_cm")
+                             and k in sig],
+        ))
+    return configs
+
+
+# Entries as tests/test_kernel_compile.py documents them.
+COMPILE_CONFIGS = _compile_configs()

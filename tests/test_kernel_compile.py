@@ -28,7 +28,7 @@ import sys
 
 import pytest
 
-KERNEL_MODULES = ["fastft.kernels.nf4"]
+KERNEL_MODULES = ["fastft.kernels.nf4", "fastft.kernels.lora"]
 
 # Max shared memory per block (opt-in), bytes: A100 163 KB, RTX 4090 99 KB, H100 227 KB.
 TARGETS = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
