@@ -41,6 +41,7 @@ class DataBundle:
     eval_pairs: list[tuple[list[dict], str]]  # (prompt messages, reference answer) for exact match
     data_hash: str
     stats: dict = field(default_factory=dict)
+    eval_slices: list[str | None] = field(default_factory=list)  # each eval pair's `slice` column (None: none)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
     d = recipe.data
     skipped: list[str] | None = [] if d.skip_bad_rows else None
 
-    def load(src: str, what: str) -> list:
+    def load(src: str, what: str, slices: list | None = None) -> list:
         rows = read_rows(src, d.split, skipped)
         if not rows:
             raise DataError(f"{src}: no rows ({what} is empty)")
@@ -226,6 +227,8 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         for i, r in enumerate(rows, 1):
             try:
                 out.append(to_messages(r, d.format, f"{src} row {i}", d.text_field))
+                if slices is not None:  # the `slice` column, kept beside the example for per-slice scores
+                    slices.append(None if r.get("slice") is None else str(r["slice"]))
             except DataError as e:
                 if skipped is None:
                     raise
@@ -235,10 +238,12 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         return out
 
     train_src = recipe.resolve_path(d.train)
-    examples = load(train_src, "data.train")
+    slices: list[str | None] = []
+    examples = load(train_src, "data.train", slices)
     if d.eval:
         eval_src = recipe.resolve_path(d.eval)
-        eval_examples = load(eval_src, "data.eval")
+        eval_slices: list[str | None] = []
+        eval_examples = load(eval_src, "data.eval", eval_slices)
         train_examples = examples
     elif d.eval_fraction > 0:
         order = list(range(len(examples)))
@@ -249,9 +254,10 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
                             f"data.eval_fraction={d.eval_fraction}; add rows or lower the fraction")
         held = set(order[:n_eval])
         eval_examples = [examples[i] for i in order[:n_eval]]
+        eval_slices = [slices[i] for i in order[:n_eval]]
         train_examples = [examples[i] for i in range(len(examples)) if i not in held]
     else:
-        train_examples, eval_examples = examples, []
+        train_examples, eval_examples, eval_slices = examples, [], []
 
     max_len = recipe.model.max_seq_length
     responses_only = d.train_on_responses_only and d.format != "text"
@@ -279,8 +285,8 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         log(f"data: skipped {len(skipped)} bad rows (data.skip_bad_rows: true); first: {skipped[0]}")
     train_tok = encode(train_examples, "train")
     eval_tok = encode(eval_examples, "eval") if eval_examples else []
-    pairs = [(ex[:-1], ex[-1]["content"]) for ex in eval_examples
-             if isinstance(ex, list) and ex[-1]["role"] == "assistant"]
+    keep = [i for i, ex in enumerate(eval_examples) if isinstance(ex, list) and ex[-1]["role"] == "assistant"]
+    pairs = [(eval_examples[i][:-1], eval_examples[i][-1]["content"]) for i in keep]
     n_tokens = sum(len(t["input_ids"]) for t in train_tok)
     n_trained = sum(sum(1 for x in t["labels"] if x != IGNORE) for t in train_tok)
     stats = {"train_examples": len(train_tok), "eval_examples": len(eval_tok), "train_tokens": n_tokens,
@@ -292,6 +298,7 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         train=to_ds(train_tok),
         eval=to_ds(eval_tok) if eval_tok else None,
         eval_pairs=pairs,
+        eval_slices=[eval_slices[i] for i in keep],
         data_hash=content_hash(examples + ([] if not d.eval else eval_examples)),
         stats=stats,
     )
