@@ -572,6 +572,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "data": {"hash": bundle.data_hash, **bundle.stats},
         "metrics": summary,
         "command": " ".join(sys.argv),
+        **artifacts.provenance(recipe, info),  # base model fingerprint + fastft commit: compatibility checks
     }
     if world.main:
         try:
