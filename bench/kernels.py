@@ -13,6 +13,7 @@ import sys
 
 FAMILIES = {
     "nf4": ("bench.kernels_nf4", "NF4 / FP4 dequantization: fastft Triton vs bitsandbytes, Unsloth, torch"),
+    "lora": ("bench.kernels_lora", "fused LoRA linear fwd+bwd: fastft Triton vs Unsloth, PEFT, cuBLAS floor"),
 }
 
 

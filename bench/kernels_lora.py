@@ -1,0 +1,408 @@
+"""Fused LoRA linear microbenchmark: forward + backward of one LoRA linear layer, fastft's Triton kernels
+against Unsloth's path (LoRA_W: dequantize + cuBLAS + addmm, when installed), PEFT's lora.Linear /
+lora.Linear4bit, and a plain cuBLAS matmul of the same base (the floor: x·Wᵀ forward, dY·W backward,
+no LoRA, no dequantization), in one process on one device.
+
+    python -m bench.kernels lora                          # GPU: Llama-3-8B shapes, r 16/64, M 4096/16384, bf16
+    python -m bench.kernels lora --bases nf4 --ranks 16 --tokens 4096
+    python -m bench.kernels lora --sweep                  # also time the forward matmul in every launch config
+    python -m bench.kernels lora --cpu-smoke              # CPU, Triton interpreter, tiny shapes: proves the
+                                                          # harness runs end to end; not a measurement
+
+Each case builds one PEFT LoRA layer on the device (NF4 with double quantization, blocksize 64, or a
+16-bit nn.Linear), lora_B non-zero, x and dY random. Before timing, fastft's output and dX/dA/dB are
+compared with PEFT's and the largest relative difference is recorded. Timings are
+`triton.testing.do_bench` medians (p20, p80) of forward + backward. TFLOP/s counts the useful work,
+4·M·K·N + 6·M·r·(K+N) (forward, dX, dA, dB; W gets no gradient); "% floor" is the floor's time over
+the implementation's (100% = as fast as the bare base matmuls). fastft runs with NF4 dequantized
+inside the matmul kernel ("fastft") and through fastft's NF4 kernel then the 16-bit kernel
+("fastft_dequant"); the chosen launch configs are printed per shape.
+
+Output: a table, a summary against the issue's targets (NF4 base, median over shapes: >= 1.10x
+Unsloth, >= 1.5x PEFT), then one result JSON (bench.common) and the same document as one compact JSON
+line, last. The JSON goes to --out, else $FASTFT_BENCH_RESULTS, else bench/results/; a --cpu-smoke
+result never goes to bench/results/ (a temporary folder unless --out says otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+
+LLAMA3_8B_SHAPES = {  # (in_features K, out_features N) of Llama-3-8B's linear layers
+    "q_proj/o_proj": (4096, 4096),
+    "k_proj/v_proj": (4096, 1024),
+    "gate/up_proj": (4096, 14336),
+    "down_proj": (14336, 4096),
+}
+SMOKE = {"shapes": [(64, 96), (128, 40)], "ranks": [8], "tokens": [24]}  # rows not multiples of 16 but of 64: bitsandbytes 0.50's CPU dequant (PEFT's path here) misplaces absmax blocks for rows that are multiples of 16 but not 64
+TARGETS = {"vs_unsloth": 1.10, "vs_peft": 1.5}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.kernels lora", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", help="comma-separated INxOUT (default: the Llama-3-8B layer shapes)")
+    p.add_argument("--ranks", default="16,64", help="LoRA ranks, comma-separated")
+    p.add_argument("--tokens", default="4096,16384", help="token counts M, comma-separated")
+    p.add_argument("--bases", default="nf4,16bit", help="base weights: nf4, 16bit")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--target", help="hardware target for roofs and the result name (default: from the device)")
+    p.add_argument("--sweep", action="store_true", help="also time the forward matmul in every launch config")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run on CPU under TRITON_INTERPRET=1 with tiny shapes (harness check, not a measurement)")
+    p.add_argument("--out", help="folder for the result JSON")
+    p.add_argument("--no-write", action="store_true", help="print the result, write no file")
+    return p.parse_args(argv)
+
+
+# -- the layer and the implementations ------------------------------------------------------------
+
+def build_layer(torch, K, N, r, base, dtype, device):
+    """A PEFT LoRA layer (lora.Linear4bit over NF4, or lora.Linear) inside a container module."""
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dense = torch.nn.Linear(K, N, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(N, K, generator=g) * 0.02)
+    if base == "nf4":
+        import bitsandbytes as bnb
+
+        lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        lin.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True)
+        lin = lin.to(device)  # quantizes
+        if device == "cpu":
+            lin.support_avx512bf16_for_cpu = False  # keep the trainable layout (see fastft.backends)
+    else:
+        lin = dense.to(device=device, dtype=dtype)
+        lin.weight.requires_grad_(False)
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", lin)
+    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.randn(r, K, generator=g) / K ** 0.5)
+        layer.lora_B["default"].weight.copy_(torch.randn(N, r, generator=g) / r ** 0.5)
+    model.to(device)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)  # bf16 adapters, as TRL trains QLoRA
+    return model.train(), layer
+
+
+def dense_weight(torch, layer, dtype):
+    from fastft.kernels import lora
+
+    base = layer.get_base_layer()
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is None:
+        return base.weight.to(dtype)
+    return lora.dequantize_nf4_reference(lora.NF4Weight.from_quant_state(base.weight, qs), dtype)
+
+
+def implementations(torch, layer, base, dtype, notes, cpu):
+    """name -> forward(x) using the layer's weights; None where unavailable."""
+    from fastft import patch
+    from fastft.kernels import lora
+
+    def fastft_fwd(x):
+        return patch._fused_forward(layer, x)
+
+    def fastft_dequant_fwd(x):
+        old, lora.NF4_PATH = lora.NF4_PATH, "dequantize"
+        try:
+            return patch._fused_forward(layer, x)
+        finally:
+            lora.NF4_PATH = old
+
+    impls = {"fastft": fastft_fwd}
+    if base == "nf4":
+        impls["fastft_dequant"] = fastft_dequant_fwd
+    impls["peft"] = lambda x: type(layer).forward(layer, x)
+    if not cpu:
+        unsloth_o = unsloth_path(notes)
+        if unsloth_o is not None:
+            holder = types.SimpleNamespace(o_proj=layer)
+            impls["unsloth"] = lambda x: unsloth_o(holder, x)
+    w = dense_weight(torch, layer, dtype)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x @ w.t()
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy @ w
+
+    impls["floor_matmul"] = lambda x: Floor.apply(x)
+    return impls
+
+
+def unsloth_path(notes):
+    """Unsloth's single-projection LoRA path (LoRA_W via apply_lora_o), or None."""
+    try:
+        import unsloth  # noqa: F401
+        from unsloth.kernels import fast_lora
+    except Exception as e:
+        notes.append(f"unsloth unavailable: {type(e).__name__}: {str(e)[:200]}")
+        return None
+    notes.append("unsloth: unsloth.kernels.fast_lora.apply_lora_o (LoRA_W: fast_dequantize + cuBLAS + addmm)")
+    return fast_lora.apply_lora_o
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+def timer(cpu: bool):
+    """fn -> (median, p20, p80) in milliseconds."""
+    if cpu:
+        def run(fn):
+            fn()
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e3)
+            ts.sort()
+            return ts[1], ts[0], ts[-1]
+        return run
+    from triton.testing import do_bench
+
+    def run(fn):
+        med, p20, p80 = do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    return run
+
+
+def detect_target(torch, cpu):
+    if cpu:
+        return "cpu"
+    name = torch.cuda.get_device_name(0)
+    mem = torch.cuda.get_device_properties(0).total_memory
+    if "A100" in name:
+        return "a100-80" if mem > 60 * 2**30 else "a100-40"
+    if "4090" in name:
+        return "rtx4090"
+    return "h100"
+
+
+def fwd_bwd(torch, fn, x, dy, params):
+    def step():
+        for p in params:
+            p.grad = None
+        y = fn(x)
+        y.backward(dy)
+    return step
+
+
+def rel_diff(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cpu = args.cpu_smoke
+    if cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastft.kernels is imported
+    import torch
+
+    if not cpu and not torch.cuda.is_available():
+        print("bench.kernels lora: no CUDA device; use --cpu-smoke to check the harness on CPU", file=sys.stderr)
+        return 2
+    notes = []
+    if not cpu:
+        unsloth_path(notes)  # import unsloth before peft / transformers, as it requires
+    from bench import common
+    from fastft import hardware
+    from fastft.kernels import lora
+
+    device = "cpu" if cpu else "cuda"
+    target = args.target or detect_target(torch, cpu)
+    peak = hardware.get(target).bf16_tflops
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if cpu:
+        dtype = torch.float32 if args.dtype == "bf16" else dtype  # the interpreter's bf16 dot is broken
+        shapes, ranks, tokens = SMOKE["shapes"], SMOKE["ranks"], SMOKE["tokens"]
+        notes.insert(0, "interpreter smoke, not a measurement: CPU run under TRITON_INTERPRET=1 on tiny shapes "
+                        "in fp32; it shows the harness runs end to end, its timings are not claims")
+    else:
+        shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
+                  else list(LLAMA3_8B_SHAPES.values()))
+        ranks = [int(v) for v in args.ranks.split(",")]
+        tokens = [int(v) for v in args.tokens.split(",")]
+    bases = [b.strip() for b in args.bases.split(",")]
+    measure = timer(cpu)
+    print(f"device: {common.device()['name']} ({device}), target {target}, dtype {str(dtype).split('.')[-1]}; "
+          f"NF4 path default: {lora.NF4_PATH}")
+
+    rows, sweeps = [], []
+    for base in bases:
+        for (K, N) in shapes:
+            for r in ranks:
+                model, layer = build_layer(torch, K, N, r, base, dtype, device)
+                params = [p for p in model.parameters() if p.requires_grad]
+                impls = implementations(torch, layer, base, dtype, notes, cpu)
+                for M in tokens:
+                    g = torch.Generator(device=device).manual_seed(1)
+                    x = torch.randn(1, M, K, generator=g, device=device).to(dtype).requires_grad_()
+                    dy = torch.randn(1, M, N, generator=g, device=device).to(dtype)
+                    flops = 4 * M * K * N + 6 * M * r * (K + N)
+                    ref = None
+                    case = {"base": base, "K": K, "N": N, "r": r, "M": M}
+                    for name, fn in impls.items():
+                        row = dict(case, impl=name)
+                        try:
+                            step = fwd_bwd(torch, fn, x, dy, params + [x])
+                            step()
+                            grads = [t.grad.clone() for t in [x] + params if t.grad is not None]
+                            if name == "peft":
+                                ref = grads
+                            ms, p20, p80 = measure(step)
+                        except Exception as e:
+                            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            rows.append(row)
+                            continue
+                        row.update(ms=round(ms, 4), ms_p20=round(p20, 4), ms_p80=round(p80, 4),
+                                   tflops=round(flops / (ms * 1e-3) / 1e12, 2))
+                        if peak:
+                            row["pct_peak"] = round(100 * row["tflops"] / peak, 1)
+                        row["_grads"] = grads
+                        rows.append(row)
+                    for row in rows:
+                        if all(row.get(k) == v for k, v in case.items()) and "_grads" in row:
+                            g_ = row.pop("_grads")
+                            if ref is not None and not row["impl"].startswith("floor"):
+                                row["max_rel_diff_vs_peft"] = float(f"{max(rel_diff(a, b) for a, b in zip(g_, ref)):.3e}")
+                    floor = next((r_ for r_ in rows if all(r_.get(k) == v for k, v in case.items())
+                                  and r_["impl"] == "floor_matmul" and "ms" in r_), None)
+                    for row in rows:
+                        if all(row.get(k) == v for k, v in case.items()) and "ms" in row and floor:
+                            row["pct_floor"] = round(100 * floor["ms"] / row["ms"], 1)
+                    nf4 = base == "nf4"
+                    fp32 = dtype == torch.float32
+                    cfg = {"fwd": lora._pick_config("mm", M, N, nf4, fp32), "dx": lora._pick_config("mm", M, K, nf4, fp32),
+                           "xa": lora._pick_config("thin", M, r, False, fp32), "da_db": lora._pick_config("red", r, K, False, fp32)}
+                    for row in rows:
+                        if all(row.get(k) == v for k, v in case.items()) and row["impl"].startswith("fastft"):
+                            row["configs"] = cfg
+                    if args.sweep and not cpu:
+                        sweeps += sweep(torch, lora, measure, layer, base, x.detach().reshape(M, K), dtype, case)
+                    del x, dy
+                del model, layer, impls
+                if not cpu:
+                    torch.cuda.empty_cache()
+
+    summary = summarize(rows, cpu)
+    print_report(rows, sweeps, summary, cpu)
+    config = {"shapes": [list(s) for s in shapes], "ranks": ranks, "tokens": tokens, "bases": bases,
+              "dtype": str(dtype).split(".")[-1], "nf4": "double quant, blocksize 64",
+              "timer": "perf_counter x3 median" if cpu else "triton.testing.do_bench median (p20, p80)",
+              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora.CONFIGS), "nf4_path": lora.NF4_PATH,
+              "cpu_smoke": cpu}
+    doc = common.result(kind="kernel", name="lora-linear-smoke" if cpu else "lora-linear", target=target,
+                        config=config, metrics={"rows": rows, "sweep": sweeps, "summary": summary},
+                        command=[sys.executable, "-m", "bench.kernels", "lora",
+                                 *(sys.argv[2:] if argv is None else argv)], notes=notes)
+    if not args.no_write:
+        out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-lora-smoke-")
+                               if cpu else None)
+        print(f"result: {common.write(doc, out_dir)}")
+    print(common.dumps_line(doc))
+    return 0
+
+
+def sweep(torch, lora, measure, layer, base, x2, dtype, case):
+    """The forward base + LoRA matmul alone in every launch config (shipped and candidates)."""
+    from fastft.kernels.lora import NF4Weight
+
+    w = layer.get_base_layer().weight
+    a = layer.lora_A["default"].weight.to(dtype)
+    b = layer.lora_B["default"].weight.to(dtype)
+    r = a.shape[0]
+    xa = lora.lora_matmul(x2, a.t(), dtype, kind="thin", rank=r)
+    q = (NF4Weight.from_quant_state(w, w.quant_state), True) if base == "nf4" else w.t()
+    out = []
+    for name in list(lora.CONFIGS) + list(lora.CANDIDATES):
+        if name.startswith(("thin", "red")) or (base == "nf4") != name.startswith("nf4"):
+            continue
+        try:
+            ms, _, _ = measure(lambda: lora.lora_matmul(x2, q, dtype, lora=(xa, b.t()), scale=1.0, rank=r,
+                                                        config=name))
+            out.append(dict(case, config=name, ms=round(ms, 4)))
+        except Exception as e:
+            out.append(dict(case, config=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return out
+
+
+def summarize(rows, cpu) -> dict:
+    """fastft over Unsloth and PEFT per case, and the medians over cases, NF4 and 16-bit base."""
+    out = {}
+    for base in sorted({r["base"] for r in rows}):
+        vs = {"unsloth": [], "peft": [], "fastft_dequant": []}
+        for r in rows:
+            if r["base"] != base or r["impl"] != "fastft" or "ms" not in r:
+                continue
+            for other in vs:
+                o = next((x for x in rows if x["impl"] == other and "ms" in x
+                          and all(x[k] == r[k] for k in ("base", "K", "N", "r", "M"))), None)
+                if o:
+                    vs[other].append(o["ms"] / r["ms"])
+        s = {f"speedup_vs_{k}_median": round(statistics.median(v), 3) if v else None for k, v in vs.items()}
+        s.update({f"speedup_vs_{k}": [round(x, 3) for x in v] for k, v in vs.items()})
+        if base == "nf4" and not cpu:
+            s["targets"] = {f">= {TARGETS['vs_unsloth']}x Unsloth (median)":
+                            (s["speedup_vs_unsloth_median"] or 0) >= TARGETS["vs_unsloth"] if vs["unsloth"] else None,
+                            f">= {TARGETS['vs_peft']}x PEFT (median)":
+                            (s["speedup_vs_peft_median"] or 0) >= TARGETS["vs_peft"] if vs["peft"] else None}
+        out[base] = s
+    return out
+
+
+def print_report(rows, sweeps, summary, cpu):
+    if cpu:
+        print("\n*** interpreter smoke on CPU: the figures below are not measurements and claim nothing ***")
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    print("\nforward + backward, ms (median) | TFLOP/s | % of the floor matmul time")
+    print(f"{'base':>5} {'K->N':>12} {'r':>3} {'M':>6} " + " ".join(f"{i:>24}" for i in impls) + "  fastft configs (fwd, dx)")
+    cases = list(dict.fromkeys((r["base"], r["K"], r["N"], r["r"], r["M"]) for r in rows))
+    for base, K, N, r, M in cases:
+        cells, cfg = [], ""
+        for impl in impls:
+            row = next((x for x in rows if (x["base"], x["K"], x["N"], x["r"], x["M"], x["impl"]) == (base, K, N, r, M, impl)), None)
+            if row is None or "ms" not in row:
+                cells.append(f"{'error' if row else '-':>24}")
+                continue
+            cells.append(f"{row['ms']:>9.3f} {row['tflops']:>7.1f} {row.get('pct_floor', 0):>5.0f}%")
+            if impl == "fastft" and "configs" in row:
+                cfg = f"{row['configs']['fwd']}, {row['configs']['dx']}"
+        print(f"{base:>5} {f'{K}->{N}':>12} {r:>3} {M:>6} " + " ".join(cells) + f"  {cfg}")
+    for base, s in summary.items():
+        print(f"  {base}: fastft vs Unsloth median {s['speedup_vs_unsloth_median']}x, vs PEFT median "
+              f"{s['speedup_vs_peft_median']}x, vs fastft_dequant median {s['speedup_vs_fastft_dequant_median']}x")
+        for k, v in s.get("targets", {}).items():
+            print(f"    [{'ok' if v else ('--' if v is None else 'MISS')}] {k}")
+    if cpu:
+        print("    (speed targets are not evaluated on an interpreter smoke run)")
+    diffs = [r["max_rel_diff_vs_peft"] for r in rows if "max_rel_diff_vs_peft" in r and r["impl"].startswith("fastft")]
+    if diffs:
+        print(f"  fastft vs PEFT, largest relative difference over dX, dA, dB: {max(diffs):.2e}")
+    if sweeps:
+        print("\nforward matmul launch-config sweep (ms):")
+        for s in sweeps:
+            print(f"  {s['base']} {s['K']}->{s['N']} r{s['r']} M{s['M']}: {s['config']}="
+                  + (f"{s['ms']:.3f}" if "ms" in s else s["error"]))
+    for r in rows:
+        if "error" in r:
+            print(f"  error: {r['impl']} {r['base']} {r['K']}->{r['N']} r{r['r']} M{r['M']}: {r['error']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""`python -m bench.kernels lora --cpu-smoke` runs end to end and labels itself as no measurement."""
+import json
+
+from support import ROOT
+
+
+def test_lora_benchmark_cpu_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import kernels
+
+    assert kernels.main(["lora", "--cpu-smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "not measurements and claim nothing" in out
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["name"] == "lora-linear-smoke" and doc["target"] == "cpu" and doc["config"]["cpu_smoke"]
+    assert doc["notes"][0].startswith("interpreter smoke, not a measurement")
+    rows = doc["metrics"]["rows"]
+    assert not [r for r in rows if "error" in r]
+    assert {r["impl"] for r in rows} == {"fastft", "fastft_dequant", "peft", "floor_matmul"}
+    # the harness checks fastft against PEFT before timing: fp32 here, summation order only
+    assert max(r["max_rel_diff_vs_peft"] for r in rows if r["impl"].startswith("fastft")) < 1e-5
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("kernel-lora-linear-smoke-cpu-*.json")]
