@@ -175,7 +175,9 @@ def timer(cpu: bool):
     from triton.testing import do_bench
 
     def run(fn):
-        med, p20, p80 = do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+        # 5 ms warm-up, 25 ms of runs (3 to 300 runs of a 0.1-8 ms step): the whole default matrix
+        # (32 cases x 5 implementations, plus Triton's first compiles) must fit bench/gpu.sh's slot
+        med, p20, p80 = do_bench(fn, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
         return med, p20, p80
     return run
 
@@ -244,6 +246,23 @@ def main(argv=None) -> int:
           f"NF4 path default: {lora.NF4_PATH}")
 
     rows, sweeps = [], []
+    config = {"shapes": [list(s) for s in shapes], "ranks": ranks, "tokens": tokens, "bases": bases,
+              "dtype": str(dtype).split(".")[-1], "nf4": "double quant, blocksize 64",
+              "timer": "perf_counter x3 median" if cpu else "triton.testing.do_bench median (p20, p80)",
+              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora.CONFIGS), "nf4_path": lora.NF4_PATH,
+              "cpu_smoke": cpu}
+    command = [sys.executable, "-m", "bench.kernels", "lora", *(sys.argv[2:] if argv is None else argv)]
+    out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-lora-smoke-")
+                           if cpu else None)
+    stamp = {}
+
+    def document(partial: bool):
+        metrics = {"rows": rows, "sweep": sweeps, "summary": summarize(rows, cpu), "complete": not partial}
+        doc = common.result(kind="kernel", name="lora-linear-smoke" if cpu else "lora-linear", target=target,
+                            config=config, metrics=metrics, command=command, notes=notes)
+        doc["created_utc"] = stamp.setdefault("utc", doc["created_utc"])  # one file, rewritten as cases finish
+        return doc
+
     for base in bases:
         for (K, N) in shapes:
             for r in ranks:
@@ -299,21 +318,12 @@ def main(argv=None) -> int:
                 del model, layer, impls
                 if not cpu:
                     torch.cuda.empty_cache()
+                if not args.no_write:  # a run cut short still leaves what it measured
+                    common.write(document(partial=True), out_dir)
 
-    summary = summarize(rows, cpu)
-    print_report(rows, sweeps, summary, cpu)
-    config = {"shapes": [list(s) for s in shapes], "ranks": ranks, "tokens": tokens, "bases": bases,
-              "dtype": str(dtype).split(".")[-1], "nf4": "double quant, blocksize 64",
-              "timer": "perf_counter x3 median" if cpu else "triton.testing.do_bench median (p20, p80)",
-              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora.CONFIGS), "nf4_path": lora.NF4_PATH,
-              "cpu_smoke": cpu}
-    doc = common.result(kind="kernel", name="lora-linear-smoke" if cpu else "lora-linear", target=target,
-                        config=config, metrics={"rows": rows, "sweep": sweeps, "summary": summary},
-                        command=[sys.executable, "-m", "bench.kernels", "lora",
-                                 *(sys.argv[2:] if argv is None else argv)], notes=notes)
+    doc = document(partial=False)
+    print_report(rows, sweeps, doc["metrics"]["summary"], cpu)
     if not args.no_write:
-        out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-lora-smoke-")
-                               if cpu else None)
         print(f"result: {common.write(doc, out_dir)}")
     print(common.dumps_line(doc))
     return 0

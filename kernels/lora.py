@@ -33,6 +33,7 @@ and tensors that are not on a CUDA device (unless TRITON_INTERPRET=1, the CPU in
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -366,11 +367,16 @@ def _check_device(t: torch.Tensor) -> None:
                            "before importing it, or use lora_linear_reference")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_for(M: int, tiles: int, device: torch.device) -> int:
     """Token splits for the dA/dB reductions: enough programs to fill the GPU, >= 512 tokens each."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(2 * sms, max(tiles, 1)), M // 512))
 
 
