@@ -232,6 +232,10 @@ def check_compatible(run_info: dict, base_path: str, force: bool = False) -> lis
         problems.append("architecture differs (" + ", ".join(
             f"{k}: trained {rec['architecture'].get(k)!r}, now {now['architecture'].get(k)!r}" for k in sorted(diff)) + ")")
     for key, what in (("weights_sha256", "weights"), ("tokenizer_sha256", "tokenizer")):
+        if key == "weights_sha256" and rec.get("quantized_checkpoint") and now.get("quantized_checkpoint") is False:
+            notes.append("the run trained on a pre-quantized 4-bit checkpoint and this base is a 16-bit one: their "
+                         "weight files cannot match, so only the architecture and tokenizer were checked")
+            continue
         if rec.get(key) and now.get(key):
             if rec[key] != now[key]:
                 problems.append(f"{what} differ (trained on {rec[key][:19]}..., this base has {now[key][:19]}...)")

@@ -7,6 +7,8 @@
     fastft validate recipes/tiny-demo.yaml                    # check a recipe, print it resolved
     fastft info                                               # versions, devices, which backend auto picks
     fastft plan recipes/llama3-8b-qlora-alpaca-rtx4090.yaml --target rtx4090   # peak VRAM; exit 1: does not fit
+    fastft merge outputs/tiny-demo --out merged/ --dtype bf16     # adapter merged into the 16-bit base
+    fastft registry push outputs/tiny-demo --name demo        # -> demo@v1; list | show | diff | promote | rollback
 
 Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line, 130 / 143 stopped by
 SIGINT / SIGTERM after writing a checkpoint (resume with --resume).
@@ -42,6 +44,39 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a recipe and print it with every default filled in")
     v.add_argument("recipe")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m = sub.add_parser("merge", help="merge the adapter into a 16-bit copy of its base (plain transformers checkpoint)")
+    m.add_argument("run", help="a run directory (output.dir of a finished run) or a registry reference NAME@vN")
+    m.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="saved dtype (default bf16)")
+    m.add_argument("--base", help="16-bit base checkpoint (default: the one the run recorded)")
+    m.add_argument("--from-quantized", action="store_true",
+                   help="merge into the dequantized 4-bit weights instead of the 16-bit ones (their rounding error stays)")
+    m.add_argument("--force", action="store_true", help="merge even when the base differs from the recorded one")
+    m.add_argument("--no-verify", action="store_true", help="skip comparing merged logits with base + adapter")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument("--registry", metavar="DIR", help="registry for NAME@vN references (default: in the cache)")
+    reg = sub.add_parser("registry", help="versioned adapters: push, list, show, diff, promote, rollback")
+    rs = reg.add_subparsers(dest="action", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--registry", metavar="DIR", help="registry folder (default: $FASTFT_CACHE/registry)")
+    where.add_argument("--json", action="store_true", help="print JSON")
+    x = rs.add_parser("push", parents=[where], help="store a finished run as the next version NAME@vN")
+    x.add_argument("run_dir")
+    x.add_argument("--name", required=True)
+    x = rs.add_parser("list", parents=[where], help="every version (of NAME)")
+    x.add_argument("name", nargs="?")
+    x = rs.add_parser("show", parents=[where], help="one version's metadata and integrity (NAME, NAME@vN, NAME@production)")
+    x.add_argument("ref")
+    x = rs.add_parser("diff", parents=[where], help="hyperparameters and metrics that differ between two versions")
+    x.add_argument("ref_a")
+    x.add_argument("ref_b")
+    x = rs.add_parser("promote", parents=[where], help="give a version the staging or production stage")
+    x.add_argument("ref")
+    x.add_argument("--stage", required=True, choices=["staging", "production"])
+    x.add_argument("--force", action="store_true", help="promote a run its eval gates rejected")
+    x = rs.add_parser("rollback", parents=[where], help="move production (or --stage) back to its previous version")
+    x.add_argument("name")
+    x.add_argument("--stage", default="production", choices=["staging", "production"])
     sub.add_parser("info", help="versions, devices and the backend 'auto' would pick")
     pl = sub.add_parser("plan", help="estimate peak VRAM from the model config (no weights); exit 1 if it does not fit")
     pl.add_argument("recipe")
@@ -61,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "info":
             return _info()
+        if args.cmd in ("merge", "registry"):
+            return _lifecycle(args)
         r = recipe_mod.load(args.recipe, args.overrides)
         if args.cmd == "validate":
             print(json.dumps(r.to_dict(), indent=2))
@@ -88,6 +125,60 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastft: error: {e}", file=sys.stderr)
             return e.exit_code
         raise
+
+
+def _lifecycle(args) -> int:
+    """fastft merge / fastft registry: exit 2 for a bad reference, damaged entry or incompatible base."""
+    from . import artifacts, registry
+
+    try:
+        if args.cmd == "merge":
+            from . import merge
+
+            try:
+                merge.merge(args.run, args.out, dtype=args.dtype, base=args.base, from_quantized=args.from_quantized,
+                            force=args.force, verify=not args.no_verify, overwrite=args.overwrite,
+                            registry=args.registry, log=lambda m: print(m, file=sys.stderr))
+            except merge.MergeError as e:
+                print(f"fastft: error: {e}", file=sys.stderr)
+                return e.exit_code
+            return 0
+        return _registry(registry, args)
+    except (artifacts.IncompatibleBaseError, registry.RegistryError, FileNotFoundError) as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _registry(registry, args) -> int:
+    reg = registry.Registry(args.registry)
+    act = args.action
+    if act == "push":
+        e = reg.push(args.run_dir, args.name)
+        print(json.dumps({"ref": e.ref, "files": len(e.manifest)}) if args.json else
+              f"pushed {args.run_dir} as {e.ref} ({len(e.manifest)} files, registry {reg.root})")
+    elif act == "list":
+        print(json.dumps([{"ref": e.ref, "created": e.created, "status": e.status} for e in reg.versions(args.name)])
+              if args.json else registry.format_list(reg, args.name))
+    elif act == "show":
+        e = reg.get(args.ref)
+        problems = reg.verify(e)
+        print(json.dumps({"ref": e.ref, "created": e.created, "status": e.status, "source": e.source,
+                          "stages": [s for s, v in reg.stages(e.name).items() if v == e.version],
+                          "files": e.manifest, "damaged": problems, "meta": e.meta}, indent=2, default=str)
+              if args.json else registry.format_show(reg, e))
+        return 2 if problems else 0
+    elif act == "diff":
+        a, b = reg.get(args.ref_a), reg.get(args.ref_b)
+        d = registry.diff(a, b)
+        print(json.dumps(d, indent=2, default=str) if args.json else registry.format_diff(a, b, d))
+    elif act == "promote":
+        e = reg.promote(args.ref, args.stage, force=args.force)
+        print(f"{e.ref} is now {args.stage}" + (" (--force: its eval gates rejected it)" if args.force
+                                                 and e.status == "rejected" else ""))
+    elif act == "rollback":
+        old, new = reg.rollback(args.name, args.stage)
+        print(f"{args.name}: {args.stage} rolled back from v{old} to v{new}")
+    return 0
 
 
 def _plan(r, target: str, as_json: bool) -> int:

@@ -458,3 +458,74 @@ def resolve_ref(ref: str | Path, registry: str | Path | None = None) -> Path:
         raise
     except RegistryError as e:
         raise RegistryError(f"{ref}: no such run directory, and {e}") from None
+
+
+# --- printing ---------------------------------------------------------------------------------------
+
+def _metric(meta: dict, *path):
+    node = meta.get("metrics") or {}
+    for p in path:
+        node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+
+def format_list(reg: Registry, name: str | None = None) -> str:
+    entries = reg.versions(name)
+    if not entries:
+        return f"registry {reg.root}: " + (f"no versions of {name!r}" if name else "empty")
+    stages = {n: reg.stages(n) for n in {e.name for e in entries}}
+    rows = [("REF", "CREATED", "STATUS", "STAGE", "BASE", "QUANT", "LORA", "EVAL LOSS")]
+    for e in entries:
+        st = ",".join(s for s, v in stages[e.name].items() if v == e.version) or "-"
+        lora = e.meta.get("lora") or {}
+        loss = _metric(e.meta, "after", "eval_loss")
+        rows.append((e.ref, e.created, e.status or "-", st, str((e.meta.get("base_model") or {}).get("model_id")),
+                     "nf4" if (e.meta.get("quantization") or {}).get("load_in_4bit") else "16-bit",
+                     f"{'dora' if lora.get('use_dora') else 'lora'} r={lora.get('r')}",
+                     f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_show(reg: Registry, entry: Entry) -> str:
+    m = entry.meta
+    base = m.get("base_model") or {}
+    problems = reg.verify(entry)
+    stages = [s for s, v in reg.stages(entry.name).items() if v == entry.version]
+    lines = [f"{entry.ref}   pushed {entry.created} from {entry.source}",
+             f"  status       {entry.status or '-'}" + (f"   gates: {json.dumps(m.get('gates'), default=str)}"
+                                                        if m.get("gates") else ""),
+             f"  stage        {', '.join(stages) or '-'}",
+             f"  base model   {base.get('model_id')}  ({(base.get('architecture') or {}).get('class')})",
+             f"  weights      {base.get('weights_sha256')}",
+             f"  tokenizer    {base.get('tokenizer_sha256')}",
+             f"  quantization {json.dumps(m.get('quantization'))}",
+             f"  lora         {json.dumps(m.get('lora'))}",
+             f"  data         {m.get('data_hash')}",
+             f"  backend      {m.get('backend')}   fastft {((m.get('versions') or {}).get('fastft'))}, "
+             f"torch {((m.get('versions') or {}).get('torch'))}, transformers "
+             f"{((m.get('versions') or {}).get('transformers'))}, peft {((m.get('versions') or {}).get('peft'))}",
+             f"  source       {json.dumps(m.get('source'))}"]
+    flat = {k: v for k, v in flatten(m.get("metrics") or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if flat:
+        lines.append("  metrics")
+        lines += [f"    {k:<40} {v:.6g}" for k, v in flat.items()]
+    lines.append(f"  files        {len(entry.manifest)}, "
+                 + ("all match their sha256" if not problems else "DAMAGED: " + "; ".join(problems)))
+    return "\n".join(lines)
+
+
+def format_diff(a: Entry, b: Entry, d: dict) -> str:
+    lines = [f"{a.ref} -> {b.ref}"]
+    for section in ("hyperparameters", "metrics"):
+        items = d.get(section) or {}
+        lines.append(f"  {section}" + ("" if items else ": identical"))
+        for k, (va, vb) in items.items():
+            delta = (f"   ({vb - va:+.4g})" if isinstance(va, (int, float)) and isinstance(vb, (int, float))
+                     and not isinstance(va, bool) else "")
+            lines.append(f"    {k:<40} {va!s:>14} -> {vb!s}{delta}")
+    for key in ("data_hash", "status", "base_model"):
+        if key in d:
+            lines.append(f"  {key}: {d[key][0]} -> {d[key][1]}")
+    return "\n".join(lines)
