@@ -4,13 +4,16 @@
     fastft train recipes/tiny-demo.yaml --set train.lr=1e-4 --set lora.r=32
     fastft train recipes/tiny-demo.yaml --resume            # continue from the newest checkpoint
     torchrun --nproc_per_node 2 -m fastft train recipes/tiny-demo.yaml   # data-parallel (DDP)
+    fastft eval outputs/tiny-demo [--data FILE] [--regression FILE]   # base vs adapter -> eval.json
+    fastft generate outputs/tiny-demo --prompt "What kind of things are red , blue ?"  # stream a reply
     fastft validate recipes/tiny-demo.yaml                    # check a recipe, print it resolved
     fastft info                                               # versions, devices, which backend auto picks
     fastft plan recipes/llama3-8b-qlora-alpaca-rtx4090.yaml --target rtx4090   # peak VRAM; exit 1: does not fit
     fastft merge outputs/tiny-demo --out merged/ --dtype bf16     # adapter merged into the 16-bit base
     fastft registry push outputs/tiny-demo --name demo        # -> demo@v1; list | show | diff | promote | rollback
 
-Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line, 130 / 143 stopped by
+Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line, 3 an eval gate failed
+(train: the run is saved and marked rejected; --no-gate-exit exits 0), 130 / 143 stopped by
 SIGINT / SIGTERM after writing a checkpoint (resume with --resume).
 """
 from __future__ import annotations
@@ -41,6 +44,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the unfinished run in output.dir from its newest complete checkpoint "
                         "(automatic when output.dir holds an unfinished run of the same recipe)")
     t.add_argument("--overwrite", action="store_true", help="replace a finished (or different) run in output.dir")
+    t.add_argument("--no-gate-exit", action="store_true",
+                   help="a failed eval gate marks the run rejected but exits 0 (default: exit 3)")
+    e = sub.add_parser("eval", help="base model vs adapter on held-out and regression sets; writes eval.json")
+    e.add_argument("run", help="a run directory (output.dir of a finished run: fastft.json + adapter/) "
+                   "or a registry reference NAME@vN / NAME@production")
+    e.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
+    e.add_argument("--regression", help="regression set (general prompts with answers) instead of eval.regression")
+    e.add_argument("--no-gate-exit", action="store_true", help="report failed gates but exit 0 (default: exit 3)")
+    _base_args(e)
+    g = sub.add_parser("generate", help="stream a reply from base + adapter (interactive without --prompt)")
+    g.add_argument("run", help="a run directory (output.dir of a finished run) or a registry reference NAME@vN")
+    g.add_argument("--prompt", help="one user message; without it, each line read from stdin is one (until EOF)")
+    g.add_argument("--system", help="a system message before each prompt")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--no-adapter", action="store_true", help="the base model alone (adapter disabled), to compare")
+    _base_args(g)
     v = sub.add_parser("validate", help="validate a recipe and print it with every default filled in")
     v.add_argument("recipe")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -86,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _base_args(p) -> None:
+    p.add_argument("--registry", metavar="DIR", help="registry for NAME@vN references (default: in the cache)")
+    p.add_argument("--base", help="base checkpoint to load the adapter onto (default: the one the run recorded)")
+    p.add_argument("--force", action="store_true", help="load even when the base differs from the recorded one")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -98,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info()
         if args.cmd in ("merge", "registry"):
             return _lifecycle(args)
+        if args.cmd in ("eval", "generate"):
+            return _eval_or_generate(args)
         r = recipe_mod.load(args.recipe, args.overrides)
         if args.cmd == "validate":
             print(json.dumps(r.to_dict(), indent=2))
@@ -107,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(r, args.target, args.json)
         from . import train
 
-        train.run(r, resume=args.resume, overwrite=args.overwrite)
-        return 0
+        result = train.run(r, resume=args.resume, overwrite=args.overwrite)
+        from .evaluate import gate_exit
+
+        return gate_exit(result.info, args.no_gate_exit)
     except (recipe_mod.RecipeError, DataError, FileNotFoundError) as e:
         print(f"fastft: error: {e}", file=sys.stderr)
         return 2
@@ -125,6 +155,50 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastft: error: {e}", file=sys.stderr)
             return e.exit_code
         raise
+
+
+def _eval_or_generate(args) -> int:
+    from . import artifacts, evaluate, registry
+
+    try:
+        run_dir = registry.resolve_ref(args.run, args.registry)  # a run directory or NAME@vN / NAME@production
+        if args.cmd == "eval":
+            result = evaluate.eval_run(run_dir, args.data, args.regression, args.base, args.force)
+            return evaluate.gate_exit(result, args.no_gate_exit)
+        return _generate(run_dir, args)
+    except (artifacts.IncompatibleBaseError, registry.RegistryError) as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(run_dir, args) -> int:
+    """Stream replies: one for --prompt, else one per stdin line until EOF (each line a new chat)."""
+    from . import evaluate
+
+    if args.temperature < 0 or args.max_new_tokens < 1:
+        print("fastft: error: --temperature must be >= 0 and --max-new-tokens >= 1", file=sys.stderr)
+        return 2
+    model, tokenizer, _, _ = evaluate.load_run(run_dir, args.base, args.force, log=lambda m: print(m, file=sys.stderr))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> None:
+        evaluate.stream_reply(model, tokenizer, system + [{"role": "user", "content": text}],
+                              args.max_new_tokens, args.temperature, adapter=not args.no_adapter)
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("fastft: one message per line; Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if line.strip():
+            reply(line.strip())
 
 
 def _lifecycle(args) -> int:

@@ -1,20 +1,229 @@
-"""Held-out scoring: loss on the eval split and exact-match accuracy of greedy answers.
+"""Base model vs adapter: task metrics by slice, a regression (forgetting) set, and gates.
+
+    fastft eval outputs/run                                  # held-out split of the run's recipe
+    fastft eval outputs/run --data my-test.jsonl --regression asset:regression/smollm2-135m-instruct.jsonl
 
     from fastft import evaluate
-    acc = evaluate.exact_match(model, tokenizer, bundle.eval_pairs[:100])
-    acc["exact_match"]   # fraction of prompts whose greedy answer equals the reference
+    result = evaluate.compare(model, tokenizer, task, cfg, regression)   # a PEFT model: base = adapter disabled
+    result["task"]["adapter"]["exact_match"], result["regression"]["forgotten"]
 
-Answers and references are compared after ``normalize`` (case, surrounding whitespace and
-repeated spaces), so a word-level tokenizer's spacing does not count as a wrong answer.
+The base is the same loaded model with its adapter switched off (PEFT's ``disable_adapter()``), so
+base and adapter differ by the adapter alone: same weights, same quantization, same prompts.
+
+Task metrics (recipe ``eval.metric``), each per ``slice`` column value and overall; answers and
+references are compared after ``normalize`` (case, surrounding and repeated whitespace):
+- ``exact_match``: the answer equals the reference.
+- ``contains``: the reference appears in the answer as whole words ("4" is not found in "14").
+- ``json_match``: the answer parses as JSON (one surrounding ``` fence allowed) and its
+  ``eval.json_fields`` equal the reference's (the whole object when no fields are named); an
+  answer that does not parse, or lacks a field, is a miss.
+Loss is the mean cross-entropy per answer token on the held-out rows (the labels training used);
+perplexity is exp(loss).
+
+Regression set (``eval.regression``): general prompts with reference answers that the base model
+answers correctly (``fastft/assets/regression/build.py`` builds the shipped one). Reported: accuracy
+of base and adapter (``eval.regression_metric``, default contains), ``forgotten`` = the share of
+the items the base got right that the adapter gets wrong, and ``loss_delta`` = adapter loss minus
+base loss on the reference answers (general text).
+
+Gates (recipe ``eval.gates``): ``{metric path: condition}``; a condition is an operator (>=, <=, >,
+<) and a number. Metric paths (adapter values unless named otherwise):
+    task.<metric>                    the recipe's eval.metric, overall
+    task.slice.<name>.<metric>       one slice
+    task.gain                        adapter minus base, eval.metric
+    task.loss, task.perplexity       held-out loss / perplexity
+    regression.accuracy              regression-set accuracy
+    regression.forgotten             share of base-correct items the adapter gets wrong
+    regression.loss_delta            adapter minus base loss on the regression answers
+``fastft train`` evaluates at the end (``eval.after_training``); a failed gate marks the run
+``rejected`` in fastft.json (``accepted`` when every gate passes) and the command exits 3
+(``GATE_EXIT_CODE``) unless ``--no-gate-exit``.
 """
 from __future__ import annotations
 
+import json
+import math
+import operator
 import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+METRICS = ("exact_match", "contains", "json_match")
+GATE_EXIT_CODE = 3  # fastft train / fastft eval: a gate failed (0 done, 1 failed, 2 bad input)
+EVAL_FILE = "eval.json"
+SCHEMA_VERSION = 1
+
+
+# --- scoring one answer ------------------------------------------------------------------------
 
 def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
+
+def contains(answer: str, reference: str) -> bool:
+    """The normalized reference appears in the normalized answer as whole words."""
+    ref = normalize(reference)
+    if not ref:
+        return False
+    return re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", normalize(answer)) is not None
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
+
+
+def parse_json(text: str) -> tuple[bool, Any]:
+    """(parsed, value): the text as JSON, allowing one surrounding ``` fence."""
+    text = text.strip()
+    m = _FENCE.match(text)
+    if m:
+        text = m.group(1).strip()
+    try:
+        return True, json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return False, None
+
+
+def json_match(answer: str, reference: str, fields: list[str] | None = None) -> bool:
+    ok, got = parse_json(answer)
+    if not ok:
+        return False
+    ok_ref, want = parse_json(reference)
+    if not ok_ref:
+        raise ValueError(f"json_match: the reference is not JSON: {reference[:80]!r} (fix the data row, or "
+                         "use eval.metric exact_match / contains)")
+    if not fields:
+        return got == want
+    if not isinstance(got, dict) or not isinstance(want, dict):
+        return False
+    return all(f in got and got[f] == want.get(f) for f in fields)
+
+
+def score(answer: str, reference: str, metric: str, json_fields: list[str] | None = None) -> bool:
+    if metric == "exact_match":
+        return normalize(answer) == normalize(reference)
+    if metric == "contains":
+        return contains(answer, reference)
+    if metric == "json_match":
+        return json_match(answer, reference, json_fields)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def task_scores(answers: list[str], references: list[str], slices: list[str | None] | None, metric: str,
+                json_fields: list[str] | None = None) -> dict:
+    """``{metric: overall fraction, "n": count, "hits": [bool...], "slices": {name: {metric, n}}}``;
+    slices only when some row has one (rows without a slice count as "(none)")."""
+    hits = [score(a, r, metric, json_fields) for a, r in zip(answers, references)]
+    out: dict = {metric: (sum(hits) / len(hits)) if hits else None, "n": len(hits), "hits": hits, "slices": {}}
+    if slices and any(s is not None for s in slices):
+        groups: dict[str, list[bool]] = {}
+        for h, s in zip(hits, slices):
+            groups.setdefault("(none)" if s is None else s, []).append(h)
+        out["slices"] = {k: {metric: sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+    return out
+
+
+# --- gates -------------------------------------------------------------------------------------
+
+class GateError(ValueError):
+    """A gate whose metric path or condition cannot be read; the message says what is accepted."""
+
+
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_CONDITION = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+@dataclass
+class Gate:
+    path: str
+    op: str
+    threshold: float
+
+    @property
+    def condition(self) -> str:
+        return f"{self.op} {self.threshold:g}"
+
+    def passes(self, value: float | None) -> bool:
+        return value is not None and not math.isnan(value) and _OPS[self.op](value, self.threshold)
+
+
+def gate_paths(cfg) -> list[str]:
+    """The metric paths a gate may name for this eval config (slices: ``task.slice.<name>.<metric>``)."""
+    paths = [f"task.{cfg.metric}", "task.gain", "task.loss", "task.perplexity", f"task.slice.<name>.{cfg.metric}"]
+    return paths + ["regression.accuracy", "regression.forgotten", "regression.loss_delta"]
+
+
+def parse_gate(path: str, condition: Any, cfg) -> Gate:
+    """Check one gate against the eval config ``cfg`` (recipe.eval); raises GateError."""
+    if not isinstance(condition, str):
+        raise GateError(f"the condition must be a quoted string such as \">= 0.8\", got {condition!r}")
+    m = _CONDITION.match(condition)
+    if not m:
+        raise GateError(f"cannot read the condition {condition!r}: write an operator (>=, <=, >, <) and a "
+                        "number, quoted in YAML, e.g. \">= 0.8\"")
+    parts = path.split(".")
+    valid = ", ".join(gate_paths(cfg))
+    if parts[0] == "task":
+        rest = parts[1:]
+        ok = (len(rest) == 1 and rest[0] in (cfg.metric, "gain", "loss", "perplexity")) or (
+            len(rest) == 3 and rest[0] == "slice" and rest[1] and rest[2] == cfg.metric)
+        if not ok:
+            last = rest[-1] if rest else ""
+            if last in METRICS and last != cfg.metric:
+                raise GateError(f"the held-out set is scored with eval.metric {cfg.metric!r}, not {last!r}; "
+                                f"gate on task.{cfg.metric} or set eval.metric: {last}")
+            raise GateError(f"unknown metric path {path!r}; valid: {valid}")
+    elif parts[0] == "regression":
+        if len(parts) != 2 or parts[1] not in ("accuracy", "forgotten", "loss_delta"):
+            raise GateError(f"unknown metric path {path!r}; valid: {valid}")
+        if not cfg.regression:
+            raise GateError("a regression gate needs a regression set: set eval.regression (e.g. "
+                            "asset:regression/smollm2-135m-instruct.jsonl for smollm2-135m-instruct)")
+    else:
+        raise GateError(f"unknown metric path {path!r}: it starts with task. or regression.; valid: {valid}")
+    return Gate(path, m.group(1), float(m.group(2)))
+
+
+def measured(result: dict, path: str) -> float | None:
+    """The value a gate path names in an ``compare`` result (None: not measured)."""
+    parts = path.split(".")
+    section = result.get(parts[0])
+    if not section:
+        return None
+    if parts[0] == "regression":
+        return section["adapter"]["accuracy"] if parts[1] == "accuracy" else section.get(parts[1])
+    if parts[1] == "gain":
+        return section.get("gain")
+    if parts[1] == "slice":
+        return (section["adapter"].get("slices", {}).get(parts[2]) or {}).get(parts[3])
+    return section["adapter"].get(parts[1])
+
+
+def check_gates(gates: dict[str, str], result: dict, cfg) -> dict:
+    """``{"passed": bool, "results": [{gate, condition, value, passed}], "failed": [message...]}``."""
+    rows, failed = [], []
+    for path, condition in gates.items():
+        g = parse_gate(path, condition, cfg)
+        value = measured(result, path)
+        ok = g.passes(value)
+        rows.append({"gate": path, "condition": g.condition, "value": value, "passed": ok})
+        if not ok:
+            if value is None:
+                why = "not measured"
+                if path.startswith("task.slice."):
+                    names = ", ".join((result.get("task") or {}).get("adapter", {}).get("slices", {})) or "none"
+                    why += f" (no slice {path.split('.')[2]!r} in the held-out data; slices: {names})"
+                elif not result.get(path.split(".")[0]):
+                    why += " (no held-out data)" if path.startswith("task") else " (no regression set)"
+            else:
+                why = f"measured {value:.4g}"
+            failed.append(f"gate {path} {g.condition} failed: {why}")
+    return {"passed": not failed, "results": rows, "failed": failed}
+
+
+# --- generation and loss -----------------------------------------------------------------------
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 16,
                      batch_size: int = 32) -> list[str]:
@@ -52,3 +261,353 @@ def exact_match(model, tokenizer, pairs: list[tuple[list[dict], str]], max_new_t
     examples = [{"prompt": p[-1]["content"], "answer": a.strip(), "reference": ref}
                 for a, (p, ref) in list(zip(answers, pairs))[:5]]
     return {"exact_match": sum(hits) / len(hits), "n": len(hits), "examples": examples}
+
+
+def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict:
+    """Mean cross-entropy per labelled token over ``rows`` ({input_ids, labels}), and its exp."""
+    import torch
+
+    if not rows:
+        return {"loss": None, "perplexity": None, "tokens": 0}
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            width = max(len(r["input_ids"]) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, r in enumerate(chunk):
+                n = len(r["input_ids"])
+                ids[j, :n] = torch.tensor(r["input_ids"])
+                labels[j, :n] = torch.tensor(r["labels"])
+                mask[j, :n] = 1
+            n_tok = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one
+            if n_tok == 0:
+                continue
+            with torch.no_grad():
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+            total += float(out.loss) * n_tok
+            count += n_tok
+    finally:
+        model.train(was_training)
+    if not count:
+        return {"loss": None, "perplexity": None, "tokens": 0}
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+# --- the evaluation ----------------------------------------------------------------------------
+
+@dataclass
+class EvalSet:
+    """Prompts with references (for generation) and tokenized rows (for loss)."""
+
+    name: str  # where it came from, for messages and eval.json
+    pairs: list[tuple[list[dict], str]]
+    slices: list[str | None]
+    rows: list[dict]  # {"input_ids", "labels"}
+
+
+def eval_set_from_bundle(bundle, source: str) -> EvalSet:
+    rows = [] if bundle.eval is None else [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in bundle.eval]
+    slices = bundle.eval_slices or [None] * len(bundle.eval_pairs)
+    return EvalSet(source, list(bundle.eval_pairs), list(slices), rows)
+
+
+def eval_set_from_file(path: str, tokenizer, fmt: str | None, max_len: int, text_field: str = "text") -> EvalSet:
+    """Rows of a .jsonl/.json/.csv/.parquet file in ``fmt`` (alpaca | messages; None: each row's own
+    shape), kept with their ``slice`` column. Bad rows stop with the file and row."""
+    from . import data
+
+    raw = data.read_rows(path)
+    if not raw:
+        raise data.DataError(f"{path}: no rows")
+    pairs, slices, rows = [], [], []
+    for i, r in enumerate(raw, 1):
+        where = f"{path} row {i}"
+        f = fmt or ("messages" if "messages" in r else "alpaca")
+        ex = data.to_messages(r, f, where, text_field)
+        if not isinstance(ex, list) or ex[-1]["role"] != "assistant":
+            raise data.DataError(f"{where}: the last message must be the assistant's reference answer")
+        t = data.tokenize(ex, tokenizer, True, where)
+        rows.append({k: v[:max_len] for k, v in t.items()})
+        pairs.append((ex[:-1], ex[-1]["content"]))
+        slices.append(None if r.get("slice") is None else str(r["slice"]))
+    return EvalSet(path, pairs, slices, rows)
+
+
+def _both(model, fn):
+    """(adapter result, base result): ``fn(model)`` with the adapter on, then switched off."""
+    adapter = fn(model)
+    with model.disable_adapter():
+        base = fn(model)
+    return adapter, base
+
+
+def compare(model, tokenizer, task: EvalSet | None, cfg, regression: EvalSet | None = None, log=print) -> dict:
+    """Base vs adapter on the held-out set and the regression set; ``cfg`` is recipe.eval."""
+    result: dict = {"schema_version": SCHEMA_VERSION, "metric": cfg.metric, "json_fields": cfg.json_fields,
+                    "task": None, "regression": None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gen = lambda pairs: lambda m: generate_answers(  # noqa: E731
+        m, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
+    loss = lambda rows: lambda m: answer_loss(m, rows, pad, cfg.batch_size)  # noqa: E731
+    t0 = time.perf_counter()
+    if task is not None and (task.pairs or task.rows):
+        n = len(task.pairs) if cfg.max_examples is None else min(cfg.max_examples, len(task.pairs))
+        pairs, slices = task.pairs[:n], task.slices[:n]
+        log(f"fastft: eval: {n} held-out prompts ({task.name}), base and adapter, greedy, "
+            f"up to {cfg.max_new_tokens} new tokens")
+        ans_a, ans_b = _both(model, gen(pairs)) if pairs else ([], [])
+        loss_a, loss_b = _both(model, loss(task.rows))
+        refs = [r for _, r in pairs]
+        sa = task_scores(ans_a, refs, slices, cfg.metric, cfg.json_fields)
+        sb = task_scores(ans_b, refs, slices, cfg.metric, cfg.json_fields)
+        side = {}
+        for name, s, lo in (("adapter", sa, loss_a), ("base", sb, loss_b)):
+            side[name] = {cfg.metric: s[cfg.metric], "loss": lo["loss"], "perplexity": lo["perplexity"],
+                          "slices": s["slices"]}
+        gain = (sa[cfg.metric] - sb[cfg.metric]) if n else None
+        result["task"] = {
+            "source": task.name, "n": n, "loss_tokens": loss_a["tokens"], **side, "gain": gain,
+            "examples": [{"prompt": p[-1]["content"], "reference": r, "base": b.strip(), "adapter": a.strip(),
+                          "slice": s} for (p, r), a, b, s in list(zip(pairs, ans_a, ans_b, slices))[:8]],
+        }
+    if regression is not None and regression.pairs:
+        rm = cfg.regression_metric
+        log(f"fastft: eval: regression set {regression.name}: {len(regression.pairs)} general prompts, "
+            "base and adapter")
+        ans_a, ans_b = _both(model, gen(regression.pairs))
+        loss_a, loss_b = _both(model, loss(regression.rows))
+        refs = [r for _, r in regression.pairs]
+        ha = task_scores(ans_a, refs, None, rm, cfg.json_fields)["hits"]
+        hb = task_scores(ans_b, refs, None, rm, cfg.json_fields)["hits"]
+        base_right = [i for i, h in enumerate(hb) if h]
+        lost = [i for i in base_right if not ha[i]]
+        delta = (loss_a["loss"] - loss_b["loss"]) if loss_a["loss"] is not None else None
+        result["regression"] = {
+            "source": regression.name, "n": len(refs), "metric": rm,
+            "base": {"accuracy": sum(hb) / len(hb), "loss": loss_b["loss"]},
+            "adapter": {"accuracy": sum(ha) / len(ha), "loss": loss_a["loss"]},
+            "forgotten": (len(lost) / len(base_right)) if base_right else None,
+            "forgotten_count": len(lost), "base_correct": len(base_right), "loss_delta": delta,
+            "forgotten_items": [{"prompt": regression.pairs[i][0][-1]["content"], "reference": refs[i],
+                                 "base": ans_b[i].strip(), "adapter": ans_a[i].strip()} for i in lost[:10]],
+        }
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def evaluate(model, tokenizer, recipe, task: EvalSet | None, regression_path: str | None = None,
+             log=print) -> dict:
+    """``compare`` plus the recipe's gates: the document written to eval.json."""
+    cfg = recipe.eval
+    regression = None
+    path = regression_path or cfg.regression
+    if path:
+        src = recipe.resolve_path(path)
+        regression = eval_set_from_file(src, tokenizer, None, recipe.model.max_seq_length)
+    result = compare(model, tokenizer, task, cfg, regression, log)
+    if cfg.gates:
+        result["gates"] = check_gates(cfg.gates, result, cfg)
+    return result
+
+
+def after_training(model, tokenizer, recipe, bundle, out_dir: Path, log=print) -> dict:
+    """The end-of-training evaluation (``eval.after_training``): writes eval.json and returns the
+    keys for fastft.json: ``eval`` (the summary), and with gates ``status`` and ``gates``."""
+    if not recipe.eval.after_training:
+        return {}
+    if bundle.eval is None and not bundle.eval_pairs and not recipe.eval.regression:
+        if recipe.eval.gates:
+            log("fastft: eval: no held-out data and no regression set: every gate is unmeasured")
+        else:
+            return {}
+    result = evaluate(model, tokenizer, recipe, eval_set_from_bundle(bundle, "held-out split"), log=log)
+    write_eval(out_dir, result)
+    log(format_table(result, str(out_dir)))
+    return run_info_keys(result)
+
+
+def run_info_keys(result: dict) -> dict:
+    """What fastft.json records of an evaluation: the numbers (no examples), gates and status."""
+    summary = json.loads(json.dumps(result))
+    for section in ("task", "regression"):
+        if summary.get(section):
+            summary[section].pop("examples", None)
+            summary[section].pop("forgotten_items", None)
+    gates = summary.pop("gates", None)
+    out: dict = {"eval": summary}
+    if gates is not None:
+        out["gates"] = gates
+        out["status"] = "accepted" if gates["passed"] else "rejected"
+    return out
+
+
+def write_eval(out_dir: Path, result: dict) -> Path:
+    from .artifacts import atomic_write_text
+
+    path = Path(out_dir) / EVAL_FILE
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return path
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v) -> str:
+    return "-" if v is None else (f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}")
+
+
+def _delta(a, b, pct: bool) -> str:
+    if a is None or b is None:
+        return ""
+    d = a - b
+    return f"{100 * d:+.1f} pts" if pct else f"{d:+.4f}"
+
+
+def format_table(result: dict, where: str = "") -> str:
+    """Base and adapter side by side, then the gates."""
+    rows: list[tuple[str, str, str, str]] = [("", "base", "adapter", "change")]
+    t, r, metric = result.get("task"), result.get("regression"), result["metric"]
+    if t:
+        b, a = t["base"], t["adapter"]
+        if t["n"]:
+            rows.append((f"task {metric} (n={t['n']})", _pct(b[metric]), _pct(a[metric]), _delta(a[metric], b[metric], True)))
+            for name, sa in a["slices"].items():
+                sb = b["slices"].get(name, {})
+                rows.append((f"  slice {name} (n={sa['n']})", _pct(sb.get(metric)), _pct(sa[metric]),
+                             _delta(sa[metric], sb.get(metric), True)))
+        rows.append(("task loss", _num(b["loss"]), _num(a["loss"]), _delta(a["loss"], b["loss"], False)))
+        rows.append(("task perplexity", _num(b["perplexity"]), _num(a["perplexity"]), ""))
+    if r:
+        rows.append((f"regression {r['metric']} (n={r['n']})", _pct(r["base"]["accuracy"]), _pct(r["adapter"]["accuracy"]),
+                     _delta(r["adapter"]["accuracy"], r["base"]["accuracy"], True)))
+        rows.append(("regression forgotten", "", _pct(r["forgotten"]),
+                     f"{r['forgotten_count']} of {r['base_correct']}" if r["base_correct"] else ""))
+        rows.append(("regression loss", _num(r["base"]["loss"]), _num(r["adapter"]["loss"]),
+                     _delta(r["adapter"]["loss"], r["base"]["loss"], False)))
+    width = max(len(x[0]) for x in rows)
+    lines = ["", f"fastft: eval{' ' + where if where else ''} (base = the same model with the adapter disabled)"]
+    if len(rows) == 1:
+        lines.append("  nothing to evaluate: no held-out data and no regression set")
+    else:
+        lines += [f"  {x[0]:<{width}}  {x[1]:>10}  {x[2]:>10}  {x[3]:>12}".rstrip() for x in rows]
+    for ex in (r or {}).get("forgotten_items", [])[:3]:
+        lines.append(f"  forgotten: {ex['prompt'][:60]!r}: base {ex['base'][:40]!r}, adapter {ex['adapter'][:40]!r}")
+    g = result.get("gates")
+    if g:
+        lines.append("  gates: " + ("all passed" if g["passed"] else "FAILED"))
+        for row in g["results"]:
+            v = "not measured" if row["value"] is None else f"{row['value']:.4g}"
+            lines.append(f"    {'pass' if row['passed'] else 'FAIL'}  {row['gate']} {row['condition']}  (measured {v})")
+    return "\n".join(lines)
+
+
+# --- a run directory: load base + adapter ------------------------------------------------------
+
+def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, log=print):
+    """(model, tokenizer, recipe, run_info) for a finished run: its base (as trained: 4-bit or
+    16-bit, the recipe's compute dtype) with the adapter on top, checked against the recorded base."""
+    import torch
+
+    from . import artifacts, backends, recipe as recipe_mod
+
+    run_dir = Path(run_dir)
+    info = artifacts.read_run_info(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter (adapter_config.json missing); the run did not finish saving")
+    r = recipe_mod.from_dict(info["recipe"], source=info.get("recipe_source"))
+    base_path = artifacts.base_path_for(info, base)
+    for note in artifacts.check_compatible(info, base_path, force=force):
+        log(f"fastft: {note}")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout/stderr carry the table or the streamed reply only
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dtype = backends.resolve_dtype(r.model.dtype, device)
+    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}
+    if r.model.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    if device == "cpu":
+        backends.keep_4bit_trainable_on_cpu(model)  # the same 4-bit numerics as during training
+    model.eval()
+    return model, tokenizer, r, info
+
+
+def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str | None = None,
+             base: str | None = None, force: bool = False, log=print) -> dict:
+    """``fastft eval``: load the run, evaluate, write eval.json, print the table; returns the result."""
+    from . import data
+
+    model, tokenizer, r, _ = load_run(run_dir, base, force, log)
+    if data_file:
+        task = eval_set_from_file(data_file, tokenizer, r.data.format if r.data.format != "text" else None,
+                                  r.model.max_seq_length, r.data.text_field)
+    else:
+        try:
+            bundle = data.build(r, tokenizer, log=lambda m: log(f"fastft: {m}"))
+        except data.DataError as e:
+            raise data.DataError(f"{e}\n(fastft eval rebuilds the run's held-out split from its recipe's data; "
+                                 "give the held-out file with --data FILE)") from None
+        task = eval_set_from_bundle(bundle, "held-out split of " + (r.data.eval or r.data.train))
+    result = evaluate(model, tokenizer, r, task, regression, log)
+    result["run_dir"] = str(run_dir)
+    write_eval(Path(run_dir), result)
+    log(format_table(result, str(run_dir)))
+    return result
+
+
+def gate_exit(result_or_info: dict, no_gate_exit: bool, err=None) -> int:
+    """The exit code after an evaluation: GATE_EXIT_CODE when a gate failed (unless only reporting)."""
+    err = err or sys.stderr
+    gates = result_or_info.get("gates")
+    if not gates or gates["passed"]:
+        return 0
+    for msg in gates["failed"]:
+        print(f"fastft: {msg}", file=err)
+    if no_gate_exit:
+        print("fastft: --no-gate-exit: gates failed, exiting 0 anyway", file=err)
+        return 0
+    print(f"fastft: gates failed (exit {GATE_EXIT_CODE}; --no-gate-exit only reports)", file=err)
+    return GATE_EXIT_CODE
+
+
+# --- fastft generate ---------------------------------------------------------------------------
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                 adapter: bool = True) -> str:
+    """Print the reply to ``messages`` (chat template) to stdout as it is generated; returns it.
+    Greedy at temperature 0, sampling above. ``adapter=False``: the base model alone."""
+    import contextlib
+
+    import torch
+    from transformers import TextStreamer
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    off = contextlib.nullcontext() if adapter else model.disable_adapter()
+    with torch.no_grad(), off:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

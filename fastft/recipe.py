@@ -98,6 +98,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Base vs adapter after training and in ``fastft eval`` (see fastft.evaluate)."""
+
+    metric: Literal["exact_match", "contains", "json_match"] = "exact_match"  # how a held-out answer is scored
+    json_fields: list[str] | None = None  # json_match: compare only these fields (None: the whole object)
+    regression: str | None = None  # general prompts the base answers right (path or asset:...); None: none
+    regression_metric: Literal["exact_match", "contains", "json_match"] = "contains"
+    # metric path -> condition, e.g. {task.exact_match: ">= 0.8", regression.forgotten: "<= 0.05"}
+    gates: dict[str, str] = field(default_factory=dict, metadata={"flatten": True})
+    after_training: bool = True  # fastft train runs this evaluation at the end (gates need it)
+    max_examples: int | None = field(default=None, metadata=_range(1, None))  # held-out prompts answered (None: all)
+    max_new_tokens: int = field(default=32, metadata=_range(1, 4096))  # generation budget per answer
+    batch_size: int = field(default=16, metadata=_range(1, 65536))  # prompts per generate / loss batch
+
+
+@dataclass
 class OutputConfig:
     dir: str = ""
 
@@ -110,6 +126,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     source: str | None = field(default=None, metadata={"internal": True})  # the file it came from
 
@@ -239,6 +256,9 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
         if dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value, path + ".", problems)
             continue
+        if typing.get_origin(tp) is dict:
+            values[key] = _build_dict(tp, value, path, fields[key].metadata.get("flatten", False), problems)
+            continue
         ok, coerced, why = _check_type(value, tp)
         if not ok:
             problems.append(f"{path}: {why}")
@@ -251,6 +271,35 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
                 continue
         values[key] = coerced
     return cls(**values)
+
+
+def _build_dict(tp, raw: Any, path: str, flatten: bool, problems: list[str]) -> dict:
+    """A ``dict[K, V]`` field; each bad entry is a problem naming its own key. With ``flatten``,
+    nested mappings join their keys with dots ({task: {exact_match: x}} -> {"task.exact_match": x}),
+    which is also what ``--set eval.gates.task.exact_match=...`` builds."""
+    key_tp, value_tp = typing.get_args(tp)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a mapping, got {_tname(raw)} {raw!r}")
+        return {}
+    items = list(raw.items())
+    out = {}
+    while items:
+        k, v = items.pop(0)
+        if flatten and isinstance(v, dict) and v:
+            items[:0] = [(f"{k}.{k2}", v2) for k2, v2 in v.items()]
+            continue
+        ok_key, k2, want_key = _match(k, key_tp)
+        if not ok_key:
+            problems.append(f"{path}: key {k!r} must be {want_key}")
+            continue
+        ok, coerced, why = _check_type(v, value_tp)
+        if not ok:
+            problems.append(f"{path}.{k}: {why}")
+            continue
+        out[k2] = coerced
+    return out
 
 
 def _tname(v) -> str:
@@ -328,3 +377,12 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append("train.early_stopping_patience: needs train.eval_every (steps between held-out evaluations)")
     if r.train.eval_generate and r.data.format == "text":
         problems.append("train.eval_generate: exact-match needs prompts and answers (format alpaca or messages)")
+    if r.eval.json_fields is not None and "json_match" not in (r.eval.metric, r.eval.regression_metric):
+        problems.append("eval.json_fields: only used by metric json_match; set eval.metric: json_match or remove it")
+    from .evaluate import GateError, parse_gate  # gate syntax and metric paths live with the metrics
+
+    for path, condition in r.eval.gates.items():
+        try:
+            parse_gate(path, condition, r.eval)
+        except GateError as e:
+            problems.append(f"eval.gates.{path}: {e}")

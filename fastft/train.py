@@ -552,12 +552,15 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     if bad:
         raise TrainError(f"the trained adapter has non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                          "nothing was saved. Lower train.lr or check the data.")
+    # base vs adapter (task by slice, regression set) and the recipe's gates; writes eval.json
+    verdict = evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say) if world.main else {}
     summary = {
         "train": meter.summary(),
         "steps": trainer.state.global_step,
         "losses": [h["loss"] for h in meter.history if "loss" in h],
         "nonfinite_steps_skipped": getattr(trainer, "nonfinite_steps", []),
         "resumed_from": str(ckpt) if ckpt is not None else None,
+        "adapter_step": best_step,  # the saved adapter's step: the best held-out loss when eval_every is set
         "world_size": world.size,
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},
@@ -572,6 +575,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "data": {"hash": bundle.data_hash, **bundle.stats},
         "metrics": summary,
         "command": " ".join(sys.argv),
+        **verdict,  # "eval"; with eval.gates also "gates" and "status": accepted | rejected
         **artifacts.provenance(recipe, info),  # base model fingerprint + fastft commit: compatibility checks
     }
     if world.main:
