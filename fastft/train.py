@@ -560,7 +560,6 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "losses": [h["loss"] for h in meter.history if "loss" in h],
         "nonfinite_steps_skipped": getattr(trainer, "nonfinite_steps", []),
         "resumed_from": str(ckpt) if ckpt is not None else None,
-        "adapter_step": best_step,  # the saved adapter's step: the best held-out loss when eval_every is set
         "world_size": world.size,
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},
