@@ -210,6 +210,53 @@ class NonFiniteError(TrainError):
     pass
 
 
+def _best_adapter_callback(model, path: Path, write: bool, log):
+    """Track the adapter with the lowest held-out loss among the evaluations during training.
+    Rank 0 keeps a copy on disk (checkpoints/best-adapter.safetensors + .json, written atomically)
+    so a resumed run still knows it; every rank keeps one in memory to restore at the end."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import TrainerCallback
+
+    def trainable():
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    class BestAdapter(TrainerCallback):
+        def __init__(self):
+            self.loss, self.step, self.weights = float("inf"), None, None
+            meta = path.with_suffix(".json")
+            if meta.is_file() and path.is_file():
+                info = json.loads(meta.read_text())
+                self.loss, self.step, self.weights = info["eval_loss"], info["step"], load_file(str(path))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or not loss < self.loss:
+                return
+            self.loss, self.step = loss, state.global_step
+            self.weights = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable().items()}
+            if write and state.global_step > 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                save_file(self.weights, str(tmp))
+                os.replace(tmp, path)
+                artifacts.atomic_write_text(path.with_suffix(".json"),
+                                            json.dumps({"eval_loss": loss, "step": state.global_step}))
+
+        def restore_if_better(self, final_loss: float) -> bool:
+            """Load the best weights when an evaluation during training beat the final state."""
+            if self.step is None or self.step == 0 or not self.loss < final_loss:
+                return False
+            with torch.no_grad():
+                for n, p in trainable().items():
+                    p.copy_(self.weights[n].to(p.device, p.dtype))
+            log(f"fastft: restored the best adapter, from step {self.step} (held-out loss {self.loss:.4f} "
+                f"< {final_loss:.4f} at the end)")
+            return True
+
+    return BestAdapter()
+
+
 def _trainer_class():
     import torch
     from trl import SFTTrainer
@@ -508,6 +555,11 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     callbacks = [meter, signals.callback()]
     if recipe.train.early_stopping_patience and bundle.eval is not None:
         callbacks.append(_early_stop_callback(recipe.train.early_stopping_patience, say))
+    best = None
+    if recipe.train.eval_every and bundle.eval is not None:
+        best = _best_adapter_callback(model, checkpoints.checkpoint_root(out_dir) / "best-adapter.safetensors",
+                                      world.main, say)
+        callbacks.append(best)
     trainer = _trainer_class()(model=model, args=config, train_dataset=bundle.train,
                                eval_dataset=bundle.eval, processing_class=tokenizer, callbacks=callbacks)
     trainer.meter, trainer.log_fn, trainer.out_dir = meter, say, out_dir
@@ -543,6 +595,10 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         say(f"fastft: {msg}")
         raise TrainInterrupted(msg, signals.received)
     after = _score(trainer, model, tokenizer, bundle, n_gen, recipe, world)
+    best_step = trainer.state.global_step
+    if best is not None and best.restore_if_better(after["eval_loss"]):
+        best_step = best.step
+        after = _score(trainer, model, tokenizer, bundle, n_gen, recipe, world)
     say(f"fastft: after training:  {_fmt_scores(after)}")
     for ex in after.get("examples", [])[:3]:
         say(f"fastft:   {ex['prompt']!r} -> {ex['answer']!r} (reference {ex['reference']!r})")
@@ -560,6 +616,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "losses": [h["loss"] for h in meter.history if "loss" in h],
         "nonfinite_steps_skipped": getattr(trainer, "nonfinite_steps", []),
         "resumed_from": str(ckpt) if ckpt is not None else None,
+        "adapter_step": best_step,  # the saved adapter's step: the best held-out loss when eval_every is set
         "world_size": world.size,
         "before": {k: v for k, v in before.items() if k != "examples"},
         "after": {k: v for k, v in after.items() if k != "examples"},

@@ -171,3 +171,55 @@ def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
     result = train.run(r, log=logs.append)
     assert result.info["metrics"]["steps"] == 10, result.info["metrics"]["steps"]
     assert any("early stop at step 10" in m for m in logs)
+
+
+def test_the_saved_adapter_is_the_best_evaluated_one(tmp_path):
+    # a learning rate far too high makes training diverge after it first helps: the adapter saved
+    # is the one from the evaluation with the lowest held-out loss, not the last one
+    r = recipe.from_dict(tiny_recipe_dict(tmp_path, train={"lr": 0.3, "max_steps": 30, "eval_every": 5,
+                                                           "warmup_ratio": 0.0, "scheduler": "constant"}))
+    logs = []
+    result = train.run(r, log=logs.append)
+    m = result.info["metrics"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [h for h in lines if "eval_loss" in h and h["step"] > 0]
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert m["adapter_step"] == best["step"]
+    assert m["after"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    if best["step"] != m["steps"]:
+        assert any(f"restored the best adapter, from step {best['step']}" in line for line in logs)
+
+
+def test_best_adapter_callback_restores_the_best_weights(tmp_path):
+    import torch
+    from types import SimpleNamespace
+
+    from fastft import backends
+
+    model, _, _ = backends.load(recipe.from_dict(tiny_recipe_dict(tmp_path)))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    logs = []
+    path = tmp_path / "best.safetensors"
+    cb = train._best_adapter_callback(model, path, True, logs.append)
+
+    def evaluate(step, loss):
+        cb.on_evaluate(None, SimpleNamespace(global_step=step), None, metrics={"eval_loss": loss})
+
+    evaluate(0, 5.0)  # the base model, before training: never restored
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.5)
+    evaluate(5, 1.0)
+    best = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.25)
+    evaluate(10, 2.0)  # worse: not kept
+    assert cb.restore_if_better(3.0)
+    assert all(torch.equal(params[n], best[n]) for n in params)
+    assert "restored the best adapter, from step 5 (held-out loss 1.0000 < 3.0000 at the end)" in logs[-1]
+    assert not cb.restore_if_better(0.5)  # the final state is better: keep it
+    # a resumed run reads the best adapter back from disk
+    again = train._best_adapter_callback(model, path, True, logs.append)
+    assert (again.step, again.loss) == (5, 1.0)
+    assert all(torch.equal(again.weights[n], best[n]) for n in params)
