@@ -164,6 +164,8 @@ def worker(spec_path: str) -> int:
     t.logging_every, t.eval_every, t.early_stopping_patience, t.eval_generate = 1, None, None, 0
     if hasattr(t, "save_every"):
         t.save_every = None
+    if hasattr(r, "eval") and hasattr(r.eval, "after_training"):  # no base-vs-adapter evaluation
+        r.eval.after_training = False
     r.data.eval, r.data.eval_fraction = None, 0.0
     work = Path(spec["work_dir"])
     r.output.dir = str(work / "run")
