@@ -323,6 +323,8 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
     block_r = _block_r(rank) if rank else 16
     bm = bm or block_r
     bn = bn or block_r
+    if name.startswith("interp_"):  # the interpreter pays for the whole tile: no wider than the problem
+        bm, bn, bk = (min(b, max(16, triton.next_power_of_2(d))) for b, d in ((bm, M), (bn, N), (bk, K)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), bk) * bk
     split_k = triton.cdiv(K, k_per_split) if K else 1
     if split_k > 1:
