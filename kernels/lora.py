@@ -63,8 +63,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NF4_PATH = os.environ.get("FASTFT_LORA_NF4", "in_kernel")
 
 # Launch configurations, one table for every launch (and for tests/test_kernel_compile.py, which
-# compiles each for sm_80/89/90). Chosen by shape in `_pick_config`; `python -m bench.kernels lora`
-# times each of them per shape and prints which one the heuristic chose. None is GPU-measured yet.
+# compiles each for sm_80/89/90). Chosen by shape in `_pick_config`; `python -m bench.kernels lora --sweep`
+# times the base-matmul ones (and CANDIDATES) per shape; every run prints the ones chosen. None is GPU-measured yet.
 #   name: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 CONFIGS = {
     "mm_128x128x64_w8_s3": (128, 128, 64, 8, 8, 3),   # large 16-bit base matmuls (forward, dX)
