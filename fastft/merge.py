@@ -41,8 +41,8 @@ from pathlib import Path
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # max |merged - reference| / max(1, max |reference|), reference = fp32 base + adapter unmerged.
 # Measured on the tiny model's trained adapters (LoRA and DoRA, 4-bit and 16-bit runs): fp32 ~1e-6,
-# fp16 ~1e-3, bf16 ~1e-2 (see tests/test_merge.py); the limits leave a margin over those.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 6e-2}
+# fp16 ~1e-3, bf16 ~1e-2 (bf16 keeps 8 mantissa bits, fp16 11: ~8x apart); the limits leave ~3x.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
 VERIFY_PROMPTS = [
     [{"role": "user", "content": "classify red , blue , green"}],
     [{"role": "system", "content": "You are a helpful assistant."},
