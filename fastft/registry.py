@@ -311,9 +311,17 @@ class Registry:
                     raise DamagedEntryError(f"{entry.ref}: {rel} changed while being copied out of {self.root}")
             if dst.exists():  # a stale or damaged checkout: move it aside, then replace it
                 old = Path(tempfile.mkdtemp(prefix=f".old-v{entry.version}.", dir=dst.parent))
-                os.replace(dst, old / "x")
+                try:
+                    os.replace(dst, old / "x")
+                except FileNotFoundError:  # another process moved it first
+                    pass
                 shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, dst)
+            try:
+                os.replace(tmp, dst)
+            except OSError:  # another process checked the same version out meanwhile: use theirs if good
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not all((dst / rel).is_file() and _sha256(dst / rel) == d for rel, d in entry.manifest.items()):
+                    raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
