@@ -176,7 +176,11 @@ def base_fingerprint(path: str, model_id: str | None = None) -> dict:
 def provenance(recipe, backend_info) -> dict:
     """The fastft.json keys that say what an adapter was made from: ``base_model`` (see
     ``base_fingerprint``) and ``source`` (the fastft git commit, when run from a checkout)."""
-    fp = base_fingerprint(backend_info.model_path, model_id=recipe.model.name)
+    try:
+        fp = base_fingerprint(backend_info.model_path, model_id=recipe.model.name)
+    except (OSError, ValueError) as e:  # never fail a finished run over its record
+        fp = {"model_id": recipe.model.name, "path": backend_info.model_path,
+              "note": f"not fingerprinted: {type(e).__name__}: {e}"}
     fp["load_in_4bit"] = bool(recipe.model.load_in_4bit)
     fp["compute_dtype"] = backend_info.dtype
     return {"base_model": fp, "source": source_revision()}
