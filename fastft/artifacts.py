@@ -242,7 +242,8 @@ def check_compatible(run_info: dict, base_path: str, force: bool = False) -> lis
             continue
         if rec.get(key) and now.get(key):
             if rec[key] != now[key]:
-                problems.append(f"{what} differ (trained on {rec[key][:19]}..., this base has {now[key][:19]}...)")
+                verb = "differ" if what == "weights" else "differs"
+                problems.append(f"{what} {verb} (trained on {rec[key][:19]}..., this base has {now[key][:19]}...)")
         else:
             notes.append(f"{what} hash not available for {'the recorded base' if not rec.get(key) else base_path}: "
                          "not checked")
