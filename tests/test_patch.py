@@ -163,3 +163,25 @@ def test_unsloth_fused_paths_are_routed_through_fastft_layers(tmp_path):
     none = patch.apply(model, "none")
     assert none.path == "peft" and "Unsloth fused paths put back" in none.reason
     assert "forward" not in mlp.__dict__ and "forward" not in attn.q_proj.__dict__
+
+
+@pytest.mark.unsloth
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,
+                    reason="unsloth not installed here; `make test` runs these in .venv-unsloth")
+def test_unsloth_backend_trains_the_same_with_fastft_kernels(tmp_path):
+    """Two QLoRA steps through Unsloth's backend (its CPU backend here) with fastft's fused layers and
+    with stock PEFT layers: the same losses (fp32; summation order only)."""
+    from fastft import recipe, train
+
+    losses, logs = {}, {}
+    for mode in ("fastft", "none"):
+        r = recipe.from_dict(tiny_recipe_dict(tmp_path / mode, backend="unsloth", kernels=mode,
+                                              train={"batch_size": 2, "max_steps": 2, "logging_every": 1},
+                                              data={"max_examples": 24, "eval_fraction": 0.0}))
+        torch.manual_seed(0)  # lora_A's initial values come from the global RNG
+        logs[mode] = []
+        losses[mode] = train.run(r, log=logs[mode].append).info["metrics"]["losses"]
+    assert any("fastft fused LoRA on 28 of 28 LoRA layers" in m for m in logs["fastft"]), logs["fastft"]
+    assert len(losses["fastft"]) == 2
+    assert_close(torch.tensor(losses["fastft"]), torch.tensor(losses["none"]), atol=0, rtol=1e-5, what="losses")
