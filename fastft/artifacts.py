@@ -218,18 +218,25 @@ def base_path_for(run_info: dict, base: str | None = None) -> str:
     return models.resolve(run_info["recipe"]["model"]["name"], load_in_4bit=load_in_4bit)
 
 
-def check_compatible(run_info: dict, base_path: str, force: bool = False) -> list[str]:
+def check_compatible(run_info: dict, base_path: str, force: bool = False,
+                     load_in_4bit: bool | None = None) -> list[str]:
     """Compare the base recorded in ``run_info`` (fastft.json) with the checkpoint at ``base_path``.
 
     Raises IncompatibleBaseError naming every difference (architecture, weights hash, tokenizer
-    hash) unless ``force``; returns notes for the caller to print: the differences when forced, or
-    what could not be checked (a run from before provenance was recorded, a base not on disk)."""
+    hash) unless ``force``; returns notes for the caller to print: the differences when forced,
+    what could not be checked (a run from before provenance was recorded, a base not on disk), and,
+    given ``load_in_4bit`` (how the caller loads the base), a quantization different from training's."""
     rec = run_info.get("base_model")
     if not rec:
         return ["the run records no base-model fingerprint (trained before fastft recorded one): "
                 "compatibility not checked"]
     now = base_fingerprint(base_path, model_id=rec.get("model_id"))
     problems, notes = [], []
+    trained_4bit = rec.get("load_in_4bit")
+    if load_in_4bit is not None and trained_4bit is not None and bool(load_in_4bit) != bool(trained_4bit):
+        notes.append(f"the adapter was trained on a {'4-bit NF4' if trained_4bit else '16-bit'} base and is loaded "
+                     f"onto a {'4-bit NF4' if load_in_4bit else '16-bit'} one: its outputs differ from training's "
+                     "by the NF4 rounding of the base (fastft merge measures it)")
     if rec.get("architecture") and now.get("architecture") and rec["architecture"] != now["architecture"]:
         diff = {k for k in set(rec["architecture"]) | set(now["architecture"])
                 if rec["architecture"].get(k) != now["architecture"].get(k)}

@@ -66,6 +66,13 @@ def test_architecture_and_tokenizer_differences_are_named(tiny_path, recorded, t
     assert "tokenizer differ" in str(e.value) and "weights differ" not in str(e.value)
 
 
+def test_a_different_quantization_is_a_note(tiny_path, recorded):
+    rec = {"base_model": {**recorded["base_model"], "load_in_4bit": True}}
+    assert artifacts.check_compatible(rec, tiny_path, load_in_4bit=True) == []
+    (note,) = artifacts.check_compatible(rec, tiny_path, load_in_4bit=False)
+    assert "trained on a 4-bit NF4 base and is loaded onto a 16-bit one" in note
+
+
 def test_runs_without_a_fingerprint_are_loaded_with_a_note(tiny_path):
     assert "compatibility not checked" in artifacts.check_compatible({"recipe": {}}, tiny_path)[0]
 
