@@ -12,7 +12,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 TORCH_CPU   := torch==2.13.0
 CORE_PINS   := transformers==5.17.0 peft==0.21.2 datasets==4.8.5 bitsandbytes==0.50.2 matplotlib==3.11.2 \
-               accelerate==1.15.0 triton==3.9.0
+               accelerate==1.15.0 triton==3.9.0 gguf==0.19.0
 # TRL 1.16 has the CPU path of SFTTrainer's fused LM-head loss; unsloth 2026.10.9 caps trl at 1.15
 # (and patches that loss on CPU), so its matrix entry pins 1.15.
 HF_PINS      := $(CORE_PINS) trl==1.16.0

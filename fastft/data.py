@@ -208,6 +208,54 @@ def content_hash(rows: list[Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+# --- data mixing -------------------------------------------------------------------------------
+
+def mix_counts(n_task: int, fractions: list[float]) -> list[int]:
+    """Rows to take from each ``data.mix`` source. A fraction is a share of the *final* training set
+    (task examples + every mixed row), not of data.train: with T task examples and fractions f_i the
+    final set has N = T / (1 - sum f) examples, and source i gives round(f_i * N) of them. So
+    ``fraction: 0.15`` over 500 task examples adds 88 general rows: 88 of 588 = 15.0%. Only the
+    training split is mixed; held-out data is never touched."""
+    rest = 1.0 - sum(fractions)
+    if not fractions or rest <= 0 or any(not 0 < f < 1 for f in fractions):
+        raise ValueError(f"mix fractions must each be in (0, 1) and sum below 1, got {fractions}")
+    return [round(f * n_task / rest) for f in fractions]
+
+
+def mix(recipe, train_examples: list, load) -> tuple[list, list, dict]:
+    """Mix ``recipe.data.mix`` sources into the training examples (``load(src, what, None, fmt)`` reads
+    one source as examples). Rows are drawn without replacement from each source, in an order shuffled
+    by ``train.seed`` (a source smaller than its count is repeated, reshuffled each pass); the result
+    is shuffled by the same seed, so one seed always gives the same training set and another seed a
+    different one. Returns (training examples, the mixed rows, one stats entry per source)."""
+    from .recipe import MIX_SETS
+
+    seed = recipe.train.seed
+    counts = mix_counts(len(train_examples), [float(e["fraction"]) for e in recipe.data.mix])
+    mixed, stats = [], []
+    for i, (entry, n) in enumerate(zip(recipe.data.mix, counts)):
+        spec = MIX_SETS[entry["name"]] if entry.get("name") is not None else entry["path"]
+        src = recipe.resolve_path(spec)
+        fmt = entry.get("format") or ("alpaca" if entry.get("name") is not None else recipe.data.format)
+        rows = load(src, f"data.mix[{i}]", None, fmt)
+        rng = random.Random(f"fastft-mix:{seed}:{i}")
+        picked: list = []
+        while len(picked) < n:
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            picked += [rows[j] for j in order[: n - len(picked)]]
+        mixed += picked
+        stats.append({"source": entry.get("name") or entry["path"], "path": src, "format": fmt,
+                      "fraction": float(entry["fraction"]), "rows": n, "available": len(rows),
+                      "repeated": n > len(rows)})
+    out = list(train_examples) + mixed
+    random.Random(f"fastft-mix:{seed}:order").shuffle(out)
+    for s in stats:
+        s["share"] = s["rows"] / len(out)
+    stats_all = {"task_examples": len(train_examples), "train_examples": len(out), "sources": stats}
+    return out, mixed, stats_all
+
+
 # --- the whole pipeline ------------------------------------------------------------------------
 
 def build(recipe, tokenizer, log=print) -> DataBundle:
@@ -217,7 +265,8 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
     d = recipe.data
     skipped: list[str] | None = [] if d.skip_bad_rows else None
 
-    def load(src: str, what: str, slices: list | None = None) -> list:
+    def load(src: str, what: str, slices: list | None = None, fmt: str | None = None) -> list:
+        fmt = fmt or d.format
         rows = read_rows(src, d.split, skipped)
         if not rows:
             raise DataError(f"{src}: no rows ({what} is empty)")
@@ -226,7 +275,7 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         out = []
         for i, r in enumerate(rows, 1):
             try:
-                out.append(to_messages(r, d.format, f"{src} row {i}", d.text_field))
+                out.append(to_messages(r, fmt, f"{src} row {i}", d.text_field))
                 if slices is not None:  # the `slice` column, kept beside the example for per-slice scores
                     slices.append(None if r.get("slice") is None else str(r["slice"]))
             except DataError as e:
@@ -258,6 +307,15 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         train_examples = [examples[i] for i in range(len(examples)) if i not in held]
     else:
         train_examples, eval_examples, eval_slices = examples, [], []
+
+    mixed, mix_stats = [], None
+    if d.mix:
+        train_examples, mixed, mix_stats = mix(recipe, train_examples, load)
+        log(f"data: mixed into training: {mix_stats['task_examples']} task examples + "
+            + " + ".join(f"{m['rows']} from {m['source']} ({100 * m['share']:.1f}%, asked {100 * m['fraction']:g}%"
+                         + (f"; its {m['available']} rows repeat" if m["repeated"] else "") + ")"
+                         for m in mix_stats["sources"])
+            + f" = {len(train_examples)} examples")
 
     max_len = recipe.model.max_seq_length
     responses_only = d.train_on_responses_only and d.format != "text"
@@ -292,6 +350,8 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
     stats = {"train_examples": len(train_tok), "eval_examples": len(eval_tok), "train_tokens": n_tokens,
              "train_label_tokens": n_trained, "format": d.format, "source": train_src,
              "skipped_rows": len(skipped or [])}
+    if mix_stats:
+        stats["mix"] = mix_stats
     to_ds = lambda toks: datasets.Dataset.from_dict(  # noqa: E731
         {"input_ids": [t["input_ids"] for t in toks], "labels": [t["labels"] for t in toks]})
     return DataBundle(
@@ -299,6 +359,6 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
         eval=to_ds(eval_tok) if eval_tok else None,
         eval_pairs=pairs,
         eval_slices=[eval_slices[i] for i in keep],
-        data_hash=content_hash(examples + ([] if not d.eval else eval_examples)),
+        data_hash=content_hash(examples + ([] if not d.eval else eval_examples) + mixed),
         stats=stats,
     )

