@@ -301,6 +301,10 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
         N = q.shape[1]
         stride_qk, stride_qn = q.stride()
     _check_device(p)
+    others = [w.packed if nf4 else q, *(lora or ()), *(() if bias is None else (bias,))]
+    if any(t.device != p.device for t in others):
+        raise ValueError(f"lora_matmul: all tensors must be on {p.device}, got "
+                         f"{sorted({str(t.device) for t in others})}")
     dtype = p.dtype
     if dtype not in _DTYPES:
         raise TypeError(f"lora_matmul: unsupported dtype {dtype}; use fp16, bf16 or fp32")

@@ -176,6 +176,8 @@ def test_launcher_errors_are_clear():
         lora.lora_matmul(p, torch.randn(8, 4, dtype=torch.float16), torch.float32)
     with pytest.raises(TypeError, match="unsupported dtype"):
         lora.lora_matmul(p.double(), torch.randn(8, 4).double(), torch.float64)
+    with pytest.raises(ValueError, match="all tensors must be on cpu"):
+        lora.lora_matmul(p, torch.randn(8, 4, device="meta"), torch.float32)
 
 
 def test_dropout_falls_back_to_the_reference_and_says_so_once(caplog):
