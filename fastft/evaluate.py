@@ -217,6 +217,8 @@ def check_gates(gates: dict[str, str], result: dict, cfg) -> dict:
                     why += f" (no slice {path.split('.')[2]!r} in the held-out data; slices: {names})"
                 elif not result.get(path.split(".")[0]):
                     why += " (no held-out data)" if path.startswith("task") else " (no regression set)"
+                elif path == "regression.forgotten":
+                    why += " (the base answered no regression item correctly: nothing to forget; check the set)"
             else:
                 why = f"measured {value:.4g}"
             failed.append(f"gate {path} {g.condition} failed: {why}")

@@ -1,0 +1,81 @@
+"""`fastft generate` streams the adapter's greedy reply (and the base's with --no-adapter)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import tiny_recipe_dict
+from fastft import evaluate, recipe, train
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "fastft", "generate"]
+PROMPTS = ["What kind of things are red , blue , indigo , teal , purple ?", "Classify : hockey , rugby , polo , judo ."]
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small for two threads to help, and on a shared 2-core box
+    OpenMP threads spin against other processes: measured under load 7, one 5-step run took 48 s
+    with 2 threads and 12 s with 1. Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    r = recipe.from_dict(tiny_recipe_dict(out, data={"max_examples": 80, "eval_fraction": 0.1},
+                                          train={"max_steps": 8}, eval={"max_new_tokens": 2}))
+    result = train.run(r, log=lambda m: None)
+    # no gates: the run is evaluated (eval.json, fastft.json "eval") but gets no status
+    assert "status" not in result.info and "gates" not in result.info
+    assert result.info["eval"]["task"]["n"] == 8 and (out / "eval.json").is_file()
+    model, tok = result.model, result.tokenizer
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    expected = [a.strip() for a in evaluate.generate_answers(model, tok, chats, max_new_tokens=4, batch_size=1)]
+    with model.disable_adapter():
+        base = evaluate.generate_answers(model, tok, chats[:1], max_new_tokens=4, batch_size=1)[0].strip()
+    assert expected[0] != base  # the comparison below can tell adapter from base
+    return out, expected, base
+
+
+def test_prompt_prints_the_adapters_reply(run):
+    out, expected, _ = run
+    p = subprocess.run(CLI + [str(out), "--prompt", PROMPTS[0], "--max-new-tokens", "4"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == expected[0]  # stdout holds the reply only; notes go to stderr
+
+
+def test_interactive_reads_lines_until_eof_and_base_on_request(run, monkeypatch, capsys):
+    import io
+
+    from fastft import cli
+
+    out, expected, base = run
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n"))
+    assert cli.main(["generate", str(out), "--max-new-tokens", "4"]) == 0
+    # one reply line per prompt (the empty input line is skipped; a reply may be empty)
+    assert [line.strip() for line in capsys.readouterr().out.splitlines()] == expected
+    assert cli.main(["generate", str(out), "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--no-adapter"]) == 0
+    assert capsys.readouterr().out.strip() == base
+    assert cli.main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
+
+
+def test_stream_reply_samples_with_temperature(run):
+    out, _, _ = run
+    model, tok, _, _ = evaluate.load_run(out, log=lambda m: None)
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    import torch
+
+    torch.manual_seed(0)
+    a = evaluate.stream_reply(model, tok, chat, max_new_tokens=6, temperature=5.0)
+    torch.manual_seed(0)
+    assert evaluate.stream_reply(model, tok, chat, max_new_tokens=6, temperature=5.0) == a  # seeded sampling
+    greedy = evaluate.stream_reply(model, tok, chat, max_new_tokens=4)
+    assert greedy.strip() == run[1][0]
