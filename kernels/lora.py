@@ -496,7 +496,7 @@ def unfused_reason(x, weight, lora_a, lora_b, bias=None, quant_state=None, dropo
                    training=True) -> str | None:
     """Why this call cannot take the fused path (None: it can)."""
     if x.device.type != "cuda" and not interpreted():
-        return f"tensors on {x.device.type} (no CUDA, TRITON_INTERPRET unset): reference path"
+        return f"tensors on {x.device.type}, not CUDA (and TRITON_INTERPRET unset): reference path"
     if dropout_p and training:
         return f"lora_dropout={dropout_p} > 0 in training: reference path (dropout is not fused)"
     if x.dtype not in _DTYPES:

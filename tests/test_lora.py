@@ -23,6 +23,8 @@ SHAPES = [  # (tokens M, in_features K, out_features N, r, bias)
     (9, 64, 33, 64, True),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The kernels run on CUDA tensors on a GPU machine, on CPU tensors under the interpreter elsewhere.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -77,14 +79,18 @@ def _nf4(w: torch.Tensor, nested: bool = True):
     return packed, qs, dense
 
 
-def _inputs(M, K, N, r, bias, dtype, seed=0):
+def _inputs(M, K, N, r, bias, dtype, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
-    a = torch.randn(r, K, generator=g) / K ** 0.5  # adapters in fp32, as fastft keeps them
-    b = torch.randn(N, r, generator=g) / r ** 0.5  # non-zero (PEFT starts at 0), so every gradient is
-    bvec = torch.randn(N, generator=g).to(dtype) if bias else None
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+    a = (torch.randn(r, K, generator=g) / K ** 0.5).to(device)  # adapters in fp32, as fastft keeps them
+    b = (torch.randn(N, r, generator=g) / r ** 0.5).to(device)  # non-zero (PEFT starts at 0): every gradient shows
+    bvec = torch.randn(N, generator=g).to(device, dtype) if bias else None
     return x, w, a, b, bvec
+
+
+def _dy(M, N, dtype, device=DEVICE):
+    return torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
 
 def _check(got, want, dtype, what):
@@ -95,6 +101,8 @@ def _check(got, want, dtype, what):
 
 
 def _run_fused(x, weight, a, b, s, bias, quant_state, dy):
+    # the Triton path, not the reference fallback (which the comparison would trivially pass)
+    assert lora.unfused_reason(x, weight, a, b, bias, quant_state) is None
     x = x.clone().requires_grad_()
     a = a.clone().requires_grad_()
     b = b.clone().requires_grad_()
@@ -124,7 +132,7 @@ def test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype):
         assert torch.equal(lora.dequantize_nf4_reference(lora.NF4Weight.from_quant_state(weight, qs), dtype), w_dense)
     else:
         weight, qs, w_dense = w, None, w
-    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dy = _dy(M, N, dtype)
     got = _run_fused(x, weight, a, b, s, bvec, qs, dy)
     want = _run_reference_fp32(x, w_dense, a, b, s, bvec, dy)
     for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
@@ -137,7 +145,7 @@ def test_batched_input_and_nf4_without_double_quant():
     x, w, a, b, _ = _inputs(12, 72, 40, 8, False, torch.float32)
     weight, qs, w_dense = _nf4(w, nested=False)
     x3 = x.reshape(3, 4, 72)
-    dy = torch.randn(3, 4, 40)
+    dy = _dy(12, 40, torch.float32).reshape(3, 4, 40)
     got = _run_fused(x3, weight, a, b, 0.5, None, qs, dy)
     want = _run_reference_fp32(x3, w_dense, a, b, 0.5, None, dy)
     assert got[0].shape == (3, 4, 40) and got[1].shape == x3.shape
@@ -151,7 +159,7 @@ def test_nf4_through_fastft_dequant_kernel_matches(monkeypatch):
     monkeypatch.setattr(lora, "NF4_PATH", "dequantize")
     x, w, a, b, bvec = _inputs(21, 70, 45, 8, True, torch.float16)
     weight, qs, w_dense = _nf4(w)
-    dy = torch.randn(21, 45, dtype=torch.float16)
+    dy = _dy(21, 45, torch.float16)
     got = _run_fused(x, weight, a, b, 2.0, bvec, qs, dy)
     want = _run_reference_fp32(x, w_dense, a, b, 2.0, bvec, dy)
     for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
@@ -160,8 +168,8 @@ def test_nf4_through_fastft_dequant_kernel_matches(monkeypatch):
 
 def test_split_k_reduction_equals_one_pass():
     g = torch.Generator().manual_seed(3)
-    p = torch.randn(200, 8, generator=g)  # the dA shape: dYBᵀ [r, M] · x [M, K]
-    q = torch.randn(200, 70, generator=g)
+    p = torch.randn(200, 8, generator=g).to(DEVICE)  # the dA shape: dYBᵀ [r, M] · x [M, K]
+    q = torch.randn(200, 70, generator=g).to(DEVICE)
     one = lora.lora_matmul(p.t(), q, torch.float32, alpha=0.5, kind="red", rank=8)
     split = lora.lora_matmul(p.t(), q, torch.float32, alpha=0.5, kind="red", rank=8, split_k=3)
     assert_close(split, one, atol=1e-5, rtol=1e-5, what="split-K")
@@ -169,14 +177,14 @@ def test_split_k_reduction_equals_one_pass():
 
 
 def test_launcher_errors_are_clear():
-    p = torch.randn(4, 8)
+    p = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="inner dimensions differ"):
-        lora.lora_matmul(p, torch.randn(9, 4), torch.float32)
+        lora.lora_matmul(p, torch.randn(9, 4, device=DEVICE), torch.float32)
     with pytest.raises(TypeError, match="share a dtype"):
-        lora.lora_matmul(p, torch.randn(8, 4, dtype=torch.float16), torch.float32)
+        lora.lora_matmul(p, torch.randn(8, 4, dtype=torch.float16, device=DEVICE), torch.float32)
     with pytest.raises(TypeError, match="unsupported dtype"):
-        lora.lora_matmul(p.double(), torch.randn(8, 4).double(), torch.float64)
-    with pytest.raises(ValueError, match="all tensors must be on cpu"):
+        lora.lora_matmul(p.double(), torch.randn(8, 4, device=DEVICE).double(), torch.float64)
+    with pytest.raises(ValueError, match=f"all tensors must be on {DEVICE}"):
         lora.lora_matmul(p, torch.randn(8, 4, device="meta"), torch.float32)
 
 
@@ -212,22 +220,22 @@ def test_patched_peft_layer_matches_peft(base, dtype):
         lin = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
         dense = torch.nn.Linear(K, N, bias=True)
         lin.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                       compress_statistics=True).to("cpu")
+                                       compress_statistics=True).to(DEVICE)  # quantizes
         lin.bias = torch.nn.Parameter(dense.bias.data.to(dtype), requires_grad=False)
         lin.support_avx512bf16_for_cpu = False  # as fastft.backends sets it: keep the training layout
     else:
-        lin = torch.nn.Linear(K, N, bias=True).to(dtype)
+        lin = torch.nn.Linear(K, N, bias=True).to(DEVICE, dtype)
     model = torch.nn.Sequential()
     model.add_module("proj", lin)
     cfg = LoraConfig(r=r, lora_alpha=32, target_modules=["proj"], use_rslora=True, lora_dropout=0.0)
-    model = get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg).to(DEVICE)
     layer = model.base_model.model.proj
     assert abs(layer.scaling["default"] - 32 / r ** 0.5) < 1e-9  # rsLoRA scaling reaches the kernel
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.1)
     model.train()
-    x = torch.randn(2, 11, K, dtype=dtype)
-    dy = torch.randn(2, 11, N, dtype=dtype)
+    x = torch.randn(2, 11, K).to(DEVICE, dtype)
+    dy = torch.randn(2, 11, N).to(DEVICE, dtype)
 
     def run():
         model.zero_grad()
@@ -248,13 +256,22 @@ def test_patched_peft_layer_matches_peft(base, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the shipped launch configs)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("M,K,N,r,bias", SHAPES + [(300, 520, 270, 64, True)], ids=lambda v: str(v))
+def test_odd_shapes_on_gpu(M, K, N, r, bias, base, dtype):
+    """The odd-shape cases with CUDA tensors: the shipped configs (not the interpreter's) and real bf16."""
+    test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Llama-3-8B layer shapes, bf16)")
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("base", ["16bit", "nf4"])
 def test_llama3_8b_layer_shapes_bf16_on_gpu(K, N, base):
     M, r = 2048, 16
-    x, w, a, b, _ = _inputs(M, K, N, r, False, torch.bfloat16)
-    x, w, a, b = x.cuda(), w.cuda(), a.cuda(), b.cuda()
+    x, w, a, b, _ = _inputs(M, K, N, r, False, torch.bfloat16, device="cuda")
     if base == "nf4":
         weight, qs, w_dense = _nf4(w)
     else:
