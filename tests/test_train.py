@@ -132,7 +132,9 @@ def test_kernels_fastft_trains_like_stock_peft_and_saves_plain_peft_adapters(tmp
     runs = {}
     for mode in ("fastft", "none"):
         logs = []
-        r = recipe.from_dict(tiny_recipe_dict(tmp_path / mode, kernels=mode, train=small, data=data_))
+        # fp32 compute on a GPU too (IEEE dots in the kernels), so the comparison stays tight there
+        r = recipe.from_dict(tiny_recipe_dict(tmp_path / mode, kernels=mode, train=small, data=data_,
+                                              model={"dtype": "float32"}))
         torch.manual_seed(0)  # PEFT draws lora_A's initial values from the global RNG when the model loads
         runs[mode] = (train.run(r, log=logs.append), logs)
     fused, stock = runs["fastft"][0], runs["none"][0]
@@ -154,11 +156,12 @@ def test_kernels_fastft_trains_like_stock_peft_and_saves_plain_peft_adapters(tmp
         base = AutoModelForCausalLM.from_pretrained(result.info["backend"]["model_path"], dtype=torch.float32,
                                                     quantization_config=bnb)
         reloaded = PeftModel.from_pretrained(base, tmp_path / mode / "adapter").train()  # train: see above
+        tol = 1e-4 if torch.cuda.is_available() else 1e-5  # a GPU run reloads through other fp32 kernels
         with torch.no_grad():
-            logits[mode] = reloaded(**batch).logits
+            logits[mode] = reloaded(**batch.to(reloaded.device)).logits.cpu()
             if mode == "fastft":  # the patched model in memory computes what plain PEFT reloads
-                assert_close(result.model.train()(**batch).logits, logits[mode], atol=1e-5, rtol=1e-5,
-                             what="fused in memory vs plain PEFT reload")
+                in_memory = result.model.train()(**batch.to(result.model.device)).logits.cpu()
+                assert_close(in_memory, logits[mode], atol=tol, rtol=tol, what="fused in memory vs plain PEFT reload")
     assert_close(logits["fastft"], logits["none"], atol=1e-4, rtol=1e-4, what="fastft vs stock adapters")
 
 
