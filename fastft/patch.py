@@ -13,8 +13,9 @@ What each mode does:
   installs none of those paths (its layers are plain PEFT ones), so there only the layers are patched.
 - ``unsloth``: leave Unsloth's fused paths as they are (on the hf backend: stock PEFT; said so).
 - ``none``: stock PEFT: removes fastft's forwards and puts Unsloth's fused paths back to PEFT's.
-- ``auto``: ``fastft`` when a CUDA device is present; otherwise the backend's own path (the Triton
-  kernels need a GPU, or TRITON_INTERPRET=1 which is far too slow to train with).
+- ``auto``: ``fastft`` when a CUDA device is present and the kernels have passed the GPU suite
+  (``GPU_VERIFIED``; not yet); otherwise the backend's own path (the Triton kernels need a GPU, or
+  TRITON_INTERPRET=1 which is far too slow to train with).
 
 Layers that are not fused keep PEFT's own forward and are listed with the reason: DoRA and other
 PEFT LoRA variants, a bias on lora_B, base layers other than nn.Linear / NF4 Linear4bit, r above
@@ -31,6 +32,10 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "fastft", "unsloth", "none")
+# `auto` picks fastft's kernels on CUDA only once they have passed the GPU suite (bench/gpu.sh:
+# exactness and gradients on a real GPU). Until a session with a GPU has run it and set this to
+# True, `auto` keeps the backend's own path and `kernels: fastft` opts in explicitly.
+GPU_VERIFIED = False
 _PATCHED = "_fastft_lora_forward"  # instance attribute marking a patched layer
 
 
@@ -82,6 +87,12 @@ def apply(model, mode: str = "auto", log_fn=None) -> PatchReport:
             path = "unsloth" if unsloth_found else "peft"
             report = PatchReport(mode, path, "auto: no CUDA device; fastft's Triton kernels need one",
                                  unsloth_paths=len(unsloth_found))
+            return _said(report, log_fn)
+        if not GPU_VERIFIED:
+            _unpatch_all(model)
+            path = "unsloth" if unsloth_found else "peft"
+            report = PatchReport(mode, path, "auto: fastft's fused kernels have not yet passed the GPU suite "
+                                 "(bench/gpu.sh); kernels: fastft opts in", unsloth_paths=len(unsloth_found))
             return _said(report, log_fn)
         mode_reason = "auto: CUDA device present"
     elif mode == "fastft":

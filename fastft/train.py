@@ -627,6 +627,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "recipe": recipe.to_dict(),
         "recipe_source": recipe.source,
         "backend": info.to_dict(),
+        "kernels": kernels.to_dict(),
         "versions": backends.versions(),
         "data": {"hash": bundle.data_hash, **bundle.stats},
         "metrics": summary,

@@ -185,3 +185,20 @@ def test_unsloth_backend_trains_the_same_with_fastft_kernels(tmp_path):
     assert any("fastft fused LoRA on 28 of 28 LoRA layers" in m for m in logs["fastft"]), logs["fastft"]
     assert len(losses["fastft"]) == 2
     assert_close(torch.tensor(losses["fastft"]), torch.tensor(losses["none"]), atol=0, rtol=1e-5, what="losses")
+
+
+def test_auto_waits_for_the_gpu_suite_before_choosing_fastft(monkeypatch):
+    import torch
+
+    from fastft import backends, patch, recipe
+    from support import tiny_recipe_dict
+
+    model, _, _ = backends.load(recipe.from_dict(tiny_recipe_dict("unused")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    report = patch.apply(model, "auto")
+    assert report.path == "peft" and not report.patched
+    assert "have not yet passed the GPU suite" in report.reason
+    monkeypatch.setattr(patch, "GPU_VERIFIED", True)
+    report = patch.apply(model, "auto")
+    assert report.path == "fastft" and report.patched
+    patch.apply(model, "none")
