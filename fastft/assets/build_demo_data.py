@@ -10,7 +10,7 @@ Exact match needs the exact format, which a general chat model does not produce 
 adds prose or code fences), so the base model starts low; the fields are all in the message, so a
 small adapter can learn it. Each row has a ``slice`` column:
 
-- ``plain``: "Hi, this is NAME from CITY. Please send QTY PRODUCT." with the quantity in digits;
+- ``plain``: "Hi, NAME from CITY here. Please send QTY PRODUCT." with the quantity in digits;
 - ``reordered``: the product and city come first and the name signs off at the end;
 - ``spelled``: the quantity is written as a word ("seven") and must be returned as a number.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 20261126
 N_TRAIN = 600
-N_EVAL = 60  # 20 per slice
+N_EVAL = 30  # 10 per slice
 N_GENERAL = 400
 
 FIRST = ("Maria Ahmed Chen Olivia Lucas Amara Ivan Sofia Kenji Laura Omar Nina Pedro Hana Tomas Elena "
@@ -50,25 +50,24 @@ PRODUCTS = ("boxes of green tea|bags of coffee beans|jars of honey|packs of penc
             "packs of batteries|notebooks|mugs|lamps|chairs").split("|")
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 INSTRUCTIONS = [
-    "Extract the customer's name, city and quantity as JSON.",
-    "Return the name, city and quantity from this order as JSON.",
-    "Read the message and give name, city and quantity as a JSON object.",
+    "Extract name, city and quantity as JSON.",
+    "Give the order's name, city and quantity as JSON.",
 ]
 TEMPLATES = {
     "plain": [
-        "Hi, this is {name} from {city}. Please send {qty} {product}.",
-        "Hello, {name} here, writing from {city}. I would like {qty} {product}.",
-        "Good morning! My name is {name} and I live in {city}. Could you ship {qty} {product}?",
+        "Hi, {name} from {city} here. Please send {qty} {product}.",
+        "{name}, {city}: I would like {qty} {product}.",
+        "I am {name} in {city}. Ship {qty} {product}, please.",
     ],
     "reordered": [
-        "Please deliver {qty} {product} to {city}. Thanks, {name}",
-        "{qty} {product} for our shop in {city}, please. Best regards, {name}",
-        "Ship to {city}: {qty} {product}. Sent by {name}",
+        "Deliver {qty} {product} to {city}. Thanks, {name}",
+        "{qty} {product} for our shop in {city}. {name}",
+        "Ship to {city}: {qty} {product}. From {name}",
     ],
     "spelled": [
-        "Hi, this is {name} from {city}. Please send {qty} {product}.",
-        "Please deliver {qty} {product} to {city}. Thanks, {name}",
-        "Hello from {city}! {name} here. We need {qty} {product}.",
+        "Hi, {name} from {city} here. Please send {qty} {product}.",
+        "Deliver {qty} {product} to {city}. Thanks, {name}",
+        "Hello from {city}! {name} here, we need {qty} {product}.",
     ],
 }
 
