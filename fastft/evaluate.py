@@ -529,7 +529,7 @@ def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, 
         raise FileNotFoundError(f"{adapter}: no adapter (adapter_config.json missing); the run did not finish saving")
     r = recipe_mod.from_dict(info["recipe"], source=info.get("recipe_source"))
     base_path = artifacts.base_path_for(info, base)
-    for note in artifacts.check_compatible(info, base_path, force=force):
+    for note in artifacts.check_compatible(info, base_path, force=force, load_in_4bit=r.model.load_in_4bit):
         log(f"fastft: {note}")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig

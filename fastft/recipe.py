@@ -113,7 +113,7 @@ class EvalConfig:
     after_training: bool = True  # fastft train runs this evaluation at the end (gates need it)
     max_examples: int | None = field(default=None, metadata=_range(1, None))  # held-out prompts answered (None: all)
     max_new_tokens: int = field(default=32, metadata=_range(1, 4096))  # generation budget per answer
-    batch_size: int = field(default=16, metadata=_range(1, 65536))  # prompts per generate / loss batch
+    batch_size: int = field(default=32, metadata=_range(1, 65536))  # prompts per generate / loss batch (larger: faster on CPU too)
 
 
 @dataclass

@@ -204,3 +204,20 @@ def test_slices_follow_their_rows_into_the_held_out_split(tmp_path, tokenizer):
     assert data.build(r, tokenizer, log=lambda m: None).eval_slices == [None] + [x["slice"] for x in rows[1:5]]
     s = evaluate.eval_set_from_file(str(tmp_path / "e.jsonl"), tokenizer, "alpaca", 64)
     assert s.slices == [None] + [x["slice"] for x in rows[1:5]] and len(s.rows) == len(s.pairs) == 5
+
+
+def test_shipped_regression_set_is_what_its_builder_kept():
+    from fastft.assets import build_regression
+
+    path = evaluate.Path(build_regression.DEFAULT_OUT)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    record = json.loads(path.with_suffix(".build.json").read_text())
+    assert len(rows) == record["kept"] >= 40 and record["candidates"] == len(build_regression.candidates())
+    candidates = {(c["instruction"], c["output"]) for c in build_regression.candidates()}
+    assert all((r["instruction"], r["output"]) in candidates for r in rows)
+    assert all(data.to_messages(r, "alpaca", "row")[-1]["content"] == r["output"] for r in rows)
+    # none of it is in the general data mixed into training
+    general = {json.loads(x)["instruction"] for x in
+               (path.parents[1] / "data" / "general-instructions.jsonl").read_text().splitlines()}
+    assert not general & {r["instruction"] for r in rows}
+    assert build_regression.MAX_NEW_TOKENS <= EvalConfig().max_new_tokens

@@ -65,6 +65,11 @@ def test_interactive_reads_lines_until_eof_and_base_on_request(run, monkeypatch,
     assert cli.main(["generate", str(out), "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--no-adapter"]) == 0
     assert capsys.readouterr().out.strip() == base
     assert cli.main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
+    # another base (same architecture, other weights) is refused before anything is generated
+    capsys.readouterr()
+    assert cli.main(["generate", str(out), "--prompt", "x", "--base", "synthetic:fastft-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "is a different model" in err and "weights differ" in err and "--force" in err
 
 
 def test_stream_reply_samples_with_temperature(run):
