@@ -80,7 +80,12 @@ def table(results: list[tuple[Path, dict]]) -> str:
                f"x{doc['config'].get('grad_accum')})"
         weights = "synthetic" if doc["config"].get("weights") == "synthetic weights" else "as loaded"
         rel = os.path.relpath(x["path"], common.ROOT)
-        lines.append(f"| {name} | {doc['target']} | {doc.get('device', {}).get('name')} | {run} | {tps} | {mem} | "
+        dev = doc.get("device", {})
+        ran_on = dev.get("name")
+        if dev.get("type") == "cpu":
+            ran_on = f"{ran_on}, {dev.get('cores')} cores" + (
+                f", load {dev['load_average_1min']:.1f}" if dev.get("load_average_1min") is not None else "")
+        lines.append(f"| {name} | {doc['target']} | {ran_on} | {run} | {tps} | {mem} | "
                      f"{step} | {mfu} | {weights} | [json]({rel}) |")
         if doc["command"] not in commands:
             commands.append(doc["command"])

@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["device"] = {"type": "cuda", "name": "unknown (no run reported its GPU)"}
         elif doc["device"].get("type") == "cpu":
             doc["device"]["name"] = cpu_model() or doc["device"]["name"]
+            doc["device"]["load_average_1min"] = round(os.getloadavg()[0], 2)  # other processes on the CPU
         for backend, kernels in runs:
             res = run_one(args, target, backend, kernels, str(Path(args.recipe).resolve()), log_dir)
             results.append(res)
