@@ -54,9 +54,9 @@ def test_json_match(answer, fields, hit):
     assert evaluate.score(answer, REF, "json_match", fields) is hit
 
 
-def test_json_match_reference_must_be_json():
-    with pytest.raises(ValueError, match="the reference is not JSON"):
-        evaluate.score("{}", "not json", "json_match")
+def test_json_match_reference_that_is_not_json_is_a_miss():
+    # compare() warns and counts such rows; a finished training run is never lost to a bad row
+    assert evaluate.score("not json", "not json", "json_match") is False
 
 
 def test_task_scores_per_slice_and_overall():
