@@ -350,14 +350,16 @@ def _both(model, fn):
     return adapter, base
 
 
-def compare(model, tokenizer, task: EvalSet | None, cfg, regression: EvalSet | None = None, log=print) -> dict:
-    """Base vs adapter on the held-out set and the regression set; ``cfg`` is recipe.eval."""
+def compare(model, tokenizer, task: EvalSet | None, cfg, regression: EvalSet | None = None, log=print,
+            loss_batch_size: int | None = None) -> dict:
+    """Base vs adapter on the held-out set and the regression set; ``cfg`` is recipe.eval. Loss
+    batches hold ``loss_batch_size`` rows (default cfg.batch_size): full rows, not just prompts."""
     result: dict = {"schema_version": SCHEMA_VERSION, "metric": cfg.metric, "json_fields": cfg.json_fields,
                     "task": None, "regression": None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = lambda pairs: lambda m: generate_answers(  # noqa: E731
         m, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
-    loss = lambda rows: lambda m: answer_loss(m, rows, pad, cfg.batch_size)  # noqa: E731
+    loss = lambda rows: lambda m: answer_loss(m, rows, pad, loss_batch_size or cfg.batch_size)  # noqa: E731
     t0 = time.perf_counter()
     if task is not None and (task.pairs or task.rows):
         n = len(task.pairs) if cfg.max_examples is None else min(cfg.max_examples, len(task.pairs))
@@ -418,7 +420,9 @@ def evaluate(model, tokenizer, recipe, task: EvalSet | None, regression_path: st
     if path:
         src = recipe.resolve_path(path)
         regression = eval_set_from_file(src, tokenizer, None, recipe.model.max_seq_length)
-    result = compare(model, tokenizer, task, cfg, regression, log)
+    # loss rows are whole training rows: batch them as training's held-out evaluation does
+    loss_batch = recipe.train.eval_batch_size or max(recipe.train.batch_size, 8)
+    result = compare(model, tokenizer, task, cfg, regression, log, loss_batch_size=loss_batch)
     if cfg.gates:
         result["gates"] = check_gates(cfg.gates, result, cfg)
     return result
