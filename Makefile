@@ -1,6 +1,7 @@
 # fastft: the two quick-start commands.
 #
-#   make demo   # set up .venv if needed, then train the embedded tiny QLoRA demo
+#   make demo   # set up .venv if needed, then QLoRA SmolLM2-135M-Instruct on the shipped extraction task
+#   make demo-tiny  # the embedded tiny random model (seconds)
 #   make test   # set up .venv (+ .venv-unsloth on CPU machines) if needed, then run the test suite
 #
 # Without an NVIDIA GPU the set-up installs torch 2.13.0 (the CPU build) and never CUDA wheels;
@@ -20,9 +21,12 @@ UNSLOTH_PINS := $(CORE_PINS) trl==1.15.0 unsloth==2026.10.9 unsloth_zoo==2026.10
 
 PIP := -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test setup clean
+.PHONY: demo demo-tiny test setup clean
 demo: .venv/.done
-	.venv/bin/fastft train recipes/tiny-demo.yaml
+	.venv/bin/fastft train recipes/smollm2-demo.yaml --overwrite
+
+demo-tiny: .venv/.done
+	.venv/bin/fastft train recipes/tiny-demo.yaml --overwrite
 
 test: .venv/.done $(if $(HAS_GPU),,.venv-unsloth/.done)
 	.venv/bin/python -m pytest
