@@ -35,6 +35,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def install_dir(tmp: Path, dst: Path) -> None:
+    """Put a finished folder built at ``tmp`` (same filesystem) in place of ``dst``: an existing
+    ``dst`` is first renamed aside and removed only after the new one is in place, so at no moment
+    is there a half-written folder at ``dst``."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
 def save_adapter(model, tokenizer, out_dir: Path) -> Path:
     """Save the LoRA adapter (safetensors) and tokenizer into out_dir/adapter atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,13 +56,7 @@ def save_adapter(model, tokenizer, out_dir: Path) -> Path:
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=".adapter-old.", dir=out_dir))
-            os.replace(final, old / "adapter")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        install_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,6 @@ bits, fp16 11); the merge itself adds ~1e-6 relative in fp32.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -202,13 +201,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
         report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report["versions"] = backends.versions()
         (tmp / "fastft-merge.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        artifacts.install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

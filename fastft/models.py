@@ -40,6 +40,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .artifacts import install_dir
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_SEED = 20261126
 # A random lm_head with the usual std 0.02 caps every logit near 5 (row norm 0.3 x normed hidden
@@ -147,9 +149,7 @@ def _materialize_tiny(src: Path, dst: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        install_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -250,9 +250,7 @@ def _materialize_synthetic(name: str, dst: Path, load_in_4bit: bool, device: str
             "format": SYNTHETIC_FORMAT, "quantization": "nf4 double-quant, blocksize 64" if load_in_4bit else "bf16",
             "parameters": n_params, "built_on": device,
         }, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        install_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

