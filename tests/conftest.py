@@ -39,3 +39,17 @@ def tokenizer(tiny_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's matrices are too small for two threads to help, and on a shared 2-core box
+    OpenMP threads spin against other processes: measured under load 7, one 5-step run took 48 s
+    with 2 threads and 12 s with 1. Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

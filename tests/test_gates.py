@@ -16,16 +16,9 @@ CLI = [sys.executable, "-m", "fastft"]
 ASSET = ROOT / "fastft" / "assets" / "data" / "word-categories.jsonl"
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small for two threads to help, and on a shared 2-core box
-    OpenMP threads spin against other processes: measured under load 7, one 5-step run took 48 s
-    with 2 threads and 12 s with 1. Restored after the module."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
+    """One torch thread for this module (see conftest.one_torch_thread)."""
     yield
-    torch.set_num_threads(before)
 
 
 
