@@ -1,6 +1,8 @@
-"""Result documents shared by every benchmark (DESIGN.md, "Benchmark conventions").
+"""Result documents and the timer shared by every benchmark (DESIGN.md, "Benchmark conventions").
 
     from bench import common
+    measure = common.timer(cpu=False, warmup_ms=10, rep_ms=50, unit="us")
+    us, p20, p80 = measure(lambda: fn(x))
     doc = common.result(kind="kernel", name="nf4-dequant", target="h100", config={...}, metrics={...})
     path = common.write(doc)            # bench/results/<kind>-<name>-<target>-<utc time>.json
     print(common.dumps_line(doc))       # one compact JSON line, the last line of stdout
@@ -18,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -46,6 +49,35 @@ def device() -> dict:
 
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
+
+
+def timer(cpu: bool, warmup_ms: int, rep_ms: int, unit: str = "ms"):
+    """A function fn -> (median, p20, p80) of fn's run time, in `unit` ("ms" or "us").
+
+    On a GPU: triton.testing.do_bench, `warmup_ms` of warm-up outside the timed region, then
+    `rep_ms` of runs with L2 flushed before each. On CPU (--cpu-smoke): one untimed call, then
+    three perf_counter runs reported as (median, min, max): a harness check, not a measurement.
+    """
+    per_second = {"ms": 1e3, "us": 1e6}[unit]
+    if cpu:
+        def run(fn):
+            fn()
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * per_second)
+            ts.sort()
+            return ts[1], ts[0], ts[-1]
+        return run
+    from triton.testing import do_bench
+
+    per_ms = per_second / 1e3  # do_bench answers in milliseconds
+
+    def run(fn):
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return med * per_ms, p20 * per_ms, p80 * per_ms
+    return run
 
 
 def versions() -> dict:

@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import types
 
 LLAMA3_8B_SHAPES = {  # (in_features K, out_features N) of Llama-3-8B's linear layers
@@ -159,29 +158,6 @@ def unsloth_path(notes):
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def timer(cpu: bool):
-    """fn -> (median, p20, p80) in milliseconds."""
-    if cpu:
-        def run(fn):
-            fn()
-            ts = []
-            for _ in range(3):
-                t = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t) * 1e3)
-            ts.sort()
-            return ts[1], ts[0], ts[-1]
-        return run
-    from triton.testing import do_bench
-
-    def run(fn):
-        # 5 ms warm-up, 25 ms of runs (3 to 300 runs of a 0.1-8 ms step): the whole default matrix
-        # (32 cases x 5 implementations, plus Triton's first compiles) must fit bench/gpu.sh's slot
-        med, p20, p80 = do_bench(fn, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
-        return med, p20, p80
-    return run
-
-
 def detect_target(torch, cpu):
     if cpu:
         return "cpu"
@@ -241,7 +217,9 @@ def main(argv=None) -> int:
         ranks = [int(v) for v in args.ranks.split(",")]
         tokens = [int(v) for v in args.tokens.split(",")]
     bases = [b.strip() for b in args.bases.split(",")]
-    measure = timer(cpu)
+    # 5 ms warm-up, 25 ms of runs (3 to 300 runs of a 0.1-8 ms step): the whole default matrix
+    # (32 cases x 5 implementations, plus Triton's first compiles) must fit bench/gpu.sh's slot
+    measure = common.timer(cpu, warmup_ms=5, rep_ms=25, unit="ms")
     print(f"device: {common.device()['name']} ({device}), target {target}, dtype {str(dtype).split('.')[-1]}; "
           f"NF4 path default: {lora.NF4_PATH}")
 

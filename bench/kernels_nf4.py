@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 LLAMA3_8B_SHAPES = {  # (out_features, in_features) of each 4-bit linear layer, and the lm_head
     "q_proj/o_proj": (4096, 4096),
@@ -107,29 +106,6 @@ def unsloth_implementations(notes):
 
 # -- timing ------------------------------------------------------------------------------------------
 
-def timer(cpu: bool):
-    """fn -> (median, p20, p80) in microseconds."""
-    if cpu:
-        def run(fn):
-            fn()
-            ts = []
-            for _ in range(3):
-                t = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t) * 1e6)
-            ts.sort()
-            return ts[1], ts[0], ts[-1]
-        return run
-    from triton.testing import do_bench
-
-    def run(fn):
-        # 10 ms warm-up, 50 ms of runs: thousands of runs of a 10-500 us kernel; keeps the whole
-        # benchmark inside its 90 s slot in bench/gpu.sh
-        med, p20, p80 = do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
-        return med * 1e3, p20 * 1e3, p80 * 1e3
-    return run
-
-
 def copy_bandwidth(torch, device, measure, n_bytes):
     """GB/s of dst.copy_(src) on the device, counting the read and the write."""
     src = torch.empty(n_bytes // 2, dtype=torch.int16, device=device).random_()
@@ -181,7 +157,9 @@ def main(argv=None) -> int:
         shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
     else:
         shapes = SMOKE_SHAPES if cpu else list(LLAMA3_8B_SHAPES.values())
-    measure = timer(cpu)
+    # 10 ms warm-up, 50 ms of runs: thousands of runs of a 10-500 us kernel; keeps the whole
+    # benchmark inside its 90 s slot in bench/gpu.sh
+    measure = common.timer(cpu, warmup_ms=10, rep_ms=50, unit="us")
     if cpu:
         notes.insert(0, "interpreter smoke, not a measurement: CPU run under TRITON_INTERPRET=1 on tiny shapes; "
                         "it shows the harness runs end to end, its timings are not claims")
