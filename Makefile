@@ -3,6 +3,8 @@
 #   make demo   # set up .venv if needed, then QLoRA SmolLM2-135M-Instruct on the shipped extraction task
 #   make demo-tiny  # the embedded tiny random model (seconds)
 #   make test   # set up .venv (+ .venv-unsloth on CPU machines) if needed, then run the test suite
+#   make gguf       # add llama-cpp-python to .venv (builds llama.cpp: ~9 min once) for fastft export k-quants
+#   make test-gguf  # the export tests that run the files in llama.cpp (not part of `make test`)
 #
 # Without an NVIDIA GPU the set-up installs torch 2.13.0 (the CPU build) and never CUDA wheels;
 # with one (nvidia-smi works) it installs the gpu extra (unsloth, xformers).
@@ -13,7 +15,8 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 TORCH_CPU   := torch==2.13.0
 CORE_PINS   := transformers==5.17.0 peft==0.21.2 datasets==4.8.5 bitsandbytes==0.50.2 matplotlib==3.11.2 \
-               accelerate==1.15.0 triton==3.9.0 gguf==0.19.0
+               accelerate==1.15.0 triton==3.9.0 gguf==0.19.0 sentencepiece==0.2.3
+GGUF_PINS   := llama-cpp-python==0.3.36 diskcache==5.6.3
 # TRL 1.16 has the CPU path of SFTTrainer's fused LM-head loss; unsloth 2026.10.9 caps trl at 1.15
 # (and patches that loss on CPU), so its matrix entry pins 1.15.
 HF_PINS      := $(CORE_PINS) trl==1.16.0
@@ -21,7 +24,7 @@ UNSLOTH_PINS := $(CORE_PINS) trl==1.15.0 unsloth==2026.10.9 unsloth_zoo==2026.10
 
 PIP := -m pip install --disable-pip-version-check -q
 
-.PHONY: demo demo-tiny test setup clean
+.PHONY: demo demo-tiny test test-gguf gguf setup clean
 demo: .venv/.done
 	.venv/bin/fastft train recipes/smollm2-demo.yaml --overwrite
 
@@ -35,6 +38,16 @@ ifeq ($(HAS_GPU),)
 endif
 
 setup: .venv/.done
+
+gguf: .venv/.gguf-done
+
+# llama-cpp-python builds llama.cpp with CMake (CPU; set CMAKE_ARGS for CUDA/Metal, see its docs).
+.venv/.gguf-done: .venv/.done
+	.venv/bin/python $(PIP) -c .venv/constraints.txt $(GGUF_PINS)
+	touch $@
+
+test-gguf: .venv/.gguf-done
+	.venv/bin/python -m pytest -m gguf -p no:cacheprovider
 
 .venv/.done: pyproject.toml Makefile
 	$(PYTHON) -m venv .venv

@@ -10,10 +10,13 @@
     fastft info                                               # versions, devices, which backend auto picks
     fastft plan recipes/llama3-8b-qlora-alpaca-rtx4090.yaml --target rtx4090   # peak VRAM; exit 1: does not fit
     fastft merge outputs/tiny-demo --out merged/ --dtype bf16     # adapter merged into the 16-bit base
+    fastft export outputs/run --gguf q8_0 --gguf q4_k_m       # GGUF for llama.cpp, verified against the merged model
     fastft registry push outputs/tiny-demo --name demo        # -> demo@v1; list | show | diff | promote | rollback
+    fastft registry attach demo@v1 outputs/run/export/run-q8_0.gguf   # store an export with a version
 
 Exit codes: 0 done, 1 the run failed, 2 bad recipe, data or command line, 3 an eval gate failed
-(train: the run is saved and marked rejected; --no-gate-exit exits 0), 130 / 143 stopped by
+(train: the run is saved and marked rejected; --no-gate-exit exits 0) or an export does not answer
+like the merged model (the file is kept and marked failed in export.json), 130 / 143 stopped by
 SIGINT / SIGTERM after writing a checkpoint (resume with --resume).
 """
 from __future__ import annotations
@@ -75,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--no-verify", action="store_true", help="skip comparing merged logits with base + adapter")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.add_argument("--registry", metavar="DIR", help="registry for NAME@vN references (default: in the cache)")
+    x = sub.add_parser("export", help="GGUF files for llama.cpp / Ollama / LM Studio, verified against the merged model")
+    x.add_argument("run", help="a run directory (output.dir of a finished run)")
+    x.add_argument("--gguf", action="append", required=True, metavar="TYPE",
+                   help="f16, bf16, q8_0 (converter only) or a k-quant: q4_k_m, q5_k_m, q6_k, ... (needs "
+                        "llama-cpp-python); repeat or comma-separate for several")
+    x.add_argument("--out", help="a .gguf file (one type), a folder ending in /, or a name with {quant} "
+                   "(default: RUN/export/<run>-<type>.gguf)")
+    x.add_argument("--base", help="16-bit base checkpoint to merge into (default: the one the run recorded)")
+    x.add_argument("--force", action="store_true", help="export even when the base differs from the recorded one")
+    x.add_argument("--overwrite", action="store_true", help="replace existing files")
+    x.add_argument("--no-verify", action="store_true", help="skip answering the prompt set with the exported file")
+    x.add_argument("--engine", default="auto", choices=["auto", "llama.cpp", "transformers"],
+                   help="what verifies the file: llama.cpp when llama-cpp-python is installed (auto), else "
+                        "transformers' GGUF loader (logits)")
+    x.add_argument("--max-prompts", type=int, default=32, help="held-out prompts in the verification set (default 32)")
+    x.add_argument("--max-new-tokens", type=int, help="answer length in the verification (default: "
+                   "max(eval.max_new_tokens, 48))")
     reg = sub.add_parser("registry", help="versioned adapters: push, list, show, diff, promote, rollback")
     rs = reg.add_subparsers(dest="action", required=True)
     where = argparse.ArgumentParser(add_help=False)
@@ -83,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     x = rs.add_parser("push", parents=[where], help="store a finished run as the next version NAME@vN")
     x.add_argument("run_dir")
     x.add_argument("--name", required=True)
+    x = rs.add_parser("attach", parents=[where], help="store an exported GGUF with a version (see fastft export)")
+    x.add_argument("ref")
+    x.add_argument("file")
     x = rs.add_parser("list", parents=[where], help="every version (of NAME)")
     x.add_argument("name", nargs="?")
     x = rs.add_parser("show", parents=[where], help="one version's metadata and integrity (NAME, NAME@vN, NAME@production)")
@@ -122,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "info":
             return _info()
+        if args.cmd == "export":
+            return _export(args)
         if args.cmd in ("merge", "registry"):
             return _lifecycle(args)
         if args.cmd in ("eval", "generate"):
@@ -201,6 +226,26 @@ def _generate(run_dir, args) -> int:
             reply(line.strip())
 
 
+def _export(args) -> int:
+    from . import artifacts, export, merge
+
+    try:
+        report = export.export(args.run, args.gguf, out=args.out, base=args.base, force=args.force,
+                               overwrite=args.overwrite, verify=not args.no_verify, engine=args.engine,
+                               max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens)
+    except (export.ExportError, merge.MergeError) as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except artifacts.IncompatibleBaseError as e:
+        print(f"fastft: error: {e}", file=sys.stderr)
+        return 2
+    if not export.passed(report):
+        print(f"fastft: an export does not answer like the merged model (details: {args.run}/export.json); the file "
+              f"is kept and marked failed (exit {export.VERIFY_EXIT_CODE})", file=sys.stderr)
+        return export.VERIFY_EXIT_CODE
+    return 0
+
+
 def _lifecycle(args) -> int:
     """fastft merge / fastft registry: exit 2 for a bad reference, damaged entry or incompatible base."""
     from . import artifacts, registry
@@ -230,6 +275,14 @@ def _registry(registry, args) -> int:
         e = reg.push(args.run_dir, args.name)
         print(json.dumps({"ref": e.ref, "files": len(e.manifest)}) if args.json else
               f"pushed {args.run_dir} as {e.ref} ({len(e.manifest)} files, registry {reg.root})")
+    elif act == "attach":
+        x = reg.attach(args.ref, args.file)
+        v = x.get("verification") or {}
+        print(json.dumps(x, indent=2, default=str) if args.json else
+              f"attached {x['file']} ({x.get('quant') or 'type unknown'}, {x['bytes'] / 1e6:.1f} MB, "
+              + ("not verified by fastft export" if not v else "verification " + ("passed" if v.get("passed") else
+                                                                                  "FAILED"))
+              + f") to {x['ref']}: {x['object']}")
     elif act == "list":
         print(json.dumps([{"ref": e.ref, "created": e.created, "status": e.status} for e in reg.versions(args.name)])
               if args.json else registry.format_list(reg, args.name))
@@ -238,7 +291,8 @@ def _registry(registry, args) -> int:
         problems = reg.verify(e)
         print(json.dumps({"ref": e.ref, "created": e.created, "status": e.status, "source": e.source,
                           "stages": [s for s, v in reg.stages(e.name).items() if v == e.version],
-                          "files": e.manifest, "damaged": problems, "meta": e.meta}, indent=2, default=str)
+                          "files": e.manifest, "damaged": problems, "exports": reg.exports(e), "meta": e.meta},
+                         indent=2, default=str)
               if args.json else registry.format_show(reg, e))
         return 2 if problems else 0
     elif act == "diff":

@@ -6,6 +6,7 @@
     fastft registry diff support-bot@v1 support-bot@v2         # hyperparameters and metrics
     fastft registry promote support-bot@v2 --stage production
     fastft registry rollback support-bot                       # production back to the previous one
+    fastft registry attach support-bot@v2 outputs/run/export/run-q8_0.gguf   # a GGUF export (fastft export)
     fastft eval support-bot@production                         # any REF where a run dir is accepted
 
     from fastft import registry
@@ -17,6 +18,10 @@ Layout of ``--registry DIR`` (default: ``$FASTFT_CACHE/registry``):
     objects/ab/abcd...     every stored file once, named by its sha256
     checkouts/NAME/vN/     the files of one version as a run directory (fastft.json, adapter/),
                            built from objects/ on first use and checked against the manifest
+
+Exports (GGUF files from ``fastft export``) are attached to a version after the fact: the file is
+stored in ``objects/`` like any other, with its type, size and the verification fastft recorded
+for it in the run's export.json (matched by sha256); ``show`` lists them with their stored path.
 
 A push copies the run's files into ``objects/`` (each written to a temporary name and renamed:
 a file either exists whole under its hash or not at all), then records the version in one
@@ -45,7 +50,7 @@ from pathlib import Path
 STAGES = ("staging", "production")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<sel>v\d+|latest|staging|production))?$")
-RUN_FILES = ("fastft.json", "eval.json", "metrics.jsonl", "report.md")  # stored when present, with adapter/
+RUN_FILES = ("fastft.json", "eval.json", "metrics.jsonl", "report.md", "export.json")  # stored when present, with adapter/
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     name TEXT NOT NULL,
@@ -56,6 +61,17 @@ CREATE TABLE IF NOT EXISTS versions (
     manifest TEXT NOT NULL,
     meta TEXT NOT NULL,
     PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS exports (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    quant TEXT,
+    record TEXT NOT NULL,
+    attached TEXT NOT NULL,
+    PRIMARY KEY (name, version, sha256)
 );
 CREATE TABLE IF NOT EXISTS stage_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -327,6 +343,45 @@ class Registry:
             raise
         return dst
 
+    # --- exports ---------------------------------------------------------------------------------
+    def attach(self, ref: str, path: str | Path) -> dict:
+        """Store a GGUF export with the version ``ref``; returns its record (quant, bytes, sha256,
+        the verification fastft export recorded for the same file, the stored object's path)."""
+        entry = self.get(ref)
+        src = Path(path).expanduser()
+        if not src.is_file():
+            raise RegistryError(f"{path}: no such file; give a .gguf written by fastft export")
+        with open(src, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise RegistryError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+        digest = self._store_object(src)
+        record = _export_record(entry, src, digest)
+        with self._db(write=True) as con:
+            con.execute("INSERT OR REPLACE INTO exports (name, version, file, sha256, bytes, quant, record, attached) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (entry.name, entry.version, src.name, digest, src.stat().st_size, record.get("quant"),
+                         json.dumps(record, sort_keys=True, default=str), _now()))
+        return {"ref": entry.ref, "file": src.name, "sha256": digest, "bytes": src.stat().st_size,
+                "object": str(self._object(digest)), **record}
+
+    def exports(self, entry: Entry) -> list[dict]:
+        """The exports attached to ``entry``, each with its stored object's path and whether it is intact."""
+        if not self.db_path.is_file():
+            return []
+        with self._db() as con:
+            try:
+                rows = con.execute("SELECT file, sha256, bytes, quant, record, attached FROM exports WHERE name = ? "
+                                   "AND version = ? ORDER BY attached", (entry.name, entry.version)).fetchall()
+            except sqlite3.OperationalError:  # a registry from before exports existed
+                return []
+        out = []
+        for file, digest, size, quant, record, attached in rows:
+            obj = self._object(digest)
+            out.append({"file": file, "sha256": digest, "bytes": size, "quant": quant, "attached": attached,
+                        "object": str(obj), "intact": obj.is_file() and obj.stat().st_size == size,
+                        **{k: v for k, v in json.loads(record).items() if k != "quant"}})
+        return out
+
     # --- stages ----------------------------------------------------------------------------------
     def promote(self, ref: str, stage: str, force: bool = False) -> Entry:
         if stage not in STAGES:
@@ -400,6 +455,28 @@ def _metadata(info: dict, run: Path) -> dict:
         "pushed": _now(),
     }
     return meta
+
+
+def _export_record(entry: Entry, src: Path, digest: str) -> dict:
+    """What fastft export recorded about this file (matched by sha256 in export.json beside the file's
+    run, or in the version's source run); otherwise only its GGUF type."""
+    candidates = [src.parent.parent / "export.json", src.parent / "export.json"]
+    if entry.source:
+        candidates.append(Path(entry.source) / "export.json")
+    for c in candidates:
+        try:
+            doc = json.loads(c.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for e in doc.get("exports", []):
+            if e.get("sha256") == digest:
+                v = e.get("verification") or {}
+                return {"quant": e.get("quant"), "converter": e.get("converter"), "export_json": str(c),
+                        "verification": {k: v.get(k) for k in ("engine", "passed", "gated", "checks", "same_answer",
+                                                                 "stops_kept", "metric", "metric_merged",
+                                                                 "metric_gguf", "argmax_agreement",
+                                                                 "relative_to_scale") if k in v} or None}
+    return {"quant": None, "verification": None, "note": "no export.json records this file: not verified by fastft"}
 
 
 def _gate_summary(gates) -> str:
@@ -521,6 +598,12 @@ def format_show(reg: Registry, entry: Entry) -> str:
         lines += [f"    {k:<40} {v:.6g}" for k, v in flat.items()]
     lines.append(f"  files        {len(entry.manifest)}, "
                  + ("all match their sha256" if not problems else "DAMAGED: " + "; ".join(problems)))
+    for x in reg.exports(entry):
+        v = x.get("verification") or {}
+        verdict = "not verified" if not v else ("verified: " + ("pass" if v.get("passed") else "FAIL")
+                                                if v.get("gated") else "verified: reported, not gated")
+        lines.append(f"  export       {x['file']}  {x.get('quant') or '?'}  {x['bytes'] / 1e6:.1f} MB  {verdict}  "
+                     + (x["object"] if x["intact"] else "MISSING: " + x["object"]))
     return "\n".join(lines)
 
 

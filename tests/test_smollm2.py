@@ -75,6 +75,14 @@ def test_converted_checkpoint(smollm2_path):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     gen = json.loads((smollm2_path / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2
+    # the upstream byte-level form (what llama.cpp's converter recognizes as SmolLM's), not
+    # transformers' SentencePiece-style rendering of the GGUF vocabulary
+    spec = json.loads((smollm2_path / "tokenizer.json").read_text())
+    assert spec["model"]["byte_fallback"] is False and spec["decoder"]["type"] == "ByteLevel"
+    # digits are split off first, so a blank line before a number stays one token, as in llama.cpp's
+    # smollm pre-tokenizer (transformers' rendering gave two, on 70 of the 600 demo training rows)
+    assert tok.convert_ids_to_tokens(tok.encode(" as JSON.\n\n34 notebooks", add_special_tokens=False)) == [
+        "\u0120as", "\u0120JSON", ".", "\u010a\u010a", "3", "4", "\u0120notebooks"]
     assert not list(smollm2_path.parent.glob(smollm2_path.name + ".*/"))  # no temp dir left behind
 
 
