@@ -29,7 +29,7 @@ What happens, for one run directory:
    with the final name is always complete.
 4. **Verify** that the file answers like the merged model, on a fixed prompt set: the run's
    held-out prompts (at most ``--max-prompts``) and ``GENERAL_PROMPTS``; the merged transformers
-   model (fp32) answers greedily as the reference.
+   model answers greedily as the reference (in its merged dtype, on the GPU when there is one).
    - With ``llama-cpp-python`` installed, llama.cpp loads the file and answers the same prompt
      tokens greedily. Reported: the share of identical answers, whether it stops at EOS wherever
      the merged model does, whether llama.cpp's tokenizer gives the same ids for every prompt, and
@@ -37,7 +37,8 @@ What happens, for one run directory:
      f16 needs identical answers on >= 90% of prompts and every stop kept; bf16 and q8_0 keep the
      task metric within 5 points; k-quants are reported, not gated (a small model loses much in
      4 bits); identical tokenization is required of every type.
-   - Without it, transformers' GGUF loader reads the file back (dequantized to fp32) and its logits
+   - Without it, transformers' GGUF loader reads the file back (dequantized to the reference's
+     dtype: for an 8B model that is a second 16 GB copy in memory) and its logits
      on the prompts followed by the merged model's answers are compared with the merged model's:
      max difference relative to the logit scale, and greedy (argmax) agreement, against
      ``LOGIT_TOLERANCE``; k-quants are not gated here either.
@@ -52,7 +53,6 @@ converter does not support (architecture, or a BPE pre-tokenizer it does not rec
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -63,6 +63,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from .artifacts import file_sha256 as _sha256
 
 CONVERTER_PACKAGE = "llama-cpp-python"
 CONVERTER_VERSION = "0.3.36"
@@ -192,14 +194,6 @@ def _need_llama_cpp(quants: list[str]) -> None:
 
 # --- the converter ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def converter() -> dict:
     """``{"script": path to convert_hf_to_gguf.py, "version": ..., ...}``: llama.cpp's converter,
     unpacked from the pinned llama-cpp-python sdist into the cache on first use (or ``$FASTFT_LLAMA_CPP_DIR``)."""
@@ -229,34 +223,12 @@ def converter() -> dict:
 
 
 def _fetch_sdist() -> Path:
-    from filelock import FileLock
+    from .downloads import download_dir, pip_download
 
-    from .smollm2 import download_dir
-
-    dest = download_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    sdist = dest / f"llama_cpp_python-{CONVERTER_VERSION}.tar.gz"
-    with FileLock(str(dest / "llama-cpp-python-sdist.lock")):
-        if sdist.is_file() and _sha256(sdist) == CONVERTER_SDIST_SHA256:
-            return sdist
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "--dest", str(dest), f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}"]
-        _say(f"downloading llama.cpp's converter: the {CONVERTER_PACKAGE}=={CONVERTER_VERSION} sdist (77 MB, once) "
-             f"into {dest}")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not sdist.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise ExportError(f"could not download llama.cpp's converter: `{' '.join(cmd)}` failed (exit "
-                              f"{proc.returncode}):\n{tail}\nFix: make PyPI reachable, put the sdist at {sdist}, or "
-                              f"set {LLAMA_CPP_DIR_ENV} to a llama.cpp checkout.")
-        got = _sha256(sdist)
-        if got != CONVERTER_SDIST_SHA256:
-            sdist.unlink()
-            raise ExportError(f"{sdist.name}: sha256 {got} is not the pinned {CONVERTER_SDIST_SHA256}; the download "
-                              "was removed. Run again.")
-        _say(f"downloaded {sdist.name} in {time.perf_counter() - t0:.1f} s")
-    return sdist
+    return pip_download(f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}", f"llama_cpp_python-{CONVERTER_VERSION}.tar.gz",
+                        CONVERTER_SDIST_SHA256, what="llama.cpp's converter, in the sdist: 77 MB, once",
+                        error=ExportError, pip_args=("--no-binary", ":all:"),
+                        fix=f"put the sdist in {download_dir()}, or set {LLAMA_CPP_DIR_ENV} to a llama.cpp checkout.")
 
 
 def _unpack_converter(dst: Path) -> None:
@@ -303,7 +275,8 @@ def _converter_error(log_text: str, rc: int, log_path: Path, conv: dict, model_d
     m = re.search(r"Model (\S+) is not supported", log_text)
     if m:
         return ExportError(f"llama.cpp's converter ({conv['version']}) does not support the architecture {m.group(1)}"
-                           f" of {model_dir}; a newer llama.cpp may ({LLAMA_CPP_DIR_ENV}). Converter log: {log_path}", 2)
+                           f" of {model_dir}; a newer llama.cpp may ({LLAMA_CPP_DIR_ENV}). "
+                           f"Converter log: {log_path}", 2)
     m = re.search(r"No module named '([^']+)'", log_text)
     if m:
         return ExportError(f"llama.cpp's converter needs the Python package {m.group(1)!r}: pip install "
@@ -463,8 +436,9 @@ def reference_answers(model, tokenizer, prompts: list[list[int]], stop_ids: list
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=stop_ids)
@@ -562,12 +536,14 @@ def verify_transformers(path: Path, quant: str, merged_model, tokenizer, prompts
     import torch
     from transformers import AutoModelForCausalLM
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    first = next(merged_model.parameters())
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=first.dtype,
+                                                      device_map={"": first.device})
     gguf_model.eval()
     max_diff, scale, agree, total = 0.0, 1.0, 0, 0
     with torch.no_grad():
         for ids, ans in zip(prompts, merged):
-            seq = torch.tensor([ids + ans["ids"]])
+            seq = torch.tensor([ids + ans["ids"]], device=first.device)
             ref = merged_model(input_ids=seq).logits.float()[0]
             got = gguf_model(input_ids=seq).logits.float()[0]
             max_diff = max(max_diff, (got - ref).abs().max().item())
@@ -645,12 +621,16 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
             max_new = max_new_tokens or max(r.eval.max_new_tokens, 48)
             rows = prompt_set(r, tokenizer, max_prompts, log)
             texts, prompts = map(list, zip(*(render(tokenizer, row["messages"]) for row in rows)))
-            merged_model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32,
-                                                                device_map={"": "cpu"}).eval()
+            # the reference in the merged dtype (fp32 up to FP32_MERGE_MAX_PARAMS, else bf16), on the GPU if any
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+            merged_model = AutoModelForCausalLM.from_pretrained(
+                str(merged_dir), dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
+                device_map={"": device}).eval()
             merged = reference_answers(merged_model, tokenizer, prompts, stop_ids, max_new)
             if use_llama:
                 del merged_model
-            report["reference"] = {"model": f"merged ({mrep['dtype']}, transformers)", "prompts": len(rows),
+            report["reference"] = {"model": f"merged ({mrep['dtype']}, transformers on {device})",
+                                   "prompts": len(rows),
                                    "held_out": sum(r_["reference"] is not None for r_ in rows),
                                    "max_new_tokens": max_new, "stop_ids": stop_ids,
                                    "metric": r.eval.metric,
@@ -699,8 +679,8 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
                 log(f"fastft: export: verifying {dst.name} ({'llama.cpp' if use_llama else 'transformers GGUF loader'}"
                     f", {len(rows)} prompts)")
                 if use_llama:
-                    v = verify_llama_cpp(dst, quant, rows, prompts, texts, merged, report["reference"]["max_new_tokens"],
-                                         r.eval)
+                    v = verify_llama_cpp(dst, quant, rows, prompts, texts, merged,
+                                         report["reference"]["max_new_tokens"], r.eval)
                 else:
                     v = verify_transformers(dst, quant, merged_model, tokenizer, prompts, merged)
                 seconds["verify"] = time.perf_counter() - t

