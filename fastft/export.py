@@ -657,9 +657,11 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
                 meta = read_metadata(part)
                 problems = check_metadata(meta, tokenizer, stop_ids)
                 if problems:
-                    raise ExportError(f"the {quant} GGUF written by llama.cpp's converter is not usable: "
-                                      + "; ".join(problems) + f". Nothing was written to {dst}. Converter log: "
-                                      + str(logs / f"convert-{quant}.log"))
+                    made_by = "converter" if quant in DIRECT else "quantizer"
+                    raise ExportError(f"the {quant} GGUF written by llama.cpp's {made_by} is not usable: "
+                                      + "; ".join(problems) + f". Nothing was written to {dst}. Log: "
+                                      + str(logs / (f"convert-{quant}.log" if quant in DIRECT
+                                                    else f"quantize-{quant}.log")))
                 os.replace(part, dst)
             except BaseException:
                 part.unlink(missing_ok=True)
@@ -688,6 +690,12 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
             seconds["merge (shared)"] = merge_s
             entry["seconds"] = {k: round(s, 2) for k, s in seconds.items()}
             report["exports"].append(entry)
+    except BaseException:
+        if record and report["exports"]:  # the files finished before the failure stay on record
+            report["seconds"] = round(time.perf_counter() - t_start, 2)
+            report["incomplete"] = True
+            _record(run, report)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t_start, 2)

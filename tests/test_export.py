@@ -203,6 +203,22 @@ def test_smollm2_export_f16_and_q8_0(smollm2_run, capsys):
 
 
 @pytest.mark.slow
+def test_failed_verification_keeps_the_file_marks_it_and_exits_3(smollm2_run, tmp_path, monkeypatch, capsys):
+    """An f16 held to an impossible logit tolerance: the file is a correct GGUF, so it is kept, but the
+    export is recorded as failed and the command exits 3."""
+    monkeypatch.setitem(export.LOGIT_TOLERANCE, "f16", (0.0, 1.0))
+    out = tmp_path / "strict.gguf"
+    rc = cli.main(["export", str(smollm2_run), "--gguf", "f16", "--out", str(out), "--engine", "transformers",
+                   "--max-prompts", "2", "--max-new-tokens", "8"])
+    err = capsys.readouterr().err
+    assert rc == export.VERIFY_EXIT_CODE == 3
+    assert "FAIL f16: max |logit diff| / scale" in err and "does not answer like the merged model" in err
+    assert out.is_file() and out.read_bytes()[:4] == b"GGUF"
+    rec = [e for e in json.loads((smollm2_run / "fastft.json").read_text())["exports"] if e["file"] == str(out)]
+    assert len(rec) == 1 and rec[0]["verification"]["passed"] is False
+
+
+@pytest.mark.slow
 def test_export_attached_to_a_registry_version(smollm2_run, tmp_path):
     from fastft import registry
 
