@@ -80,6 +80,14 @@ def timer(cpu: bool, warmup_ms: int, rep_ms: int, unit: str = "ms"):
     return run
 
 
+def add_output_args(p) -> None:
+    """The flags every kernel benchmark shares: the CPU smoke run and where the result goes."""
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run on CPU under TRITON_INTERPRET=1 with tiny shapes (harness check, not a measurement)")
+    p.add_argument("--out", help="folder for the result JSON")
+    p.add_argument("--no-write", action="store_true", help="print the result, write no file")
+
+
 def versions() -> dict:
     from fastft.backends import versions as stack_versions
 

@@ -52,10 +52,9 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--target", help="hardware target for roofs and the result name (default: from the device)")
     p.add_argument("--sweep", action="store_true", help="also time the forward matmul in every launch config")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="run on CPU under TRITON_INTERPRET=1 with tiny shapes (harness check, not a measurement)")
-    p.add_argument("--out", help="folder for the result JSON")
-    p.add_argument("--no-write", action="store_true", help="print the result, write no file")
+    from bench import common
+
+    common.add_output_args(p)
     return p.parse_args(argv)
 
 

@@ -51,10 +51,9 @@ def parse_args(argv):
                                     "device name; cpu for --cpu-smoke)")
     p.add_argument("--sweep", action="store_true", help="also time every shipped launch config")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference (slow on big shapes)")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="run on CPU under TRITON_INTERPRET=1 with tiny shapes (harness check, not a measurement)")
-    p.add_argument("--out", help="folder for the result JSON")
-    p.add_argument("--no-write", action="store_true", help="print the result, write no file")
+    from bench import common
+
+    common.add_output_args(p)
     return p.parse_args(argv)
 
 

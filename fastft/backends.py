@@ -240,7 +240,7 @@ def versions() -> dict[str, str | None]:
 
     out = {"python": sys.version.split()[0]}
     for pkg in ("fastft", "torch", "triton", "transformers", "peft", "trl", "datasets", "bitsandbytes",
-                "accelerate", "unsloth", "unsloth_zoo", "xformers"):
+                "accelerate", "unsloth", "unsloth_zoo", "xformers", "gguf", "llama_cpp_python"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -65,6 +65,7 @@ import time
 from pathlib import Path
 
 from .artifacts import file_sha256 as _sha256
+from .evaluate import GATE_EXIT_CODE
 
 CONVERTER_PACKAGE = "llama-cpp-python"
 CONVERTER_VERSION = "0.3.36"
@@ -77,7 +78,7 @@ DIRECT = ("f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QUANTS = DIRECT + K_QUANTS
 FP32_MERGE_MAX_PARAMS = 2_000_000_000
-VERIFY_EXIT_CODE = 3  # the export was written but does not answer like the merged model
+VERIFY_EXIT_CODE = GATE_EXIT_CODE  # 3: the export was written but does not answer like the merged model
 EXPORT_FILE = "export.json"
 SCHEMA_VERSION = 1
 # Tokens llama.cpp ends generation on when they are in the vocabulary, besides the eos/eot/eom
@@ -454,13 +455,14 @@ def _same(a: str, b: str) -> bool:
     return a.strip() == b.strip()
 
 
-def _task_metric(rows: list[dict], answers: list[str], cfg) -> float | None:
-    from .evaluate import score
+def _task_metric(answers: list[str], references: list[str | None], cfg) -> float | None:
+    """The recipe's eval.metric over the prompts that have a reference (None: there are none)."""
+    from .evaluate import task_scores
 
-    pairs = [(a, r["reference"]) for a, r in zip(answers, rows) if r["reference"] is not None]
+    pairs = [(a, ref) for a, ref in zip(answers, references) if ref is not None]
     if not pairs:
         return None
-    return sum(score(a, ref, cfg.metric, cfg.json_fields) for a, ref in pairs) / len(pairs)
+    return task_scores([a for a, _ in pairs], [ref for _, ref in pairs], None, cfg.metric, cfg.json_fields)[cfg.metric]
 
 
 def verify_llama_cpp(path: Path, quant: str, rows: list[dict], prompts: list[list[int]], texts: list[str],
@@ -506,16 +508,13 @@ def verify_llama_cpp(path: Path, quant: str, rows: list[dict], prompts: list[lis
 
 
 def _answer_summary(per: list[dict], cfg) -> dict:
-    from .evaluate import score
-
     n = len(per)
     stops = [p for p in per if p["merged_stopped"]]
     held = [p for p in per if p["reference"] is not None]
+    refs = [p["reference"] for p in per]
 
     def metric(key):
-        if not held:
-            return None
-        return sum(score(p[key], p["reference"], cfg.metric, cfg.json_fields) for p in held) / len(held)
+        return _task_metric([p[key] for p in per], refs, cfg)
 
     return {"prompts": n, "held_out": len(held), "same_answer": sum(p["same_answer"] for p in per) / n,
             "same_tokens": sum(p["same_tokens"] for p in per) / n,
@@ -608,7 +607,8 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
         dtype = "fp32" if not n_params or n_params <= FP32_MERGE_MAX_PARAMS else "bf16"
         t = time.perf_counter()
         merged_dir = work / "merged"
-        mrep = merge.merge(str(run), merged_dir, dtype=dtype, base=base, force=force, verify=verify, log=log)
+        mrep = merge.merge(str(run), merged_dir, dtype=dtype, base=base, force=force, verify=verify,
+                           compare_4bit=False, log=log)
         merge_s = time.perf_counter() - t
         tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
         stop_ids = stop_token_ids(merged_dir, tokenizer)
@@ -634,7 +634,8 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
                                    "held_out": sum(r_["reference"] is not None for r_ in rows),
                                    "max_new_tokens": max_new, "stop_ids": stop_ids,
                                    "metric": r.eval.metric,
-                                   "metric_merged": _task_metric(rows, [m["text"] for m in merged], r.eval),
+                                   "metric_merged": _task_metric([m["text"] for m in merged],
+                                                                 [r_["reference"] for r_ in rows], r.eval),
                                    "seconds": round(time.perf_counter() - t, 2)}
 
         # 3. convert / quantize each type, check the file, rename it into place, verify it
@@ -699,8 +700,7 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
-    report["versions"] = backends.versions() | {"llama_cpp_python": getattr(_llama_cpp(), "__version__", None),
-                                                "gguf": _version("gguf")}
+    report["versions"] = backends.versions()
     if record:
         _record(run, report)
     log(format_table(report))
@@ -717,15 +717,6 @@ def _approx_parameters(arch: dict) -> int | None:
         return None
     attn = 2 * h * h + 2 * h * (h // heads) * kv
     return n * (attn + 3 * h * i) + vocab * h * (1 if arch.get("tie_word_embeddings") else 2)
-
-
-def _version(pkg: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
 
 
 def passed(report: dict) -> bool:

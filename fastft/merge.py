@@ -97,9 +97,10 @@ def bnb_config(compute_dtype: str):
 
 def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = None, from_quantized: bool = False,
           force: bool = False, verify: bool = True, overwrite: bool = False, registry: str | None = None,
-          log=print) -> dict:
+          compare_4bit: bool = True, log=print) -> dict:
     """Merge the adapter of ``ref`` (run dir or registry reference) into its base and save it to
-    ``out``. Returns the report also written to ``out/fastft-merge.json``."""
+    ``out``. Returns the report also written to ``out/fastft-merge.json``. ``compare_4bit``: for a
+    4-bit run, also load the 4-bit training model to measure its gap from the merged one."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,7 +182,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
                 f"(fp32): max |diff| {v['max_abs_diff']:.3g} on logits up to {v['reference_max_abs']:.3g} "
                 f"(limit {TOLERANCE[dtype]:g} x that), greedy tokens agree {100 * v['argmax_agreement']:.1f}%; "
                 f"the adapter itself moves logits by up to {report['adapter_effect']['max_abs_diff']:.3g}")
-            if trained_4bit:
+            if trained_4bit and compare_4bit:
                 q = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, compute_dtype),
                                                          device_map={"": "cpu"},
                                                          **({} if fp.get("quantized_checkpoint")

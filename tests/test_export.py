@@ -10,6 +10,8 @@ exported to f16, q8_0 and q4_k_m and answered in llama.cpp itself.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -163,13 +165,21 @@ def smollm2_run(download_cache, fastft_cache, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def smollm2_exports(smollm2_run):
+    """``fastft export RUN --gguf f16,q8_0`` (transformers engine) once: (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["export", str(smollm2_run), "--gguf", "f16,q8_0", "--engine", "transformers",
+                       "--max-prompts", "6", "--max-new-tokens", "24"])
+    return rc, err.getvalue()
+
+
 @pytest.mark.slow
-def test_smollm2_export_f16_and_q8_0(smollm2_run, capsys):
+def test_smollm2_export_f16_and_q8_0(smollm2_run, smollm2_exports):
     from transformers import AutoTokenizer
 
-    rc = cli.main(["export", str(smollm2_run), "--gguf", "f16,q8_0", "--engine", "transformers",
-                   "--max-prompts", "6", "--max-new-tokens", "24"])
-    err = capsys.readouterr().err
+    rc, err = smollm2_exports
     assert rc == 0, err
     assert "GGUF export of" in err and "transformers" in err and "pass" in err
     tok = AutoTokenizer.from_pretrained(smollm2_run / "adapter")
@@ -177,7 +187,9 @@ def test_smollm2_export_f16_and_q8_0(smollm2_run, capsys):
     info = json.loads((smollm2_run / "fastft.json").read_text())
     assert [e["quant"] for e in doc["exports"]] == ["f16", "q8_0"]
     assert doc["reference"]["prompts"] == 6 + len(export.GENERAL_PROMPTS) and doc["reference"]["held_out"] == 6
-    for e, rec in zip(doc["exports"], info["exports"]):
+    recorded = {rec["file"]: rec for rec in info["exports"]}
+    for e in doc["exports"]:
+        rec = recorded[e["file"]]
         path = Path(e["file"])
         assert path.parent == smollm2_run / "export" and path.name == f"run-{e['quant']}.gguf"
         assert e["bytes"] == path.stat().st_size and e["sha256"] == export._sha256(path)
@@ -219,12 +231,11 @@ def test_failed_verification_keeps_the_file_marks_it_and_exits_3(smollm2_run, tm
 
 
 @pytest.mark.slow
-def test_export_attached_to_a_registry_version(smollm2_run, tmp_path):
+def test_export_attached_to_a_registry_version(smollm2_run, smollm2_exports, tmp_path):
     from fastft import registry
 
     files = sorted((smollm2_run / "export").glob("*-q8_0.gguf"))
-    if not files:
-        pytest.skip("needs the q8_0 export of test_smollm2_export_f16_and_q8_0 (run the module)")
+    assert len(files) == 1, smollm2_exports[1]
     reg = registry.Registry(tmp_path / "reg")
     entry = reg.push(smollm2_run, "smol")
     x = reg.attach(entry.ref, files[0])
