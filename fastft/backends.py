@@ -19,12 +19,13 @@ import importlib.util
 import sys
 from dataclasses import asdict, dataclass, field
 
+from .errors import FastftError
 from .recipe import Recipe
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class BackendError(RuntimeError):
+class BackendError(FastftError, RuntimeError):
     """A backend that cannot run here; the message says what to install or change."""
 
 
@@ -99,6 +100,18 @@ def resolve_dtype(name: str, device: str):
     return torch.float32  # CPU: bitsandbytes' CPU path and the interpreter are fastest and exact in fp32
 
 
+def nf4_config(compute_dtype):
+    """The one 4-bit quantization fastft trains, evaluates and merges with: NF4, double quant, packed
+    weights stored as uint8. ``compute_dtype``: a torch dtype or its name ("bfloat16")."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+
+
 def target_modules(recipe: Recipe):
     return recipe.lora.target_modules  # "all-linear" or an explicit list
 
@@ -135,21 +148,14 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
 
 
 def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo):
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     if recipe.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = recipe.model.attn_implementation
     if recipe.model.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
+        kwargs["quantization_config"] = nf4_config(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import atomic_write_text
+from .files import atomic_write_text
 
 RUN_FILE = "fastft-run.json"
 FINAL_FILE = "fastft.json"

@@ -27,6 +27,9 @@ import logging
 import os
 import sys
 
+from .errors import EXIT_BAD_INPUT, EXIT_GATE
+from .hardware import GPU_TARGETS
+
 
 def _quiet_libraries() -> None:
     # bitsandbytes' CPU backend looks for optional hub kernels at import and logs a warning that
@@ -123,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices and the backend 'auto' would pick")
     pl = sub.add_parser("plan", help="estimate peak VRAM from the model config (no weights); exit 1 if it does not fit")
     pl.add_argument("recipe")
-    pl.add_argument("--target", default="rtx4090", choices=["rtx4090", "a100-40", "a100-80", "h100"])
+    pl.add_argument("--target", default="rtx4090", choices=GPU_TARGETS)
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
     return p
@@ -138,71 +141,66 @@ def _base_args(p) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    from . import recipe as recipe_mod
-    from .backends import BackendError
-    from .data import DataError
+    from .errors import FastftError
 
+    command = COMMANDS[args.cmd]
     try:
-        if args.cmd == "info":
-            return _info()
-        if args.cmd == "export":
-            return _export(args)
-        if args.cmd in ("merge", "registry"):
-            return _lifecycle(args)
-        if args.cmd in ("eval", "generate"):
-            return _eval_or_generate(args)
-        r = recipe_mod.load(args.recipe, args.overrides)
-        if args.cmd == "validate":
-            print(json.dumps(r.to_dict(), indent=2))
-            print(f"{args.recipe}: valid", file=sys.stderr)
-            return 0
-        if args.cmd == "plan":
-            return _plan(r, args.target, args.json)
-        from . import train
-
-        result = train.run(r, resume=args.resume, overwrite=args.overwrite)
-        from .evaluate import gate_exit
-
-        return gate_exit(result.info, args.no_gate_exit)
-    except (recipe_mod.RecipeError, DataError, FileNotFoundError) as e:
+        return command(args)
+    except FastftError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
-        return 2
-    except BackendError as e:
+        return e.exit_code
+    except FileNotFoundError as e:
         print(f"fastft: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("fastft: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from .train import TrainError
-
-        if isinstance(e, TrainError):
-            print(f"fastft: error: {e}", file=sys.stderr)
-            return e.exit_code
-        raise
 
 
-def _eval_or_generate(args) -> int:
-    from . import artifacts, evaluate, registry
+def _recipe(args):
+    from . import recipe
 
-    try:
-        run_dir = registry.resolve_ref(args.run, args.registry)  # a run directory or NAME@vN / NAME@production
-        if args.cmd == "eval":
-            result = evaluate.eval_run(run_dir, args.data, args.regression, args.base, args.force)
-            return evaluate.gate_exit(result, args.no_gate_exit)
-        return _generate(run_dir, args)
-    except (artifacts.IncompatibleBaseError, registry.RegistryError) as e:
-        print(f"fastft: error: {e}", file=sys.stderr)
-        return 2
+    return recipe.load(args.recipe, args.overrides)
 
 
-def _generate(run_dir, args) -> int:
+def cmd_train(args) -> int:
+    from . import gates, train
+
+    result = train.run(_recipe(args), resume=args.resume, overwrite=args.overwrite)
+    return gates.gate_exit(result.info, args.no_gate_exit)
+
+
+def cmd_validate(args) -> int:
+    r = _recipe(args)
+    print(json.dumps(r.to_dict(), indent=2))
+    print(f"{args.recipe}: valid", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import plan
+
+    p = plan.plan(_recipe(args), args.target)
+    print(json.dumps(p.to_dict()) if args.json else plan.format_plan(p))
+    return 0 if p.fits else 1
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate, gates, registry
+
+    run_dir = registry.resolve_ref(args.run, args.registry)  # a run directory or NAME@vN / NAME@production
+    result = evaluate.eval_run(run_dir, args.data, args.regression, args.base, args.force)
+    return gates.gate_exit(result, args.no_gate_exit)
+
+
+def cmd_generate(args) -> int:
     """Stream replies: one for --prompt, else one per stdin line until EOF (each line a new chat)."""
-    from . import evaluate
+    from . import evaluate, registry
+    from .errors import FastftError
 
+    run_dir = registry.resolve_ref(args.run, args.registry)
     if args.temperature < 0 or args.max_new_tokens < 1:
-        print("fastft: error: --temperature must be >= 0 and --max-new-tokens >= 1", file=sys.stderr)
-        return 2
+        raise FastftError("--temperature must be >= 0 and --max-new-tokens >= 1")
     model, tokenizer, _, _ = evaluate.load_run(run_dir, args.base, args.force, log=lambda m: print(m, file=sys.stderr))
     system = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -226,49 +224,31 @@ def _generate(run_dir, args) -> int:
             reply(line.strip())
 
 
-def _export(args) -> int:
-    from . import artifacts, export, merge
+def cmd_export(args) -> int:
+    from . import export
 
-    try:
-        report = export.export(args.run, args.gguf, out=args.out, base=args.base, force=args.force,
-                               overwrite=args.overwrite, verify=not args.no_verify, engine=args.engine,
-                               max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens)
-    except (export.ExportError, merge.MergeError) as e:
-        print(f"fastft: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except artifacts.IncompatibleBaseError as e:
-        print(f"fastft: error: {e}", file=sys.stderr)
-        return 2
+    report = export.export(args.run, args.gguf, out=args.out, base=args.base, force=args.force,
+                           overwrite=args.overwrite, verify=not args.no_verify, engine=args.engine,
+                           max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens)
     if not export.passed(report):
         print(f"fastft: an export does not answer like the merged model (details: {args.run}/export.json); the file "
-              f"is kept and marked failed (exit {export.VERIFY_EXIT_CODE})", file=sys.stderr)
-        return export.VERIFY_EXIT_CODE
+              f"is kept and marked failed (exit {EXIT_GATE})", file=sys.stderr)
+        return EXIT_GATE
     return 0
 
 
-def _lifecycle(args) -> int:
-    """fastft merge / fastft registry: exit 2 for a bad reference, damaged entry or incompatible base."""
-    from . import artifacts, registry
+def cmd_merge(args) -> int:
+    from . import merge
 
-    try:
-        if args.cmd == "merge":
-            from . import merge
-
-            try:
-                merge.merge(args.run, args.out, dtype=args.dtype, base=args.base, from_quantized=args.from_quantized,
-                            force=args.force, verify=not args.no_verify, overwrite=args.overwrite,
-                            registry=args.registry, log=lambda m: print(m, file=sys.stderr))
-            except merge.MergeError as e:
-                print(f"fastft: error: {e}", file=sys.stderr)
-                return e.exit_code
-            return 0
-        return _registry(registry, args)
-    except (artifacts.IncompatibleBaseError, registry.RegistryError, FileNotFoundError) as e:
-        print(f"fastft: error: {e}", file=sys.stderr)
-        return 2
+    merge.merge(args.run, args.out, dtype=args.dtype, base=args.base, from_quantized=args.from_quantized,
+                force=args.force, verify=not args.no_verify, overwrite=args.overwrite,
+                registry=args.registry, log=lambda m: print(m, file=sys.stderr))
+    return 0
 
 
-def _registry(registry, args) -> int:
+def cmd_registry(args) -> int:
+    from . import registry
+
     reg = registry.Registry(args.registry)
     act = args.action
     if act == "push":
@@ -294,7 +274,7 @@ def _registry(registry, args) -> int:
                           "files": e.manifest, "damaged": problems, "exports": reg.exports(e), "meta": e.meta},
                          indent=2, default=str)
               if args.json else registry.format_show(reg, e))
-        return 2 if problems else 0
+        return EXIT_BAD_INPUT if problems else 0
     elif act == "diff":
         a, b = reg.get(args.ref_a), reg.get(args.ref_b)
         d = registry.diff(a, b)
@@ -309,19 +289,7 @@ def _registry(registry, args) -> int:
     return 0
 
 
-def _plan(r, target: str, as_json: bool) -> int:
-    from . import plan
-
-    try:
-        p = plan.plan(r, target)
-    except plan.PlanError as e:
-        print(f"fastft: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(p.to_dict()) if as_json else plan.format_plan(p))
-    return 0 if p.fits else 1
-
-
-def _info() -> int:
+def cmd_info(args) -> int:
     import torch
 
     from . import backends, recipe
@@ -338,6 +306,11 @@ def _info() -> int:
     name, why = backends.choose(r)
     print(f"  backend auto  {name} ({why})")
     return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "eval": cmd_eval,
+            "generate": cmd_generate, "export": cmd_export, "merge": cmd_merge, "registry": cmd_registry,
+            "info": cmd_info}
 
 
 if __name__ == "__main__":

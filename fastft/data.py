@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import FastftError
+
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(FastftError, ValueError):
     """Bad data: the message names the file, the row (1-based) and the column."""
 
 

@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from .artifacts import file_sha256
+from .files import file_sha256
 
 DOWNLOAD_ENV = "FASTFT_DOWNLOAD_CACHE"
 
 
 def download_dir() -> Path:
-    from .models import cache_dir
+    from .files import cache_dir
 
     env = os.environ.get(DOWNLOAD_ENV)
     return Path(env).expanduser() if env else cache_dir() / "downloads"

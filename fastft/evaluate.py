@@ -38,23 +38,20 @@ Gates (recipe ``eval.gates``): ``{metric path: condition}``; a condition is an o
     regression.loss_delta            adapter minus base loss on the regression answers
 ``fastft train`` evaluates at the end (``eval.after_training``); a failed gate marks the run
 ``rejected`` in fastft.json (``accepted`` when every gate passes) and the command exits 3
-(``GATE_EXIT_CODE``) unless ``--no-gate-exit``.
+(``fastft.gates``) unless ``--no-gate-exit``.
 """
 from __future__ import annotations
 
 import json
 import math
-import operator
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METRICS = ("exact_match", "contains", "json_match")
-GATE_EXIT_CODE = 3  # fastft train / fastft eval: a gate failed (0 done, 1 failed, 2 bad input)
-EVAL_FILE = "eval.json"
+from .gates import METRICS, check_gates
+from .rundir import EVAL as EVAL_FILE
 SCHEMA_VERSION = 1
 
 
@@ -123,106 +120,6 @@ def task_scores(answers: list[str], references: list[str], slices: list[str | No
             groups.setdefault("(none)" if s is None else s, []).append(h)
         out["slices"] = {k: {metric: sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
     return out
-
-
-# --- gates -------------------------------------------------------------------------------------
-
-class GateError(ValueError):
-    """A gate whose metric path or condition cannot be read; the message says what is accepted."""
-
-
-_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-_CONDITION = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-
-
-@dataclass
-class Gate:
-    path: str
-    op: str
-    threshold: float
-
-    @property
-    def condition(self) -> str:
-        return f"{self.op} {self.threshold:g}"
-
-    def passes(self, value: float | None) -> bool:
-        return value is not None and not math.isnan(value) and _OPS[self.op](value, self.threshold)
-
-
-def gate_paths(cfg) -> list[str]:
-    """The metric paths a gate may name for this eval config (slices: ``task.slice.<name>.<metric>``)."""
-    paths = [f"task.{cfg.metric}", "task.gain", "task.loss", "task.perplexity", f"task.slice.<name>.{cfg.metric}"]
-    return paths + ["regression.accuracy", "regression.forgotten", "regression.loss_delta"]
-
-
-def parse_gate(path: str, condition: Any, cfg) -> Gate:
-    """Check one gate against the eval config ``cfg`` (recipe.eval); raises GateError."""
-    if not isinstance(condition, str):
-        raise GateError(f"the condition must be a quoted string such as \">= 0.8\", got {condition!r}")
-    m = _CONDITION.match(condition)
-    if not m:
-        raise GateError(f"cannot read the condition {condition!r}: write an operator (>=, <=, >, <) and a "
-                        "number, quoted in YAML, e.g. \">= 0.8\"")
-    parts = path.split(".")
-    valid = ", ".join(gate_paths(cfg))
-    if parts[0] == "task":
-        rest = parts[1:]
-        ok = (len(rest) == 1 and rest[0] in (cfg.metric, "gain", "loss", "perplexity")) or (
-            len(rest) == 3 and rest[0] == "slice" and rest[1] and rest[2] == cfg.metric)
-        if not ok:
-            last = rest[-1] if rest else ""
-            if last in METRICS and last != cfg.metric:
-                raise GateError(f"the held-out set is scored with eval.metric {cfg.metric!r}, not {last!r}; "
-                                f"gate on task.{cfg.metric} or set eval.metric: {last}")
-            raise GateError(f"unknown metric path {path!r}; valid: {valid}")
-    elif parts[0] == "regression":
-        if len(parts) != 2 or parts[1] not in ("accuracy", "forgotten", "loss_delta"):
-            raise GateError(f"unknown metric path {path!r}; valid: {valid}")
-        if not cfg.regression:
-            raise GateError("a regression gate needs a regression set: set eval.regression (e.g. "
-                            "asset:regression/smollm2-135m-instruct.jsonl for smollm2-135m-instruct)")
-    else:
-        raise GateError(f"unknown metric path {path!r}: it starts with task. or regression.; valid: {valid}")
-    return Gate(path, m.group(1), float(m.group(2)))
-
-
-def measured(result: dict, path: str) -> float | None:
-    """The value a gate path names in an ``compare`` result (None: not measured)."""
-    parts = path.split(".")
-    section = result.get(parts[0])
-    if not section:
-        return None
-    if parts[0] == "regression":
-        return section["adapter"]["accuracy"] if parts[1] == "accuracy" else section.get(parts[1])
-    if parts[1] == "gain":
-        return section.get("gain")
-    if parts[1] == "slice":
-        return (section["adapter"].get("slices", {}).get(parts[2]) or {}).get(parts[3])
-    return section["adapter"].get(parts[1])
-
-
-def check_gates(gates: dict[str, str], result: dict, cfg) -> dict:
-    """``{"passed": bool, "results": [{gate, condition, value, passed}], "failed": [message...]}``."""
-    rows, failed = [], []
-    for path, condition in gates.items():
-        g = parse_gate(path, condition, cfg)
-        value = measured(result, path)
-        ok = g.passes(value)
-        rows.append({"gate": path, "condition": g.condition, "value": value, "passed": ok})
-        if not ok:
-            if value is None:
-                why = "not measured"
-                if path.startswith("task.slice."):
-                    names = ", ".join((result.get("task") or {}).get("adapter", {}).get("slices", {})) or "none"
-                    why += f" (no slice {path.split('.')[2]!r} in the held-out data; slices: {names})"
-                elif not result.get(path.split(".")[0]):
-                    why += " (no held-out data)" if path.startswith("task") else " (no regression set)"
-                elif path == "regression.forgotten":
-                    why += " (the base answered no regression item correctly: nothing to forget; check the set)"
-            else:
-                why = f"measured {value:.4g}"
-            failed.append(f"gate {path} {g.condition} failed: {why}")
-    return {"passed": not failed, "results": rows, "failed": failed}
 
 
 # --- generation and loss -----------------------------------------------------------------------
@@ -460,7 +357,7 @@ def run_info_keys(result: dict) -> dict:
 
 
 def write_eval(out_dir: Path, result: dict) -> Path:
-    from .artifacts import atomic_write_text
+    from .files import atomic_write_text
 
     path = Path(out_dir) / EVAL_FILE
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
@@ -529,19 +426,19 @@ def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, 
     16-bit, the recipe's compute dtype) with the adapter on top, checked against the recorded base."""
     import torch
 
-    from . import artifacts, backends, recipe as recipe_mod
+    from . import backends, provenance, recipe as recipe_mod, rundir
 
     run_dir = Path(run_dir)
-    info = artifacts.read_run_info(run_dir)
+    info = rundir.read_run_info(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no adapter (adapter_config.json missing); the run did not finish saving")
     r = recipe_mod.from_dict(info["recipe"], source=info.get("recipe_source"))
-    base_path = artifacts.base_path_for(info, base)
-    for note in artifacts.check_compatible(info, base_path, force=force, load_in_4bit=r.model.load_in_4bit):
+    base_path = provenance.base_path_for(info, base)
+    for note in provenance.check_compatible(info, base_path, force=force, load_in_4bit=r.model.load_in_4bit):
         log(f"fastft: {note}")
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry the table or the streamed reply only
@@ -550,9 +447,7 @@ def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, 
     dtype = backends.resolve_dtype(r.model.dtype, device)
     kwargs: dict = {"dtype": dtype, "device_map": {"": device}}
     if r.model.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+        kwargs["quantization_config"] = backends.nf4_config(dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -585,21 +480,6 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
     write_eval(Path(run_dir), result)
     log(format_table(result, str(run_dir)))
     return result
-
-
-def gate_exit(result_or_info: dict, no_gate_exit: bool, err=None) -> int:
-    """The exit code after an evaluation: GATE_EXIT_CODE when a gate failed (unless only reporting)."""
-    err = err or sys.stderr
-    gates = result_or_info.get("gates")
-    if not gates or gates["passed"]:
-        return 0
-    for msg in gates["failed"]:
-        print(f"fastft: {msg}", file=err)
-    if no_gate_exit:
-        print("fastft: --no-gate-exit: gates failed, exiting 0 anyway", file=err)
-        return 0
-    print(f"fastft: gates failed (exit {GATE_EXIT_CODE}; --no-gate-exit only reports)", file=err)
-    return GATE_EXIT_CODE
 
 
 # --- fastft generate ---------------------------------------------------------------------------

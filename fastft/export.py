@@ -64,8 +64,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .artifacts import file_sha256 as _sha256
-from .evaluate import GATE_EXIT_CODE
+from .files import file_sha256 as _sha256
+from .errors import EXIT_GATE, FastftError
 
 CONVERTER_PACKAGE = "llama-cpp-python"
 CONVERTER_VERSION = "0.3.36"
@@ -78,7 +78,7 @@ DIRECT = ("f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QUANTS = DIRECT + K_QUANTS
 FP32_MERGE_MAX_PARAMS = 2_000_000_000
-VERIFY_EXIT_CODE = GATE_EXIT_CODE  # 3: the export was written but does not answer like the merged model
+VERIFY_EXIT_CODE = EXIT_GATE  # 3: the export was written but does not answer like the merged model
 EXPORT_FILE = "export.json"
 SCHEMA_VERSION = 1
 # Tokens llama.cpp ends generation on when they are in the vocabulary, besides the eos/eot/eom
@@ -106,7 +106,7 @@ GATES = {"f16": {"same_answer": 0.90, "stops_kept": 1.0}, "bf16": {"metric_point
 LOGIT_TOLERANCE = {"f16": (5e-3, 0.99), "bf16": (4e-2, 0.97), "q8_0": (8e-2, 0.97)}
 
 
-class ExportError(RuntimeError):
+class ExportError(FastftError, RuntimeError):
     """An export that cannot be made; nothing with the final name was written."""
 
     def __init__(self, msg: str, exit_code: int = 1):
@@ -210,7 +210,7 @@ def converter() -> dict:
         return {"script": str(script), "source": f"{root} (from {LLAMA_CPP_DIR_ENV})", "version": rev or "unknown"}
     from filelock import FileLock
 
-    from .models import cache_dir
+    from .files import cache_dir
 
     dst = cache_dir() / "llama.cpp-converter" / f"{CONVERTER_PACKAGE}-{CONVERTER_VERSION}-f{CONVERTER_FORMAT}"
     marker = dst / CONVERTER_MARKER
@@ -233,7 +233,7 @@ def _fetch_sdist() -> Path:
 
 
 def _unpack_converter(dst: Path) -> None:
-    from .artifacts import install_dir
+    from .files import install_dir
 
     sdist = _fetch_sdist()
     prefix = f"llama_cpp_python-{CONVERTER_VERSION}/vendor/llama.cpp/"
@@ -575,7 +575,7 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import artifacts, backends, merge, recipe as recipe_mod
+    from . import backends, merge, recipe as recipe_mod, rundir
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
@@ -584,7 +584,7 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
     if not run.is_dir():
         raise ExportError(f"{run_dir}: no such run directory (give the output.dir of a finished run; for a registry "
                           "version, export its run directory and attach the file with `fastft registry attach`)", 2)
-    info = artifacts.read_run_info(run)
+    info = rundir.read_run_info(run)
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ExportError(f"{run}: no adapter (adapter/adapter_config.json missing): the run did not finish; train "
                           "it to the end (or --resume it) before exporting", 2)
@@ -733,19 +733,19 @@ def summary(entry: dict) -> dict:
 
 def _record(run: Path, report: dict) -> None:
     """Merge this export into RUN_DIR/export.json and fastft.json's ``exports`` (one entry per file)."""
-    from . import artifacts
+    from . import files, rundir
 
     path = run / EXPORT_FILE
     old = json.loads(path.read_text()) if path.is_file() else {}
-    files = {e["file"] for e in report["exports"]}
-    kept = [e for e in old.get("exports", []) if e["file"] not in files]
+    names = {e["file"] for e in report["exports"]}
+    kept = [e for e in old.get("exports", []) if e["file"] not in names]
     doc = dict(report, exports=kept + report["exports"])
-    artifacts.atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
-    info = artifacts.read_run_info(run)
+    files.atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    info = rundir.read_run_info(run)
     info.pop("schema_version", None)
-    info["exports"] = [e for e in info.get("exports", []) if e["file"] not in files] + \
+    info["exports"] = [e for e in info.get("exports", []) if e["file"] not in names] + \
         [summary(e) for e in report["exports"]]
-    artifacts.write_run_info(run, info)
+    rundir.write_run_info(run, info)
 
 
 def _mb(n: int) -> str:

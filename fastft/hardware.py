@@ -1,8 +1,9 @@
 """The GPUs fastft targets, in one table: memory for the planner and the benchmark's memory cap,
 peak dense bf16 tensor throughput for MFU, and DRAM bandwidth for kernel roofs (datasheet values).
 
-    from fastft.hardware import TARGETS
+    from fastft.hardware import TARGETS, detect_target
     TARGETS["rtx4090"].memory_bytes   # 24 GiB
+    detect_target()                   # "h100" on an H100 or H200, "cpu" without CUDA
 """
 from __future__ import annotations
 
@@ -37,3 +38,23 @@ def get(name: str) -> Target:
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+def target_for_device(name: str, memory_bytes: int) -> str:
+    """The target a GPU of this name and memory measures as: its own row where there is one; an
+    H200/H800 counts as h100 (same sm_90), any other GPU too (the result names the real device)."""
+    if "A100" in name:
+        return "a100-80" if memory_bytes > 60 * GiB else "a100-40"
+    if "4090" in name:
+        return "rtx4090"
+    return "h100"
+
+
+def detect_target(device: int = 0) -> str:
+    """The target of CUDA device ``device``, or "cpu" without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    props = torch.cuda.get_device_properties(device)
+    return target_for_device(props.name, props.total_memory)

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import FastftError
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # max |merged - reference| / max(1, max |reference|), reference = fp32 base + adapter unmerged.
 # Measured on the tiny model's trained adapters (LoRA and DoRA, 4-bit and 16-bit runs): fp32 ~1e-6,
@@ -50,7 +52,7 @@ VERIFY_PROMPTS = [
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog . 1 2 3 4 5"
 
 
-class MergeError(RuntimeError):
+class MergeError(FastftError, RuntimeError):
     """A merge that cannot be done, or whose result failed verification; nothing was written."""
 
     exit_code = 1
@@ -85,16 +87,6 @@ def _compare(got, ref, mask) -> dict:
             "argmax_agreement": agree}
 
 
-def bnb_config(compute_dtype: str):
-    """The NF4 quantization fastft trains with (backends._load_hf): double quant, uint8 storage."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-                              bnb_4bit_quant_storage=torch.uint8)
-
-
 def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = None, from_quantized: bool = False,
           force: bool = False, verify: bool = True, overwrite: bool = False, registry: str | None = None,
           compare_4bit: bool = True, log=print) -> dict:
@@ -105,7 +97,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import artifacts, backends, registry as registry_mod
+    from . import backends, files, provenance, registry as registry_mod, rundir
 
     if dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -114,14 +106,14 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
         raise MergeError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
     t0 = time.perf_counter()
     run_dir = registry_mod.resolve_ref(ref, registry)
-    info = artifacts.read_run_info(run_dir)
+    info = rundir.read_run_info(run_dir)
     adapter_dir = run_dir / "adapter"
     trained_4bit = bool(info["recipe"]["model"].get("load_in_4bit"))
     compute_dtype = info.get("backend", {}).get("dtype") or "float32"
-    base_path = artifacts.base_path_for(info, base)
-    for note in artifacts.check_compatible(info, base_path, force=force):
+    base_path = provenance.base_path_for(info, base)
+    for note in provenance.check_compatible(info, base_path, force=force):
         log(f"fastft: warning: {note}")
-    fp = artifacts.base_fingerprint(base_path, model_id=(info.get("base_model") or {}).get("model_id"))
+    fp = provenance.base_fingerprint(base_path, model_id=(info.get("base_model") or {}).get("model_id"))
     if from_quantized and not trained_4bit:
         raise MergeError("--from-quantized: this run trained on a 16-bit base; there is no 4-bit base to merge into")
     if fp.get("quantized_checkpoint") and not from_quantized:
@@ -139,7 +131,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
             "weight then carries NF4's rounding error (about 1/16 of each 64-weight block's largest value); the "
             "merged model equals the 4-bit base + adapter, not the original model + adapter. Use the 16-bit base "
             "(the default, or --base PATH) unless it is unavailable.")
-        kwargs = {} if fp.get("quantized_checkpoint") else {"quantization_config": bnb_config(compute_dtype)}
+        kwargs = {} if fp.get("quantized_checkpoint") else {"quantization_config": backends.nf4_config(compute_dtype)}
         base_model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, device_map={"": "cpu"}, **kwargs)
         base_model = base_model.dequantize().float()
         what = "dequantized 4-bit NF4 weights"
@@ -186,7 +178,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
                 q = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, compute_dtype),
                                                          device_map={"": "cpu"},
                                                          **({} if fp.get("quantized_checkpoint")
-                                                            else {"quantization_config": bnb_config(compute_dtype)}))
+                                                            else {"quantization_config": backends.nf4_config(compute_dtype)}))
                 backends.keep_4bit_trainable_on_cpu(q)  # no bf16 inference repacking: the training layout
                 q = PeftModel.from_pretrained(q, str(adapter_dir))
                 report["vs_4bit_training_model"] = _compare(got, _logits(q, batch), batch["attention_mask"])
@@ -202,7 +194,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
         report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report["versions"] = backends.versions()
         (tmp / "fastft-merge.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        artifacts.install_dir(tmp, out)
+        files.install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .artifacts import install_dir
+from .files import cache_dir, install_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_SEED = 20261126
@@ -54,10 +53,6 @@ SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 20261127
 SYNTHETIC_FORMAT = 1  # bump when the checkpoint layout changes, so cached copies are rebuilt
 SHARD_BYTES = 2 << 30
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTFT_CACHE") or Path.home() / ".cache" / "fastft").expanduser()
 
 
 def is_embedded(name: str) -> bool:

@@ -100,6 +100,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import FastftError
 from .hardware import GiB, TARGETS
 from .recipe import Recipe
 
@@ -138,7 +139,7 @@ UNSLOTH_CE_BYTES_PER_LOGIT, UNSLOTH_CE_CAP = 16, 4 * GiB  # unsloth_zoo fused_lo
 ADAM8_MIN = 4096  # bitsandbytes keeps smaller tensors' states in fp32 (min_8bit_size)
 
 
-class PlanError(ValueError):
+class PlanError(FastftError, ValueError):
     """A recipe the planner cannot plan; the message names the key and the fix."""
 
 

@@ -21,8 +21,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import FastftError
+from .gates import GateError, parse_gate
 
-class RecipeError(ValueError):
+
+class RecipeError(FastftError, ValueError):
     """A recipe that cannot run; the message lists every problem with its key path."""
 
     def __init__(self, problems: list[str], source: str | None = None):
@@ -387,8 +390,6 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append("train.eval_generate: exact-match needs prompts and answers (format alpaca or messages)")
     if r.eval.json_fields is not None and "json_match" not in (r.eval.metric, r.eval.regression_metric):
         problems.append("eval.json_fields: only used by metric json_match; set eval.metric: json_match or remove it")
-    from .evaluate import GateError, parse_gate  # gate syntax and metric paths live with the metrics
-
     for path, condition in r.eval.gates.items():
         try:
             parse_gate(path, condition, r.eval)

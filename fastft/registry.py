@@ -47,7 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import file_sha256 as _sha256
+from .errors import FastftError
+from .files import file_sha256 as _sha256
 
 STAGES = ("staging", "production")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -87,7 +88,7 @@ CREATE TABLE IF NOT EXISTS stage_events (
 """
 
 
-class RegistryError(ValueError):
+class RegistryError(FastftError, ValueError):
     """A registry operation that cannot be done; the message says why and what to do."""
 
 
@@ -111,7 +112,7 @@ class Entry:
 
 
 def default_dir() -> Path:
-    from .models import cache_dir
+    from .files import cache_dir
 
     return cache_dir() / "registry"
 
@@ -192,7 +193,7 @@ class Registry:
         if not NAME_RE.match(name):
             raise RegistryError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (no '@'), at most 128")
         run = Path(run_dir)
-        from .artifacts import read_run_info
+        from .rundir import read_run_info
 
         info = read_run_info(run)
         adapter = run / "adapter"
@@ -420,7 +421,7 @@ class Registry:
 
 def _metadata(info: dict, run: Path) -> dict:
     """What a registry entry records about a run, taken from its fastft.json (and eval.json)."""
-    from .artifacts import source_revision
+    from .provenance import source_revision
 
     recipe = info.get("recipe", {})
     model = recipe.get("model", {})

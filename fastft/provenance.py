@@ -1,87 +1,19 @@
-"""What a run leaves behind, and reading it back.
+"""Which base model an adapter belongs to, and whether a base about to be loaded is that one.
 
-    out/adapter/          plain PEFT adapter (adapter_model.safetensors, adapter_config.json) + tokenizer
-    out/fastft.json       resolved recipe, backend and why, versions, data hash, metrics summary
-    out/metrics.jsonl     one JSON object per logged step
-
-Files are written to a temporary name and renamed into place, so an interrupted save never leaves
-a file that looks complete.
-
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(base_model, "out/adapter")   # no fastft needed
+fastft.json records, under "base_model", what the adapter was trained on: the model id from the
+recipe, the checkpoint path it resolved to, the architecture (config class and shapes), a sha256
+over the checkpoint's weight files and one over its tokenizer files. ``check_compatible`` compares
+that record with a base about to be loaded (eval, merge, generate) and refuses a mismatch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-SCHEMA_VERSION = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def install_dir(tmp: Path, dst: Path) -> None:
-    """Put a finished folder built at ``tmp`` (same filesystem) in place of ``dst``: an existing
-    ``dst`` is first renamed aside and removed only after the new one is in place, so at no moment
-    is there a half-written folder at ``dst``."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
-
-
-def save_adapter(model, tokenizer, out_dir: Path) -> Path:
-    """Save the LoRA adapter (safetensors) and tokenizer into out_dir/adapter atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        install_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def write_run_info(out_dir: Path, info: dict) -> Path:
-    path = out_dir / "fastft.json"
-    atomic_write_text(path, json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str) + "\n")
-    return path
-
-
-def read_run_info(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / "fastft.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a fastft run directory (no fastft.json); give the output.dir of a run")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# --- provenance: which base model an adapter belongs to ---------------------------------------------
-#
-# fastft.json records, under "base_model", what the adapter was trained on: the model id from the
-# recipe, the checkpoint path it resolved to, the architecture (config class and shapes), a sha256
-# over the checkpoint's weight files and one over its tokenizer files. ``check_compatible`` compares
-# that record with a base about to be loaded (eval, merge, generate) and refuses a mismatch.
+from . import models
+from .errors import FastftError
+from .files import atomic_write_text, cache_dir, file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
@@ -91,39 +23,11 @@ ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layer
 HASH_CACHE = "file-hashes.json"
 
 
-class IncompatibleBaseError(RuntimeError):
+class IncompatibleBaseError(FastftError, RuntimeError):
     """An adapter whose recorded base model differs from the base about to be loaded."""
 
 
-def _cache_root() -> Path:
-    from .models import cache_dir
-
-    return cache_dir()
-
-
-def file_sha256(path: Path, cache: dict | None = None) -> str:
-    """sha256 of one file; with ``cache`` (a dict kept in the fastft cache) reused while the file's
-    size and mtime are unchanged, so an 8B checkpoint (16 GB, ~1 min to hash) is hashed once."""
-    import hashlib
-
-    st = path.stat()
-    key = str(path.resolve())
-    hit = cache.get(key) if cache is not None else None
-    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
-        return hit["sha256"]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if cache is not None:
-        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    return digest
-
-
 def _files_digest(root: Path, files: list[Path], cache: dict) -> str | None:
-    import hashlib
-
     if not files:
         return None
     h = hashlib.sha256()
@@ -163,7 +67,7 @@ def base_fingerprint(path: str, model_id: str | None = None) -> dict:
         arch.update({k: cfg[k] for k in ARCH_KEYS if k in cfg})
         out["architecture"] = arch
         out["quantized_checkpoint"] = "quantization_config" in cfg
-    cache_path = _cache_root() / HASH_CACHE
+    cache_path = cache_dir() / HASH_CACHE
     try:
         cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
     except (OSError, ValueError):
@@ -214,8 +118,6 @@ def base_path_for(run_info: dict, base: str | None = None) -> str:
     """The base checkpoint to load an adapter onto: ``base`` when given (a path, hub id or embedded
     name), else the path recorded at training time when it still exists, else the recipe's
     model.name resolved again (a registry entry pulled onto another machine)."""
-    from . import models
-
     load_in_4bit = bool(run_info.get("recipe", {}).get("model", {}).get("load_in_4bit", True))
     if base:
         return models.resolve(base, load_in_4bit=load_in_4bit)
