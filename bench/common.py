@@ -1,4 +1,4 @@
-"""Result documents and the timer shared by every benchmark (DESIGN.md, "Benchmark conventions").
+"""Result documents and the timer shared by every benchmark.
 
     from bench import common
     measure = common.timer(cpu=False, warmup_ms=10, rep_ms=50, unit="us")
@@ -45,10 +45,21 @@ def device() -> dict:
         p = torch.cuda.get_device_properties(0)
         return {"type": "cuda", "name": p.name, "capability": f"{p.major}.{p.minor}",
                 "memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count}
+    return {"type": "cpu", "name": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, e.g. "AMD EPYC 7B13"), else what platform knows."""
     import platform
 
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def timer(cpu: bool, warmup_ms: int, rep_ms: int, unit: str = "ms"):

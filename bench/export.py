@@ -7,7 +7,8 @@
 Runs ``fastft.export.export`` (merge, llama.cpp's converter / quantizer, metadata checks, verification)
 into a temporary folder without recording it in the run directory (its own exports are left
 alone), and writes
-``bench/results/export-<name>-<target>-<time>.json`` (bench.common): the device and versions, and
+``bench/results/export-<name>-<target>-<time>.json`` (bench.common): the device (on a CPU, its model
+name and core count) and versions, and
 per type the file size, the seconds of each step and the verification summary; the full report,
 every prompt with both answers included, under ``report``. The table goes to stderr, the result
 as one compact JSON line to stdout, last.

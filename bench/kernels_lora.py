@@ -18,7 +18,7 @@ the implementation's (100% = as fast as the bare base matmuls). fastft runs with
 inside the matmul kernel ("fastft") and through fastft's NF4 kernel then the 16-bit kernel
 ("fastft_dequant"); the chosen launch configs are printed per shape.
 
-Output: a table, a summary against the issue's targets (NF4 base, median over shapes: >= 1.10x
+Output: a table, a summary against the targets (NF4 base, median over shapes: >= 1.10x
 Unsloth, >= 1.5x PEFT), then one result JSON (bench.common) and the same document as one compact JSON
 line, last. The JSON goes to --out, else $FASTFT_BENCH_RESULTS, else bench/results/; a --cpu-smoke
 result never goes to bench/results/ (a temporary folder unless --out says otherwise).
@@ -95,13 +95,12 @@ def build_layer(torch, K, N, r, base, dtype, device):
 
 
 def dense_weight(torch, layer, dtype):
-    from fastft.kernels import lora
+    from fastft.kernels import nf4
 
     base = layer.get_base_layer()
-    qs = getattr(base.weight, "quant_state", None)
-    if qs is None:
+    if getattr(base.weight, "quant_state", None) is None:
         return base.weight.to(dtype)
-    return lora.dequantize_nf4_reference(lora.NF4Weight.from_quant_state(base.weight, qs), dtype)
+    return nf4.dequantize_nf4_reference(base.weight, dtype=dtype)
 
 
 def implementations(torch, layer, base, dtype, notes, cpu):
@@ -157,18 +156,6 @@ def unsloth_path(notes):
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def detect_target(torch, cpu):
-    if cpu:
-        return "cpu"
-    name = torch.cuda.get_device_name(0)
-    mem = torch.cuda.get_device_properties(0).total_memory
-    if "A100" in name:
-        return "a100-80" if mem > 60 * 2**30 else "a100-40"
-    if "4090" in name:
-        return "rtx4090"
-    return "h100"
-
-
 def fwd_bwd(torch, fn, x, dy, params):
     def step():
         for p in params:
@@ -202,7 +189,7 @@ def main(argv=None) -> int:
     from fastft.kernels import lora
 
     device = "cpu" if cpu else "cuda"
-    target = args.target or detect_target(torch, cpu)
+    target = args.target or ("cpu" if cpu else hardware.detect_target())
     peak = hardware.get(target).bf16_tflops
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if cpu:
@@ -308,7 +295,7 @@ def main(argv=None) -> int:
 
 def sweep(torch, lora, measure, layer, base, x2, dtype, case):
     """The forward base + LoRA matmul alone in every launch config (shipped and candidates)."""
-    from fastft.kernels.lora import NF4Weight
+    from fastft.kernels.nf4 import NF4Weight
 
     w = layer.get_base_layer().weight
     a = layer.lora_A["default"].weight.to(dtype)

@@ -18,7 +18,7 @@ write, timed the same way), "% roof" by the datasheet DRAM bandwidth of the targ
 (torch.equal) and the result says which are bit-exact.
 
 Output: a table per dtype, the launch config the autotuner chose per shape, a summary against the
-issue's targets (>= 1.15x bitsandbytes on every shape, >= Unsloth's best on the median, >= 85% of
+targets (>= 1.15x bitsandbytes on every shape, >= Unsloth's best on the median, >= 85% of
 copy bandwidth on the largest shape), then one result JSON (bench.common) and the same document as
 one compact JSON line, last. The JSON goes to --out, else $FASTFT_BENCH_RESULTS, else bench/results/;
 with --cpu-smoke the last fallback is a temporary folder, never bench/results/.
@@ -110,22 +110,8 @@ def copy_bandwidth(torch, device, measure, n_bytes):
     src = torch.empty(n_bytes // 2, dtype=torch.int16, device=device).random_()
     dst = torch.empty_like(src)
     us, _, _ = measure(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free before the caller allocates (the timed lambda has run)
     return 2 * n_bytes / (us * 1e-6) / 1e9, us
-
-
-def detect_target(torch, cpu):
-    if cpu:
-        return "cpu"
-    name = torch.cuda.get_device_name(0)
-    mem = torch.cuda.get_device_properties(0).total_memory
-    if "H100" in name or "H200" in name or "H800" in name:
-        return "h100"
-    if "A100" in name:
-        return "a100-80" if mem > 60 * 2**30 else "a100-40"
-    if "4090" in name:
-        return "rtx4090"
-    return "h100"
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -149,7 +135,7 @@ def main(argv=None) -> int:
     from fastft.kernels import nf4
 
     device = "cpu" if cpu else "cuda"
-    target = args.target or detect_target(torch, cpu)
+    target = args.target or ("cpu" if cpu else hardware.detect_target())
     roof = hardware.get(target).dram_gbps
     dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",")]
     if args.shapes:
@@ -209,7 +195,7 @@ def main(argv=None) -> int:
                     us, _, _ = measure(run_cfg)
                     sweeps.append({"shape": list(shape), "dtype": dtype_name, "config": cfg.name,
                                    "us": round(us, 2), "bit_exact": bool(torch.equal(out, expected))})
-            del packed, qs, expected, out
+            packed = qs = expected = out = None  # free before the next shape
             if not cpu:
                 torch.cuda.empty_cache()
 
@@ -235,7 +221,7 @@ def main(argv=None) -> int:
 
 
 def summarize(rows, shapes, dtypes, smoke=False) -> dict:
-    """Speedups of fastft over bitsandbytes and Unsloth's best, per dtype, against the issue's targets."""
+    """Speedups of fastft over bitsandbytes and Unsloth's best, per dtype, against the targets."""
     def t(shape, dtype, impl):
         for r in rows:
             if r["shape"] == list(shape) and r["dtype"] == dtype and r["impl"] == impl and "us" in r:

@@ -161,7 +161,7 @@ def worker(spec_path: str) -> int:
     r.backend, r.kernels = spec["backend"], spec["kernels"]
     t = r.train
     t.max_steps = spec["warmup"] + spec["steps"]
-    t.logging_every, t.eval_every, t.early_stopping_patience, t.eval_generate = 1, None, None, 0
+    t.logging_every, t.eval_every, t.early_stopping_patience = 1, None, None
     if hasattr(t, "save_every"):
         t.save_every = None
     if hasattr(r, "eval") and hasattr(r.eval, "after_training"):  # no base-vs-adapter evaluation
@@ -190,7 +190,9 @@ def worker(spec_path: str) -> int:
             or "out of memory" in str(e).lower()
         out["status"] = "does not fit" if oom else "error"
         out["message"] = f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"
-        out["metrics"] = train.peak_memory()
+        from fastft.callbacks import peak_memory
+
+        out["metrics"] = peak_memory()
         if not oom:
             out["traceback"] = traceback.format_exc()[-3000:]
         _write_json(spec["result_path"], out)
@@ -445,16 +447,6 @@ def dry_run(args, recipe, runs, targets) -> int:
     return 1 if problems else 0
 
 
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 _HIDDEN = False
 _PARENT_CUDA_VISIBLE: str | None = None
 
@@ -529,7 +521,6 @@ def main(argv: list[str] | None = None) -> int:
         if target != "cpu":
             doc["device"] = {"type": "cuda", "name": "unknown (no run reported its GPU)"}
         elif doc["device"].get("type") == "cpu":
-            doc["device"]["name"] = cpu_model() or doc["device"]["name"]
             doc["device"]["load_average_1min"] = round(os.getloadavg()[0], 2)  # other processes on the CPU
         for backend, kernels in runs:
             res = run_one(args, target, backend, kernels, str(Path(args.recipe).resolve()), log_dir)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write_text
+from .rundir import RunDir
 
-RUN_FILE = "fastft-run.json"
-FINAL_FILE = "fastft.json"
 MARKER = "fastft-checkpoint.json"
 PREFIX = "checkpoint-"
 
@@ -38,7 +37,7 @@ class RunDirState:
 
 
 def checkpoint_root(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints"
+    return RunDir(out_dir).checkpoints
 
 
 def _step(p: Path) -> int:
@@ -65,8 +64,9 @@ def inspect(out_dir: str | Path) -> RunDirState:
         staging = root / ".staging"
         if staging.is_dir():
             incomplete += list(staging.iterdir())
-    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
-    if (out / FINAL_FILE).is_file():
+    rd = RunDir(out)
+    run = json.loads(rd.run_state.read_text()) if rd.run_state.is_file() else None
+    if rd.info.is_file():
         kind = "finished"
     elif run is not None:
         kind = "unfinished"
@@ -90,16 +90,16 @@ def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def write_run_state(out_dir: Path, state: dict) -> None:
-    atomic_write_text(Path(out_dir) / RUN_FILE, json.dumps(state, indent=2, default=str) + "\n")
+    atomic_write_text(RunDir(out_dir).run_state, json.dumps(state, indent=2, default=str) + "\n")
 
 
 def clear(out_dir: Path) -> None:
     """Remove what a previous run left (for --overwrite): only fastft's own files and folders."""
-    out = Path(out_dir)
-    for name in ("adapter", "checkpoints"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (RUN_FILE, FINAL_FILE, "metrics.jsonl"):
-        (out / name).unlink(missing_ok=True)
+    rd = RunDir(out_dir)
+    for folder in (rd.adapter, rd.checkpoints):
+        shutil.rmtree(folder, ignore_errors=True)
+    for file in (rd.run_state, rd.info, rd.metrics):
+        file.unlink(missing_ok=True)
 
 
 def finalize(staged: Path, root: Path, marker: dict, keep: int) -> Path:

@@ -195,7 +195,7 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     """Stream replies: one for --prompt, else one per stdin line until EOF (each line a new chat)."""
-    from . import evaluate, registry
+    from . import evaluate, generate, registry
     from .errors import FastftError
 
     run_dir = registry.resolve_ref(args.run, args.registry)
@@ -205,8 +205,8 @@ def cmd_generate(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> None:
-        evaluate.stream_reply(model, tokenizer, system + [{"role": "user", "content": text}],
-                              args.max_new_tokens, args.temperature, adapter=not args.no_adapter)
+        generate.reply(model, tokenizer, system + [{"role": "user", "content": text}], args.max_new_tokens,
+                       args.temperature, adapter=not args.no_adapter)
 
     if args.prompt is not None:
         reply(args.prompt)
@@ -225,14 +225,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import export
+    from . import export, rundir
 
     report = export.export(args.run, args.gguf, out=args.out, base=args.base, force=args.force,
                            overwrite=args.overwrite, verify=not args.no_verify, engine=args.engine,
                            max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens)
     if not export.passed(report):
-        print(f"fastft: an export does not answer like the merged model (details: {args.run}/export.json); the file "
-              f"is kept and marked failed (exit {EXIT_GATE})", file=sys.stderr)
+        print(f"fastft: an export does not answer like the merged model (details: {args.run}/{rundir.EXPORT}); "
+              f"the file is kept and marked failed (exit {EXIT_GATE})", file=sys.stderr)
         return EXIT_GATE
     return 0
 

@@ -1,7 +1,7 @@
 """Datasets: rows from a file or the hub -> chat messages -> token ids with loss labels.
 
     from fastft import data
-    bundle = data.build(recipe, tokenizer)
+    bundle = data.build(recipe.data, tokenizer, seed=recipe.train.seed, max_length=recipe.model.max_seq_length)
     bundle.train[0]   # {"input_ids": [...], "labels": [... -100 on prompt tokens ...]}
 
 Formats (``data.format``):
@@ -224,21 +224,18 @@ def mix_counts(n_task: int, fractions: list[float]) -> list[int]:
     return [round(f * n_task / rest) for f in fractions]
 
 
-def mix(recipe, train_examples: list, load) -> tuple[list, list, dict]:
-    """Mix ``recipe.data.mix`` sources into the training examples (``load(src, what, None, fmt)`` reads
-    one source as examples). Rows are drawn without replacement from each source, in an order shuffled
-    by ``train.seed`` (a source smaller than its count is repeated, reshuffled each pass); the result
-    is shuffled by the same seed, so one seed always gives the same training set and another seed a
-    different one. Returns (training examples, the mixed rows, one stats entry per source)."""
-    from .recipe import MIX_SETS
-
-    seed = recipe.train.seed
-    counts = mix_counts(len(train_examples), [float(e["fraction"]) for e in recipe.data.mix])
+def mix(d, seed: int, train_examples: list, load) -> tuple[list, list, dict]:
+    """Mix the ``d.mix`` sources (``d``: a recipe's data section, each entry's ``path`` resolved) into
+    the training examples (``load(src, what, None, fmt)`` reads one source as examples). Rows are drawn
+    without replacement from each source, in an order shuffled by ``seed`` (a source smaller than its
+    count is repeated, reshuffled each pass); the result is shuffled by the same seed, so one seed
+    always gives the same training set and another seed a different one. Returns (training examples,
+    the mixed rows, one stats entry per source)."""
+    counts = mix_counts(len(train_examples), [float(e["fraction"]) for e in d.mix])
     mixed, stats = [], []
-    for i, (entry, n) in enumerate(zip(recipe.data.mix, counts)):
-        spec = MIX_SETS[entry["name"]] if entry.get("name") is not None else entry["path"]
-        src = recipe.resolve_path(spec)
-        fmt = entry.get("format") or ("alpaca" if entry.get("name") is not None else recipe.data.format)
+    for i, (entry, n) in enumerate(zip(d.mix, counts)):
+        src = entry["path"]
+        fmt = entry.get("format") or ("alpaca" if entry.get("name") is not None else d.format)
         rows = load(src, f"data.mix[{i}]", None, fmt)
         rng = random.Random(f"fastft-mix:{seed}:{i}")
         picked: list = []
@@ -260,11 +257,12 @@ def mix(recipe, train_examples: list, load) -> tuple[list, list, dict]:
 
 # --- the whole pipeline ------------------------------------------------------------------------
 
-def build(recipe, tokenizer, log=print) -> DataBundle:
-    """Read, validate, split and tokenize the recipe's data."""
+def build(d, tokenizer, *, seed: int, max_length: int, log=print) -> DataBundle:
+    """Read, validate, split and tokenize a recipe's data section ``d`` (its paths already resolved
+    by ``fastft.recipe``); ``seed`` (train.seed) orders the held-out split and the mix, and
+    ``max_length`` (model.max_seq_length) truncates each example."""
     import datasets
 
-    d = recipe.data
     skipped: list[str] | None = [] if d.skip_bad_rows else None
 
     def load(src: str, what: str, slices: list | None = None, fmt: str | None = None) -> list:
@@ -288,17 +286,17 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
             raise DataError(f"{src}: every row is invalid ({what}); first problem: {skipped[0]}")
         return out
 
-    train_src = recipe.resolve_path(d.train)
+    train_src = d.train
     slices: list[str | None] = []
     examples = load(train_src, "data.train", slices)
     if d.eval:
-        eval_src = recipe.resolve_path(d.eval)
+        eval_src = d.eval
         eval_slices: list[str | None] = []
         eval_examples = load(eval_src, "data.eval", eval_slices)
         train_examples = examples
     elif d.eval_fraction > 0:
         order = list(range(len(examples)))
-        random.Random(recipe.train.seed).shuffle(order)
+        random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(examples) * d.eval_fraction))
         if n_eval >= len(examples):
             raise DataError(f"{train_src}: {len(examples)} rows leave none for training after holding out "
@@ -312,14 +310,14 @@ def build(recipe, tokenizer, log=print) -> DataBundle:
 
     mixed, mix_stats = [], None
     if d.mix:
-        train_examples, mixed, mix_stats = mix(recipe, train_examples, load)
+        train_examples, mixed, mix_stats = mix(d, seed, train_examples, load)
         log(f"data: mixed into training: {mix_stats['task_examples']} task examples + "
             + " + ".join(f"{m['rows']} from {m['source']} ({100 * m['share']:.1f}%, asked {100 * m['fraction']:g}%"
                          + (f"; its {m['available']} rows repeat" if m["repeated"] else "") + ")"
                          for m in mix_stats["sources"])
             + f" = {len(train_examples)} examples")
 
-    max_len = recipe.model.max_seq_length
+    max_len = max_length
     responses_only = d.train_on_responses_only and d.format != "text"
 
     def encode(exs, name):

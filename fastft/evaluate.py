@@ -50,7 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .eval_table import format_table
 from .gates import METRICS, check_gates
+from .generate import greedy
 from .rundir import EVAL as EVAL_FILE
 SCHEMA_VERSION = 1
 
@@ -127,28 +129,7 @@ def task_scores(answers: list[str], references: list[str], slices: list[str | No
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 16,
                      batch_size: int = 32) -> list[str]:
     """Greedy answers for chat prompts (each a list of messages ending before the assistant turn)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    device = next(p for p in model.parameters()).device
-    answers: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return answers
+    return [a["text"] for a in greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)]
 
 
 def exact_match(model, tokenizer, pairs: list[tuple[list[dict], str]], max_new_tokens: int = 16) -> dict:
@@ -364,61 +345,6 @@ def write_eval(out_dir: Path, result: dict) -> Path:
     return path
 
 
-# --- printing ----------------------------------------------------------------------------------
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _num(v) -> str:
-    return "-" if v is None else (f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}")
-
-
-def _delta(a, b, pct: bool) -> str:
-    if a is None or b is None:
-        return ""
-    d = a - b
-    return f"{100 * d:+.1f} pts" if pct else f"{d:+.4f}"
-
-
-def format_table(result: dict, where: str = "") -> str:
-    """Base and adapter side by side, then the gates."""
-    rows: list[tuple[str, str, str, str]] = [("", "base", "adapter", "change")]
-    t, r, metric = result.get("task"), result.get("regression"), result["metric"]
-    if t:
-        b, a = t["base"], t["adapter"]
-        if t["n"]:
-            rows.append((f"task {metric} (n={t['n']})", _pct(b[metric]), _pct(a[metric]), _delta(a[metric], b[metric], True)))
-            for name, sa in a["slices"].items():
-                sb = b["slices"].get(name, {})
-                rows.append((f"  slice {name} (n={sa['n']})", _pct(sb.get(metric)), _pct(sa[metric]),
-                             _delta(sa[metric], sb.get(metric), True)))
-        rows.append(("task loss", _num(b["loss"]), _num(a["loss"]), _delta(a["loss"], b["loss"], False)))
-        rows.append(("task perplexity", _num(b["perplexity"]), _num(a["perplexity"]), ""))
-    if r:
-        rows.append((f"regression {r['metric']} (n={r['n']})", _pct(r["base"]["accuracy"]), _pct(r["adapter"]["accuracy"]),
-                     _delta(r["adapter"]["accuracy"], r["base"]["accuracy"], True)))
-        rows.append(("regression forgotten", "", _pct(r["forgotten"]),
-                     f"{r['forgotten_count']} of {r['base_correct']}" if r["base_correct"] else ""))
-        rows.append(("regression loss", _num(r["base"]["loss"]), _num(r["adapter"]["loss"]),
-                     _delta(r["adapter"]["loss"], r["base"]["loss"], False)))
-    width = max(len(x[0]) for x in rows)
-    lines = ["", f"fastft: eval{' ' + where if where else ''} (base = the same model with the adapter disabled)"]
-    if len(rows) == 1:
-        lines.append("  nothing to evaluate: no held-out data and no regression set")
-    else:
-        lines += [f"  {x[0]:<{width}}  {x[1]:>10}  {x[2]:>10}  {x[3]:>12}".rstrip() for x in rows]
-    for ex in (r or {}).get("forgotten_items", [])[:3]:
-        lines.append(f"  forgotten: {ex['prompt'][:60]!r}: base {ex['base'][:40]!r}, adapter {ex['adapter'][:40]!r}")
-    g = result.get("gates")
-    if g:
-        lines.append("  gates: " + ("all passed" if g["passed"] else "FAILED"))
-        for row in g["results"]:
-            v = "not measured" if row["value"] is None else f"{row['value']:.4g}"
-            lines.append(f"    {'pass' if row['passed'] else 'FAIL'}  {row['gate']} {row['condition']}  (measured {v})")
-    return "\n".join(lines)
-
-
 # --- a run directory: load base + adapter ------------------------------------------------------
 
 def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, log=print):
@@ -430,10 +356,10 @@ def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, 
 
     run_dir = Path(run_dir)
     info = rundir.read_run_info(run_dir)
-    adapter = run_dir / "adapter"
+    adapter = rundir.RunDir(run_dir).adapter
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no adapter (adapter_config.json missing); the run did not finish saving")
-    r = recipe_mod.from_dict(info["recipe"], source=info.get("recipe_source"))
+    r = recipe_mod.from_record(info)
     base_path = provenance.base_path_for(info, base)
     for note in provenance.check_compatible(info, base_path, force=force, load_in_4bit=r.model.load_in_4bit):
         log(f"fastft: {note}")
@@ -470,7 +396,8 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
                                   r.model.max_seq_length, r.data.text_field)
     else:
         try:
-            bundle = data.build(r, tokenizer, log=lambda m: log(f"fastft: {m}"))
+            bundle = data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length,
+                                log=lambda m: log(f"fastft: {m}"))
         except data.DataError as e:
             raise data.DataError(f"{e}\n(fastft eval rebuilds the run's held-out split from its recipe's data; "
                                  "give the held-out file with --data FILE)") from None
@@ -480,25 +407,3 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
     write_eval(Path(run_dir), result)
     log(format_table(result, str(run_dir)))
     return result
-
-
-# --- fastft generate ---------------------------------------------------------------------------
-
-def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                 adapter: bool = True) -> str:
-    """Print the reply to ``messages`` (chat template) to stdout as it is generated; returns it.
-    Greedy at temperature 0, sampling above. ``adapter=False``: the base model alone."""
-    import contextlib
-
-    import torch
-    from transformers import TextStreamer
-
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    off = contextlib.nullcontext() if adapter else model.disable_adapter()
-    with torch.no_grad(), off:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

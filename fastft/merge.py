@@ -27,7 +27,7 @@ Verification (default on): logits of the saved checkpoint, reloaded with plain
 ``AutoModelForCausalLM`` in its dtype, against the unmerged base + adapter in fp32 on a few prompts.
 The check passes when ``max |merged - reference| <= TOLERANCE[dtype] * max(1, max |reference|)``;
 the tolerances cover the output dtype's rounding of weights and arithmetic (bf16 has 8 mantissa
-bits, fp16 11); the merge itself adds ~1e-6 relative in fp32.
+bits, fp16 11); the merge itself is done in fp32, whose rounding is far smaller.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ from .errors import FastftError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # max |merged - reference| / max(1, max |reference|), reference = fp32 base + adapter unmerged.
-# Measured on the tiny model's trained adapters (LoRA and DoRA, 4-bit and 16-bit runs): fp32 ~1e-6,
-# fp16 ~1e-3, bf16 ~1e-2 (bf16 keeps 8 mantissa bits, fp16 11: ~8x apart); the limits leave ~3x.
+# Each limit follows the output dtype's precision: relative spacing 2^-7 for bf16 (8 mantissa bits), 2^-10
+# for fp16 (11), 2^-23 for fp32; logits gather rounding over every layer, so a limit is a few times the
+# spacing (fp32: far more). tests/test_merge.py checks LoRA and DoRA, 4-bit and 16-bit runs, in each dtype.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
 VERIFY_PROMPTS = [
     [{"role": "user", "content": "classify red , blue , green"}],
@@ -107,7 +108,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     t0 = time.perf_counter()
     run_dir = registry_mod.resolve_ref(ref, registry)
     info = rundir.read_run_info(run_dir)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = rundir.RunDir(run_dir).adapter
     trained_4bit = bool(info["recipe"]["model"].get("load_in_4bit"))
     compute_dtype = info.get("backend", {}).get("dtype") or "float32"
     base_path = provenance.base_path_for(info, base)

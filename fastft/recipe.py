@@ -7,13 +7,14 @@
 The schema is the dataclasses below; every field has a default except ``model.name``,
 ``data.train`` and ``output.dir``. Validation never builds anything (no model, no tokenizer):
 it checks keys, types and ranges and reports *all* problems in one ``RecipeError``, each naming
-its key path, and for unknown keys the closest valid one.
+its key path, and for unknown keys the closest valid one. Paths (data.train, data.eval, data.mix,
+eval.regression) are resolved once, at load: ``asset:`` to the shipped assets folder, relative paths
+beside the recipe file when one is there.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 
 from .errors import FastftError
 from .gates import GateError, parse_gate
+from .schema import check_type as _check_type, match_type as _match, range_problem as _range_problem, type_name as _tname
 
 
 class RecipeError(FastftError, ValueError):
@@ -62,7 +64,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # local .jsonl/.json/.csv/.parquet, "asset:..." (shipped), or a hub dataset id
+    train: str = ""  # local .jsonl/.json/.csv/.parquet, "asset:..." (shipped), or a hub dataset id; resolved at load
     format: Literal["alpaca", "messages", "text"] = "alpaca"
     eval: str | None = None  # a separate held-out file; otherwise eval_fraction of train is held out
     eval_fraction: float = field(default=0.05, metadata=_range(0.0, 1.0, hi_open=True))
@@ -73,7 +75,8 @@ class DataConfig:
     max_examples: int | None = field(default=None, metadata=_range(1, None))
     skip_bad_rows: bool = False  # skip malformed or invalid rows (counted and reported) instead of stopping
     # general data mixed into the training split: [{path: FILE | name: general, fraction: 0.15, format: ...}];
-    # fraction = share of the final training set (see fastft.data.mix_counts)
+    # fraction = share of the final training set (see fastft.data.mix_counts); at load each entry gets its
+    # resolved file as `path`
     mix: list[dict] | None = None
 
 
@@ -96,8 +99,6 @@ class TrainConfig:
     eval_batch_size: int | None = field(default=None, metadata=_range(1, 65536))  # None: max(batch_size, 8); long sequences want 1
     early_stopping_patience: int | None = field(default=None, metadata=_range(1, None))  # evals without improvement (the pre-training eval counts)
     logging_every: int = field(default=10, metadata=_range(1, None))
-    eval_generate: int = field(default=0, metadata=_range(0, None))  # held-out examples scored by exact match before/after
-    max_new_tokens: int = field(default=16, metadata=_range(1, 4096))  # generation budget for eval_generate
     save_every: int | None = field(default=None, metadata=_range(1, None))  # steps between resumable checkpoints
     keep_checkpoints: int = field(default=2, metadata=_range(1, None))  # newest complete checkpoints kept
     max_nonfinite_steps: int = field(default=10, metadata=_range(0, None))  # NaN/Inf steps skipped before stopping
@@ -137,27 +138,81 @@ class Recipe:
     source: str | None = field(default=None, metadata={"internal": True})  # the file it came from
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as loaded, paths resolved; a ``data.mix`` entry given by ``name`` is kept as
+        the name (its resolved file is found again when the dict is loaded)."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        if d["data"]["mix"]:
+            d["data"]["mix"] = [{k: v for k, v in e.items() if not (k == "path" and e.get("name") is not None)}
+                                for e in d["data"]["mix"]]
         return d
 
     def resolve_path(self, value: str) -> str:
-        """A data path from the recipe: ``asset:`` is the shipped assets folder, relative paths
-        are tried against the recipe's folder first, then the working directory."""
-        if value.startswith("asset:"):
-            return str(Path(__file__).resolve().parent / "assets" / value[len("asset:"):])
-        p = Path(value).expanduser()
-        if not p.is_absolute() and self.source:
-            beside = Path(self.source).resolve().parent / p
-            if beside.exists():
-                return str(beside)
-        return str(p)
+        """A path given beside this recipe (a command-line file), resolved as the recipe's own are."""
+        return resolve_path(value, _recipe_dir(self.source))
 
 
 REQUIRED = ("model.name", "data.train", "output.dir")
+ASSETS = Path(__file__).resolve().parent / "assets"
 # data.mix `name:` -> a dataset shipped with fastft (alpaca format); see fastft/assets/build_demo_data.py
 MIX_SETS = {"general": "asset:data/general-instructions.jsonl"}
 MIX_KEYS = ("path", "name", "fraction", "format")
+# keys that recipes used to have -> what to set instead
+REMOVED_KEYS = {
+    "train.eval_generate": "train.eval_generate was removed: the evaluation at the end of fastft train answers "
+                           "the held-out prompts with the base and the adapter (eval.*); set eval.max_examples "
+                           "(how many prompts; default all) and eval.max_new_tokens instead",
+    "train.max_new_tokens": "train.max_new_tokens was removed: set eval.max_new_tokens (the generation budget of "
+                            "the evaluation at the end of fastft train)",
+}
+
+
+def without_removed_keys(raw: dict) -> dict:
+    """A recipe recorded by an older fastft (a run's fastft.json) minus the keys since removed, so
+    the record still loads; a recipe file a user edits gets the error naming the new key instead."""
+    out = _deepcopy(raw)
+    for key in REMOVED_KEYS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
+def from_record(info: dict) -> "Recipe":
+    """The recipe a run recorded in its fastft.json (``recipe`` and ``recipe_source``)."""
+    return from_dict(without_removed_keys(info["recipe"]), source=info.get("recipe_source"))
+
+
+def resolve_path(value: str, recipe_dir: str | Path | None = None) -> str:
+    """A data path as a recipe gives it: ``asset:NAME`` is the shipped assets folder; a relative
+    path is taken beside the recipe when that file exists, else kept as given (the working
+    directory, or a hub dataset id such as ``org/name``)."""
+    if value.startswith("asset:"):
+        return str(ASSETS / value[len("asset:"):])
+    p = Path(value).expanduser()
+    if not p.is_absolute() and recipe_dir is not None:
+        beside = Path(recipe_dir) / p
+        if beside.exists():
+            return str(beside)
+    return str(p)
+
+
+def _recipe_dir(source: str | None) -> Path | None:
+    return Path(source).resolve().parent if source else None
+
+
+def _resolve_paths(r: Recipe) -> None:
+    """Resolve every path-valued key once, at load: data.train, data.eval, eval.regression and
+    each data.mix entry (a ``name`` gets its shipped file as ``path`` beside it)."""
+    where = _recipe_dir(r.source)
+    r.data.train = resolve_path(r.data.train, where)
+    if r.data.eval is not None:
+        r.data.eval = resolve_path(r.data.eval, where)
+    if r.eval.regression is not None:
+        r.eval.regression = resolve_path(r.eval.regression, where)
+    if r.data.mix:
+        r.data.mix = [{**e, "path": resolve_path(MIX_SETS[e["name"]] if e.get("name") is not None else e["path"],
+                                                 where)} for e in r.data.mix]
 
 
 # --- loading and validation --------------------------------------------------------------------
@@ -175,6 +230,8 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def from_dict(raw: Any, overrides: list[str] | None = None, source: str | None = None) -> Recipe:
+    """Validate a recipe mapping (overrides applied first); its paths are resolved beside
+    ``source``, the recipe file it came from (see ``resolve_path``)."""
     if not isinstance(raw, dict):
         raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
     raw = _deepcopy(raw)
@@ -192,6 +249,7 @@ def from_dict(raw: Any, overrides: list[str] | None = None, source: str | None =
     if problems:
         raise RecipeError(problems, source)
     recipe.source = source
+    _resolve_paths(recipe)
     return recipe
 
 
@@ -255,6 +313,9 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
     values = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
+        if path in REMOVED_KEYS:
+            problems.append(REMOVED_KEYS[path])
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6) or [
                 f for f in fields if str(key).startswith(f) or f.startswith(str(key))]
@@ -311,64 +372,6 @@ def _build_dict(tp, raw: Any, path: str, flatten: bool, problems: list[str]) -> 
     return out
 
 
-def _tname(v) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _check_type(value, tp) -> tuple[bool, Any, str]:
-    """(ok, coerced value, problem). The problem reads "expected <what>, got <value>"."""
-    ok, coerced, want = _match(value, tp)
-    if ok:
-        return True, coerced, ""
-    if typing.get_origin(tp) is Literal:
-        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close and isinstance(value, str) else ""
-        return False, None, f"must be one of {want}, got {value!r}{hint}"
-    return False, None, f"expected {want}, got {_tname(value)} {value!r}"
-
-
-def _match(value, tp) -> tuple[bool, Any, str]:
-    """(ok, coerced value, description of what tp accepts)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        wants = []
-        for arg in typing.get_args(tp):
-            ok, v, want = _match(value, arg)
-            if ok:
-                return True, v, ""
-            wants.append(want)
-        return False, None, " or ".join(wants)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        ok = any(value == a and type(value) is type(a) for a in allowed)
-        return ok, value, ", ".join(repr(a) for a in allowed)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        ok = isinstance(value, list) and bool(value) and all(isinstance(v, item_tp) for v in value)
-        return ok, list(value) if ok else None, f"a non-empty list of {_tname(item_tp()).split()[-1]}s"
-    if tp is type(None):
-        return value is None, None, "null"
-    if tp is bool:
-        return isinstance(value, bool), value, "true or false"
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else None, "a number"
-    if tp is str:
-        return isinstance(value, str), value, "a string"
-    raise TypeError(f"unsupported schema type {tp}")  # a bug in the schema, not in the recipe
-
-
-def _range_problem(v, lo, hi, lo_open, hi_open) -> str | None:
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        return f"must be {'<' if hi_open else '<='} {hi}, got {v}"
-    return None
-
-
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if isinstance(r.lora.target_modules, str) and r.lora.target_modules != "all-linear":
         problems.append(
@@ -386,8 +389,6 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         _check_mix(r.data.mix, problems)
     if r.train.early_stopping_patience and not r.train.eval_every:
         problems.append("train.early_stopping_patience: needs train.eval_every (steps between held-out evaluations)")
-    if r.train.eval_generate and r.data.format == "text":
-        problems.append("train.eval_generate: exact-match needs prompts and answers (format alpaca or messages)")
     if r.eval.json_fields is not None and "json_match" not in (r.eval.metric, r.eval.regression_metric):
         problems.append("eval.json_fields: only used by metric json_match; set eval.metric: json_match or remove it")
     for path, condition in r.eval.gates.items():

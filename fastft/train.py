@@ -1,12 +1,14 @@
-"""A training run, start to finish: load -> data -> score before -> train -> score after -> save.
+"""A training run, start to finish: load -> patch -> data -> trainer -> train -> save.
 
     from fastft import recipe, train
     result = train.run(recipe.load("recipes/tiny-demo.yaml"))
-    result.info["metrics"]["after"]["exact_match"], result.model   # summary, trained PEFT model
+    result.info["eval"]["task"]["adapter"]["exact_match"], result.model   # summary, trained PEFT model
 
-The trainer is TRL's SFTTrainer. ``Meter`` counts real (non-padding) tokens per optimizer step
-and the time spent in steps (evaluation excluded), and reads peak memory: CUDA max allocated and
-reserved on a GPU, the process's peak resident set (RSS) on CPU.
+The trainer is TRL's SFTTrainer (fastft.trainer) with fastft's callbacks (fastft.callbacks): the
+``Meter`` counts real (non-padding) tokens per optimizer step and the time spent in steps
+(evaluation excluded), and reads peak memory: CUDA max allocated and reserved on a GPU, the
+process's peak resident set (RSS) on CPU. Held-out loss is measured before and after training;
+the base-vs-adapter evaluation (``eval.*``, fastft.evaluate) runs at the end and writes eval.json.
 
 Faults (see fastft.checkpoints for the directory layout):
 - ``train.save_every`` writes resumable checkpoints (staged, then renamed into place); a run
@@ -18,15 +20,11 @@ Faults (see fastft.checkpoints for the directory layout):
 - CUDA out-of-memory ends the run with the measured peak and what to change.
 - Under ``torchrun`` / ``accelerate launch`` (several processes) it trains data-parallel (DDP) with
   the recipe's global batch, rank 0 writes every output, and tokens/sec is summed over ranks.
-
-Fault-injection hooks for tests (environment): FASTFT_FAULT_NAN_STEPS="3,4" poisons those optimizer
-steps' loss with NaN; FASTFT_FAULT_OOM_STEP=N raises a CUDA out-of-memory error at step N.
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -34,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backends, checkpoints, data, evaluate, files, patch, provenance, rundir
+from . import backends, checkpoints, data, evaluate, patch, provenance, rundir
 from .errors import FastftError
-from .recipe import Recipe
+from .recipe import Recipe, without_removed_keys
 
 
 class TrainError(FastftError, RuntimeError):
@@ -81,326 +79,6 @@ class World:
         return self.rank == 0
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def peak_memory() -> dict:
-    """Peak memory so far, in GB: CUDA allocated/reserved, or the process's peak RSS on CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"peak_vram_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
-                "peak_vram_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"peak_rss_gb": rss_kb * 1024 / 1e9}
-
-
-def _cuda_sync() -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _meter_callback_class():
-    from transformers import TrainerCallback
-
-    class Meter(TrainerCallback):
-        """Tokens/sec over optimizer steps and peak memory, logged with every Trainer log line."""
-
-        def __init__(self, metrics_path: Path, write: bool = True, counters: dict | None = None):
-            self.metrics_path = metrics_path
-            self.write = write  # only rank 0 writes metrics.jsonl
-            self.tokens = 0  # real tokens seen in this process's training micro-batches
-            self.step_time = 0.0  # seconds inside optimizer steps, this process
-            self.tokens_before = 0  # all ranks' tokens from the runs this one resumed
-            self.time_before = 0.0
-            if counters:
-                self.tokens_before, self.time_before = counters["tokens"], counters["step_seconds"]
-            self._t0 = None
-            self._t0_tokens = 0
-            self.steps: list[tuple[int, int, float]] = []  # (global step, real tokens, seconds) per optimizer step
-            self._last_tokens = float(self.tokens_before)
-            self._last_time = self.time_before
-            self.history: list[dict] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            _cuda_sync()  # CUDA runs asynchronously: a step's time ends when its kernels have
-            self._t0, self._t0_tokens = time.perf_counter(), self.tokens
-
-        def on_step_end(self, args, state, control, **kw):
-            if self._t0 is not None:
-                _cuda_sync()
-                dt = time.perf_counter() - self._t0
-                self.step_time += dt
-                self.steps.append((state.global_step, self.tokens - self._t0_tokens, dt))
-                self._t0 = None
-
-        def totals(self) -> tuple[float, float]:
-            """(tokens over all ranks, step seconds of the slowest-equivalent rank), this run + resumed."""
-            tokens, seconds = _all_reduce_sum([float(self.tokens), self.step_time])
-            size = int(os.environ.get("WORLD_SIZE", 1))
-            return self.tokens_before + tokens, self.time_before + seconds / size
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
-            tokens, seconds = self.totals()  # collective: every rank logs at the same steps
-            dt = seconds - self._last_time
-            if "loss" in logs and dt > 0:
-                logs["tokens_per_second"] = (tokens - self._last_tokens) / dt
-                self._last_tokens, self._last_time = tokens, seconds
-            logs.update(peak_memory())
-            logs["step"] = state.global_step
-            logs["tokens_seen"] = int(tokens)
-            self.history.append(logs)
-            if self.write:
-                with open(self.metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(logs) + "\n")
-
-        def counters(self) -> dict:
-            tokens, seconds = self.totals()
-            return {"tokens": tokens, "step_seconds": seconds}
-
-        def summary(self) -> dict:
-            tokens, seconds = self.totals()
-            return {"train_tokens": int(tokens), "train_step_seconds": seconds,
-                    "tokens_per_second": tokens / seconds if seconds else None, **peak_memory(),
-                    "per_step": [list(s) for s in self.steps]}  # [step, tokens, seconds], this process
-
-    return Meter
-
-
-def _early_stop_callback(patience: int, log):
-    from transformers import TrainerCallback
-
-    class EarlyStop(TrainerCallback):
-        """Stop when held-out loss has not improved for `patience` evaluations in a row."""
-
-        def __init__(self):
-            self.best = float("inf")
-            self.bad = 0
-            self.stopped_at = None
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            loss = (metrics or {}).get("eval_loss")
-            if loss is None:
-                return
-            if loss < self.best:
-                self.best, self.bad = loss, 0
-            else:
-                self.bad += 1
-                if self.bad >= patience and state.global_step < state.max_steps:
-                    self.stopped_at = state.global_step
-                    log(f"fastft: early stop at step {state.global_step}: held-out loss {loss:.4f} has not "
-                        f"improved on {self.best:.4f} for {patience} evaluations")
-                    control.should_training_stop = True
-
-    return EarlyStop()
-
-
-class NonFiniteError(TrainError):
-    pass
-
-
-def _best_adapter_callback(model, path: Path, write: bool, log):
-    """Track the adapter with the lowest held-out loss among the evaluations during training.
-    Rank 0 keeps a copy on disk (checkpoints/best-adapter.safetensors + .json, written atomically)
-    so a resumed run still knows it; every rank keeps one in memory to restore at the end."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import TrainerCallback
-
-    def trainable():
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    class BestAdapter(TrainerCallback):
-        def __init__(self):
-            self.loss, self.step, self.weights = float("inf"), None, None
-            meta = path.with_suffix(".json")
-            if meta.is_file() and path.is_file():
-                info = json.loads(meta.read_text())
-                self.loss, self.step, self.weights = info["eval_loss"], info["step"], load_file(str(path))
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            loss = (metrics or {}).get("eval_loss")
-            if loss is None or not loss < self.loss:
-                return
-            self.loss, self.step = loss, state.global_step
-            self.weights = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable().items()}
-            if write and state.global_step > 0:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                save_file(self.weights, str(tmp))
-                os.replace(tmp, path)
-                files.atomic_write_text(path.with_suffix(".json"),
-                                            json.dumps({"eval_loss": loss, "step": state.global_step}))
-
-        def restore_if_better(self, final_loss: float) -> bool:
-            """Load the best weights when an evaluation during training beat the final state."""
-            if self.step is None or self.step == 0 or not self.loss < final_loss:
-                return False
-            with torch.no_grad():
-                for n, p in trainable().items():
-                    p.copy_(self.weights[n].to(p.device, p.dtype))
-            log(f"fastft: restored the best adapter, from step {self.step} (held-out loss {self.loss:.4f} "
-                f"< {final_loss:.4f} at the end)")
-            return True
-
-    return BestAdapter()
-
-
-def _trainer_class():
-    import torch
-    from trl import SFTTrainer
-
-    class FastftTrainer(SFTTrainer):
-        """SFTTrainer that counts real tokens for the meter, skips optimizer steps whose gradients
-        are not finite, and stages checkpoints so only complete ones appear under checkpoints/."""
-
-        meter = None
-        log_fn = print
-        max_nonfinite = 10
-        nonfinite_steps: list
-        poison_steps: frozenset = frozenset()
-        oom_step: int | None = None
-        out_dir: Path | None = None
-        keep_checkpoints = 2
-        _staging: str | None = None
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            if self.oom_step is not None and self.state.global_step + 1 == self.oom_step:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by FASTFT_FAULT_OOM_STEP)")
-            if self.meter is not None:
-                mask = inputs.get("attention_mask")
-                self.meter.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            out = super().compute_loss(model, inputs, *args, **kwargs)
-            if self.model.training and self.state.global_step + 1 in self.poison_steps:
-                if isinstance(out, tuple):
-                    return (out[0] * float("nan"), *out[1:])
-                return out * float("nan")
-            return out
-
-        def create_optimizer(self, *args, **kwargs):
-            opt = super().create_optimizer(*args, **kwargs)
-            if not getattr(opt, "_fastft_guarded", False):
-                self._guard(opt)
-            return opt
-
-        def _guard(self, opt):
-            """Wrap optimizer.step: a step with any non-finite gradient (a NaN/Inf loss makes them all
-            NaN) is skipped; past the recipe's limit the run stops. Grads are already all-reduced
-            under DDP, so every rank takes the same decision."""
-            step = opt.step
-            self.nonfinite_steps = []
-
-            def guarded_step(*a, **k):
-                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-                    return step(*a, **k)
-                n = self.state.global_step + 1
-                self.nonfinite_steps.append(n)
-                opt.zero_grad(set_to_none=True)
-                if len(self.nonfinite_steps) > self.max_nonfinite:
-                    raise NonFiniteError(
-                        f"training stopped at step {n}: the loss or gradients were NaN/Inf on "
-                        f"{len(self.nonfinite_steps)} steps ({self.nonfinite_steps[:10]}), more than "
-                        f"train.max_nonfinite_steps={self.max_nonfinite}. Usual causes: a learning rate too high "
-                        "(train.lr), fp16 overflow (use model.dtype: bfloat16 or float32), a broken quantization "
-                        "config or checkpoint (model.load_in_4bit, the model files), or corrupt data rows. "
-                        "Nothing non-finite was saved; earlier checkpoints are intact.")
-                self.log_fn(f"fastft: step {n}: non-finite loss or gradient, optimizer step skipped "
-                            f"({len(self.nonfinite_steps)} of at most {self.max_nonfinite})")
-                return None
-
-            opt.step = guarded_step
-            opt._fastft_guarded = True
-
-        # -- checkpoints: staged in checkpoints/.staging, renamed into place when complete --------
-        def _get_output_dir(self, trial=None):
-            return self._staging or super()._get_output_dir(trial=trial)
-
-        def _save_checkpoint(self, model, trial):
-            import torch.distributed as dist
-
-            root = Path(self.args.output_dir)
-            staging = root / ".staging"
-            if self.args.should_save:
-                staging.mkdir(parents=True, exist_ok=True)
-            self._staging = str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = None
-            distributed = dist.is_available() and dist.is_initialized()
-            if distributed:
-                dist.barrier()  # every rank has written its RNG state into the staged folder
-            counters = self.meter.counters() if self.meter is not None else {}
-            if self.args.should_save:
-                name = f"{checkpoints.PREFIX}{self.state.global_step}"
-                final = checkpoints.finalize(staging / name, root, {"step": self.state.global_step,
-                                                                     "meter": counters}, self.keep_checkpoints)
-                if self.out_dir is not None:
-                    self.log_fn(f"fastft: checkpoint {final.relative_to(self.out_dir)} written")
-            if distributed:
-                dist.barrier()
-
-    return FastftTrainer
-
-
-class _Signals:
-    """SIGINT/SIGTERM: ask the trainer to checkpoint and stop at the end of the step; a second
-    signal exits at once."""
-
-    def __init__(self, log):
-        self.log = log
-        self.received: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            os._exit(128 + signum)
-        self.received = signum
-        self.log(f"fastft: {signal.Signals(signum).name} received: writing a checkpoint at the end of this step "
-                 "(send it again to exit at once)")
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        signals = self
-
-        class StopOnSignal(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if signals.received is not None:
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        return StopOnSignal()
-
-
 def _optimizer(recipe: Recipe, device: str, log) -> str:
     optim = recipe.train.optim
     if device == "cpu" and optim.startswith("paged_"):
@@ -412,7 +90,6 @@ def _optimizer(recipe: Recipe, device: str, log) -> str:
 
 def _sft_config(recipe: Recipe, out_dir: Path, info, optim: str, has_eval: bool, world: World,
                 batch: tuple[int, int]):
-    import torch
     from trl import SFTConfig
 
     t = recipe.train
@@ -452,7 +129,6 @@ def _sft_config(recipe: Recipe, out_dir: Path, info, optim: str, has_eval: bool,
         disable_tqdm=not world.main,
         use_cpu=not cuda,
     )
-    del torch
     return SFTConfig(**kwargs)
 
 
@@ -491,7 +167,7 @@ def _prepare_output(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool
             checkpoints.clear(out_dir)
         return None, None
     if state.kind == "unfinished":
-        diff = checkpoints.recipe_differences(state.run["recipe"], recipe.to_dict())
+        diff = checkpoints.recipe_differences(without_removed_keys(state.run["recipe"]), recipe.to_dict())
         if diff and not overwrite:
             raise TrainError(f"output.dir {out_dir} holds an unfinished run of a different recipe ("
                              + "; ".join(diff) + "); use the same recipe to resume it, pass --overwrite to "
@@ -525,57 +201,49 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     previous, ckpt = _prepare_output(recipe, out_dir, resume, overwrite, world, say)
     batch = _per_device_batch(recipe, world)
 
-    # 1. model
+    # 1. load (the backend imports Unsloth first when it runs: it patches the HF stack and TRL as
+    #    they are imported, so fastft's trainer and callbacks are imported after it)
     model, tokenizer, info = backends.load(recipe, world_size=world.size, local_rank=world.local_rank)
     say(f"fastft: {info.summary()}")
-    kernels = patch.apply(model, recipe.kernels)  # fastft's fused LoRA, Unsloth's, or stock PEFT
+    from . import callbacks
+    from .trainer import FastftTrainer
+
+    # 2. patch: fastft's fused LoRA, Unsloth's, or stock PEFT
+    kernels = patch.apply(model, recipe.kernels)
     say(f"fastft: {kernels.summary()}")
     if world.size > 1:
         say(f"fastft: data-parallel over {world.size} processes: per-device batch {batch[0]} x grad accum "
             f"{batch[1]} x {world.size} = global batch {recipe.train.batch_size * recipe.train.grad_accum}")
 
-    # 2. data
-    bundle = data.build(recipe, tokenizer, log=lambda m: say(f"fastft: {m}"))
+    # 3. data
+    bundle = data.build(recipe.data, tokenizer, seed=recipe.train.seed, max_length=recipe.model.max_seq_length,
+                        log=lambda m: say(f"fastft: {m}"))
     say(f"fastft: data {bundle.stats['train_examples']} train / {bundle.stats['eval_examples']} eval examples, "
         f"{bundle.stats['train_tokens']:,} train tokens ({bundle.data_hash[:19]})")
 
-    # 3. trainer
-    optim = _optimizer(recipe, info.device, say)
-    metrics_path = out_dir / "metrics.jsonl"
-    counters = None
-    if ckpt is not None:
-        marker = json.loads((ckpt / checkpoints.MARKER).read_text())
-        counters = marker.get("meter")
-        if world.main:
-            checkpoints.truncate_metrics(metrics_path, marker["step"])
-    elif world.main:
-        metrics_path.write_text("")
-    meter = _meter_callback_class()(metrics_path, write=world.main, counters=counters)
-    config = _sft_config(recipe, out_dir, info, optim, bundle.eval is not None, world, batch)
-    signals = _Signals(say)
-    callbacks = [meter, signals.callback()]
+    # 4. trainer
+    meter = callbacks.Meter(out_dir / rundir.METRICS, write=world.main, counters=_resumed_counters(out_dir, ckpt, world))
+    signals = callbacks.StopOnSignal(say)
+    guard = callbacks.NonFiniteGuard(recipe.train.max_nonfinite_steps, say)
+    extra, best = [], None
     if recipe.train.early_stopping_patience and bundle.eval is not None:
-        callbacks.append(_early_stop_callback(recipe.train.early_stopping_patience, say))
-    best = None
+        extra.append(callbacks.EarlyStop(recipe.train.early_stopping_patience, say))
     if recipe.train.eval_every and bundle.eval is not None:
-        best = _best_adapter_callback(model, checkpoints.checkpoint_root(out_dir) / "best-adapter.safetensors",
-                                      world.main, say)
-        callbacks.append(best)
-    trainer = _trainer_class()(model=model, args=config, train_dataset=bundle.train,
-                               eval_dataset=bundle.eval, processing_class=tokenizer, callbacks=callbacks)
-    trainer.meter, trainer.log_fn, trainer.out_dir = meter, say, out_dir
-    trainer.max_nonfinite = recipe.train.max_nonfinite_steps
-    trainer.keep_checkpoints = recipe.train.keep_checkpoints
-    trainer.poison_steps = frozenset(int(x) for x in os.environ.get("FASTFT_FAULT_NAN_STEPS", "").split(",") if x)
-    trainer.oom_step = int(os.environ["FASTFT_FAULT_OOM_STEP"]) if os.environ.get("FASTFT_FAULT_OOM_STEP") else None
+        best = callbacks.BestAdapter(model, checkpoints.checkpoint_root(out_dir) / "best-adapter.safetensors",
+                                     world.main, say)
+        extra.append(best)
+    config = _sft_config(recipe, out_dir, info, _optimizer(recipe, info.device, say), bundle.eval is not None,
+                         world, batch)
+    trainer = FastftTrainer(model=model, args=config, train_dataset=bundle.train, eval_dataset=bundle.eval,
+                            processing_class=tokenizer, callbacks=[meter, signals, *extra], meter=meter,
+                            guard=guard, out_dir=out_dir, keep_checkpoints=recipe.train.keep_checkpoints, log=say)
     _adapters_follow_compute_dtype(model, info.dtype)
 
-    # 4. score before (once per run: a resumed run reuses the first one's), train, score after
-    n_gen = min(recipe.train.eval_generate, len(bundle.eval_pairs))
+    # 5. train, with the held-out loss before (once per run: a resumed run reuses the first one's) and after
     if previous is not None and "before" in previous:
         before = previous["before"]
     else:
-        before = _score(trainer, model, tokenizer, bundle, n_gen, recipe, world)
+        before = _score(trainer, bundle)
         _forget_eval_preparation(trainer, model)
     say(f"fastft: before training: {_fmt_scores(before)}")
     if world.main:
@@ -586,42 +254,35 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         with signals:
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     except torch.cuda.OutOfMemoryError as e:
-        raise TrainError(_oom_message(recipe, e, out_dir)) from e
+        raise TrainError(_oom_message(recipe, e, out_dir, callbacks.peak_memory())) from e
+    except callbacks.NonFiniteError as e:
+        raise TrainError(str(e)) from e
     if signals.received is not None:
-        name = signal.Signals(signals.received).name
-        where = checkpoints.complete_checkpoints(out_dir)
-        msg = (f"stopped by {name} at step {trainer.state.global_step}; checkpoint "
-               f"{where[-1] if where else '(none)'} is complete. Resume with: fastft train "
-               f"{recipe.source or 'RECIPE'} --resume")
-        say(f"fastft: {msg}")
-        raise TrainInterrupted(msg, signals.received)
-    after = _score(trainer, model, tokenizer, bundle, n_gen, recipe, world)
-    best_step = trainer.state.global_step
+        raise _interrupted(signals.received, trainer.state.global_step, recipe, out_dir, say)
+    after = _score(trainer, bundle)
+    adapter_step = trainer.state.global_step
     if best is not None and best.restore_if_better(after["eval_loss"]):
-        best_step = best.step
-        after = _score(trainer, model, tokenizer, bundle, n_gen, recipe, world)
+        adapter_step = best.step
+        after = _score(trainer, bundle)
     say(f"fastft: after training:  {_fmt_scores(after)}")
-    for ex in after.get("examples", [])[:3]:
-        say(f"fastft:   {ex['prompt']!r} -> {ex['answer']!r} (reference {ex['reference']!r})")
 
-    # 5. save (rank 0); a non-finite adapter is never written
+    # 6. save (rank 0): base vs adapter (task by slice, regression set) and the recipe's gates into
+    #    eval.json, then adapter/ and fastft.json; a non-finite adapter is never written
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
         raise TrainError(f"the trained adapter has non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                          "nothing was saved. Lower train.lr or check the data.")
-    # base vs adapter (task by slice, regression set) and the recipe's gates; writes eval.json
     verdict = evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say) if world.main else {}
     summary = {
         "train": meter.summary(),
         "steps": trainer.state.global_step,
         "losses": [h["loss"] for h in meter.history if "loss" in h],
-        "nonfinite_steps_skipped": getattr(trainer, "nonfinite_steps", []),
+        "nonfinite_steps_skipped": guard.skipped,
         "resumed_from": str(ckpt) if ckpt is not None else None,
-        "adapter_step": best_step,  # the saved adapter's step: the best held-out loss when eval_every is set
+        "adapter_step": adapter_step,  # the saved adapter's step: the best held-out loss when eval_every is set
         "world_size": world.size,
-        "before": {k: v for k, v in before.items() if k != "examples"},
-        "after": {k: v for k, v in after.items() if k != "examples"},
-        "after_examples": after.get("examples", []),
+        "before": before,
+        "after": after,
         "wall_seconds": time.perf_counter() - t_start,
     }
     run_info = {
@@ -637,16 +298,44 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         **provenance.provenance(recipe, info),  # base model fingerprint + fastft commit: compatibility checks
     }
     if world.main:
-        try:
-            adapter_dir = rundir.save_adapter(model, tokenizer, out_dir)
-            rundir.write_run_info(out_dir, run_info)
-        except OSError as e:
-            raise TrainError(f"cannot write the results into {out_dir}: {e.strerror or e}"
-                             + (" (the disk is full: free space and run the same command again; it resumes "
-                                "from the last checkpoint)" if e.errno == 28 else "")
-                             + ". Nothing incomplete was left in place of adapter/ or fastft.json.") from e
-        say(_final_table(summary, adapter_dir))
+        adapter_dir = _save(model, tokenizer, out_dir, run_info)
+        say(_final_table(summary, verdict.get("eval"), adapter_dir))
     return Run(info=run_info, model=model, tokenizer=tokenizer, out_dir=out_dir)
+
+
+def _resumed_counters(out_dir: Path, ckpt: Path | None, world: World) -> dict | None:
+    """The meter's counters saved with the checkpoint a run resumes from; metrics.jsonl is cut back
+    to that step (or started empty for a fresh run)."""
+    metrics_path = out_dir / rundir.METRICS
+    if ckpt is None:
+        if world.main:
+            metrics_path.write_text("")
+        return None
+    marker = json.loads((ckpt / checkpoints.MARKER).read_text())
+    if world.main:
+        checkpoints.truncate_metrics(metrics_path, marker["step"])
+    return marker.get("meter")
+
+
+def _interrupted(signum: int, step: int, recipe: Recipe, out_dir: Path, say) -> TrainInterrupted:
+    where = checkpoints.complete_checkpoints(out_dir)
+    msg = (f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
+           f"{where[-1] if where else '(none)'} is complete. Resume with: fastft train "
+           f"{recipe.source or 'RECIPE'} --resume")
+    say(f"fastft: {msg}")
+    return TrainInterrupted(msg, signum)
+
+
+def _save(model, tokenizer, out_dir: Path, run_info: dict) -> Path:
+    try:
+        adapter_dir = rundir.save_adapter(model, tokenizer, out_dir)
+        rundir.write_run_info(out_dir, run_info)
+    except OSError as e:
+        raise TrainError(f"cannot write the results into {out_dir}: {e.strerror or e}"
+                         + (" (the disk is full: free space and run the same command again; it resumes "
+                            "from the last checkpoint)" if e.errno == 28 else "")
+                         + ". Nothing incomplete was left in place of adapter/ or fastft.json.") from e
+    return adapter_dir
 
 
 def _forget_eval_preparation(trainer, model) -> None:
@@ -660,8 +349,7 @@ def _forget_eval_preparation(trainer, model) -> None:
         models[:] = [m for m in models if m is not model]
 
 
-def _oom_message(recipe: Recipe, e: Exception, out_dir: Path) -> str:
-    mem = peak_memory()
+def _oom_message(recipe: Recipe, e: Exception, out_dir: Path, mem: dict) -> str:
     peak = (f"peak {mem['peak_vram_allocated_gb']:.2f} GB allocated / {mem['peak_vram_reserved_gb']:.2f} GB reserved"
             if "peak_vram_allocated_gb" in mem else "peak memory not measured (no CUDA device)")
     t, m = recipe.train, recipe.model
@@ -697,32 +385,30 @@ def _adapters_follow_compute_dtype(model, compute_dtype: str) -> None:
             p.data = p.data.float()
 
 
-def _score(trainer, model, tokenizer, bundle, n_gen: int, recipe: Recipe, world: World) -> dict:
-    out: dict = {}
-    if bundle.eval is not None:
-        out["eval_loss"] = trainer.evaluate()["eval_loss"]  # collective under DDP
-    if n_gen and world.main:
-        em = evaluate.exact_match(model, tokenizer, bundle.eval_pairs[:n_gen], recipe.train.max_new_tokens)
-        out.update(em)
-    return out
+def _score(trainer, bundle) -> dict:
+    """The held-out loss (a collective under DDP: every rank calls it)."""
+    return {"eval_loss": trainer.evaluate()["eval_loss"]} if bundle.eval is not None else {}
 
 
 def _fmt_scores(s: dict) -> str:
-    parts = []
     if "eval_loss" in s:
-        parts.append(f"held-out loss {s['eval_loss']:.4f}")
-    if s.get("n"):
-        parts.append(f"exact match {100 * s['exact_match']:.1f}% of {s['n']}")
-    return ", ".join(parts) or "no held-out data (data.eval_fraction 0 and no data.eval)"
+        return f"held-out loss {s['eval_loss']:.4f}"
+    return "no held-out data (data.eval_fraction 0 and no data.eval)"
 
 
-def _final_table(summary: dict, adapter_dir: Path) -> str:
+def _final_table(summary: dict, ev: dict | None, adapter_dir: Path) -> str:
+    """Held-out loss before/after training and, from the evaluation, the task metric of the base
+    (the adapter disabled: the model before training) and of the adapter."""
     b, a, t = summary["before"], summary["after"], summary["train"]
     rows = [("", "before", "after")]
     if "eval_loss" in a:
         rows.append(("held-out loss", f"{b['eval_loss']:.4f}", f"{a['eval_loss']:.4f}"))
-    if a.get("n"):
-        rows.append((f"exact match (n={a['n']})", f"{100 * b['exact_match']:.1f}%", f"{100 * a['exact_match']:.1f}%"))
+    task = (ev or {}).get("task")
+    if task and task.get("n"):
+        metric = ev["metric"]
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        rows.append((f"{metric.replace('_', ' ')} (n={task['n']})", pct(task["base"][metric]),
+                     pct(task["adapter"][metric])))
     width = max(len(r[0]) for r in rows)
     lines = ["", "fastft: run summary"] + [f"  {r[0]:<{width}}  {r[1]:>10}  {r[2]:>10}" for r in rows]
     mem = (f"peak VRAM {t['peak_vram_allocated_gb']:.2f} GB allocated / {t['peak_vram_reserved_gb']:.2f} GB reserved"

@@ -21,11 +21,12 @@ inside the K loop (no dense copy of W in memory), an optional low-rank epilogue 
 split of the reduction into fp32 partial sums. Accumulation is fp32; fp32 inputs use IEEE fp32 dots
 (no TF32), matching torch's default for matmul.
 
-NF4 (DESIGN.md "NF4, as bitsandbytes stores it"): flat index i of the dense row-major [N, K] weight
-lives in byte i // 2 (high nibble first), block i // blocksize; value = code[nibble] * absmax[block],
-and with double quantization absmax[block] = code2[absmax_u8[block]] * absmax2[block // blocksize2]
-+ offset, each step rounded to fp32 separately (the launch disables FMA contraction, as
-bitsandbytes' own dequant does two roundings), then the value rounds to the compute dtype.
+NF4 (the format, its parsing into `NF4Weight`, the reference dequant and the tile decoder `nf4_tile`
+all come from fastft.kernels.nf4): flat index i of the dense row-major [N, K] weight lives in byte
+i // 2 (high nibble first), block i // blocksize; value = code[nibble] * absmax[block], and with
+double quantization absmax[block] = code2[absmax_u8[block]] * absmax2[block // blocksize2] + offset,
+each step rounded to fp32 separately (the launch disables FMA contraction, as bitsandbytes' own
+dequant does two roundings), then the value rounds to the compute dtype.
 
 Not fused (the pure-torch reference runs instead and says so once): lora_dropout > 0 in training, a
 trainable base weight or bias, r > MAX_FUSED_RANK, dtypes other than fp16/bf16/fp32, non-NF4 4-bit,
@@ -37,34 +38,29 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference, interpreted, nf4_tile
+
 log = logging.getLogger(__name__)
 
 MAX_FUSED_RANK = 128  # BLOCK_R = next power of two >= r; beyond 128 the epilogue tile spills registers
-NF4_CODE = (  # bitsandbytes' NF4 table (normal-float quantiles), indexed by the 4-bit code
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # How an NF4 base weight reaches the matmuls: "in_kernel" dequantizes each [BLOCK_K, BLOCK_N] tile in
 # registers inside the K loop (W is read as 4-bit, never written dense); "dequantize" first writes the
 # dense weight with fastft.kernels.nf4.dequantize_nf4 (one memory-bound pass, 2.5 bytes per element)
-# and runs the 16-bit kernel on it, as Unsloth does with cuBLAS. The issue asks for whichever measures
-# faster; `python -m bench.kernels lora` times both. Not GPU-measured yet, so the default is the one
-# that moves fewer bytes.
+# and runs the 16-bit kernel on it, as Unsloth does with cuBLAS. `python -m bench.kernels lora` times
+# both ("fastft" and "fastft_dequant"); the default is the one that moves fewer bytes. A forward
+# records the path it took, and its backward takes the same one.
 NF4_PATH = os.environ.get("FASTFT_LORA_NF4", "in_kernel")
 
 # Launch configurations, one table for every launch (and for tests/test_kernel_compile.py, which
 # compiles each for sm_80/89/90). Chosen by shape in `_pick_config`; `python -m bench.kernels lora --sweep`
-# times the base-matmul ones (and CANDIDATES) per shape; every run prints the ones chosen. None is GPU-measured yet.
+# times the base-matmul ones (and CANDIDATES) per shape; every run prints the ones chosen.
 #   name: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 CONFIGS = {
     "mm_128x128x64_w8_s3": (128, 128, 64, 8, 8, 3),   # large 16-bit base matmuls (forward, dX)
@@ -102,28 +98,10 @@ INTERPRETER_CONFIGS = {
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _nf4_tile(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, idx, mask,
-              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
-    """Dequantize the NF4 elements at flat indices `idx` (any shape) of the dense weight, fp32."""
-    byte = tl.load(w_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-    q = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)  # first element in the high nibble
-    value = tl.load(code_ptr + q, mask=mask, other=0.0)
-    block = idx // BLOCKSIZE
-    if NESTED:
-        a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        absmax = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
-                                                                      mask=mask, other=0.0)
-        absmax = absmax + offset  # a separate rounding: launched with enable_fp_fusion=False
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return value * absmax
-
-
-@triton.jit
 def _lora_matmul_kernel(
     p_ptr, q_ptr, c_ptr,  # C[M, N] = alpha * P[M, K] @ Q[K, N]   (Q may be NF4-packed)
     l_ptr, r_ptr, bias_ptr,  # + scale * L[M, RANK] @ R[RANK, N] + bias[N]
-    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,  # NF4 Q
+    absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # NF4 Q (fastft.kernels.nf4.NF4Weight)
     M, N, K, RANK, k_per_split,
     stride_pm, stride_pk, stride_qk, stride_qn, stride_cs, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_rr, stride_rn,
@@ -163,8 +141,8 @@ def _lora_matmul_kernel(
         q_mask = mask_k[:, None] & mask_n[None, :]
         q_idx = offs_k[:, None].to(tl.int64) * stride_qk + offs_n[None, :] * stride_qn
         if Q_NF4:
-            q = _nf4_tile(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, q_idx, q_mask,
-                          BLOCKSIZE, BLOCKSIZE2, NESTED).to(p_ptr.dtype.element_ty)
+            q = nf4_tile(q_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, q_idx, q_mask,
+                         BLOCKSIZE, BLOCKSIZE2, NESTED).to(p_ptr.dtype.element_ty)
         else:
             q = tl.load(q_ptr + q_idx, mask=q_mask, other=0.0)
         if IEEE:
@@ -193,69 +171,8 @@ def _lora_matmul_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# NF4 weights
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class NF4Weight:
-    """An NF4 base weight in bitsandbytes' layout, read from a Params4bit and its QuantState."""
-
-    packed: torch.Tensor  # uint8, two codes per byte
-    absmax: torch.Tensor  # fp32 per block, or uint8 codes when nested (double quant)
-    code: torch.Tensor  # fp32 [16]
-    blocksize: int
-    shape: tuple[int, int]  # the dense weight, [out_features, in_features]
-    absmax2: torch.Tensor | None = None  # nested: fp32 per block of absmax codes
-    code2: torch.Tensor | None = None  # nested: fp32 [256]
-    blocksize2: int = 256
-    offset: float = 0.0
-    quant_state: object = None  # bitsandbytes' QuantState it came from (for the "dequantize" NF4 path)
-
-    @property
-    def nested(self) -> bool:
-        return self.absmax2 is not None
-
-    @classmethod
-    def from_quant_state(cls, packed: torch.Tensor, qs) -> "NF4Weight":
-        """From bitsandbytes' ``weight.quant_state`` (read by attribute: no bitsandbytes import)."""
-        if getattr(qs, "quant_type", "nf4") != "nf4":
-            raise ValueError(f"only NF4 4-bit weights are fused, not {qs.quant_type!r}")
-        shape = tuple(int(d) for d in qs.shape)
-        if len(shape) != 2:
-            raise ValueError(f"NF4 weight must be 2-D, got shape {shape}")
-        nested = bool(getattr(qs, "nested", False))
-        s2 = qs.state2 if nested else None
-        offset = qs.offset if nested else 0.0
-        return cls(packed=packed.reshape(-1), absmax=qs.absmax.reshape(-1), code=qs.code.float(),
-                   blocksize=int(qs.blocksize), shape=shape,
-                   absmax2=s2.absmax.reshape(-1).float() if nested else None,
-                   code2=s2.code.float() if nested else None,
-                   blocksize2=int(s2.blocksize) if nested else 256,
-                   offset=float(offset.item() if torch.is_tensor(offset) else offset), quant_state=qs)
-
-
-def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """Dense [N, K] weight from an NF4Weight, in pure torch, with the same two fp32 roundings."""
-    n = w.shape[0] * w.shape[1]
-    packed = w.packed.reshape(-1)
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
-    if w.nested:
-        absmax = w.code2[w.absmax.long()] * w.absmax2.repeat_interleave(w.blocksize2)[: w.absmax.numel()]
-        absmax = absmax + w.offset
-    else:
-        absmax = w.absmax.float()
-    values = w.code[codes] * absmax.repeat_interleave(w.blocksize)[:n]
-    return values.to(dtype).reshape(w.shape)
-
-
-# --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-
-def interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_lora_matmul_kernel).__name__ == "InterpretedFunction"
-
 
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
@@ -341,23 +258,23 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
         out.zero_()
     dummy = out  # stands in for absent pointers; never read (their constexpr flags are off)
     if nf4:
-        q_ptr, absmax, code = w.packed, w.absmax, w.code
-        absmax2 = w.absmax2 if w.nested else dummy
-        code2 = w.code2 if w.nested else dummy
+        q_ptr, absmax, table = w.packed, w.absmax, w.table
+        # the offset stays on the device: read through a pointer, never synced to a Python float
+        absmax2, code2, offset = (w.absmax2, w.code2, w.offset) if w.nested else (dummy, dummy, dummy)
     else:
-        q_ptr, absmax, code, absmax2, code2 = q, dummy, dummy, dummy, dummy
+        q_ptr, absmax, table, absmax2, code2, offset = q, dummy, dummy, dummy, dummy, dummy
     l_, r_ = lora if lora is not None else (dummy[0], dummy[0])
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)
     extra = {"enable_fp_fusion": False} if nf4 and w.nested else {}
     _lora_matmul_kernel[grid](
         p, q_ptr, out, l_, r_, bias if bias is not None else dummy,
-        absmax, code, absmax2, code2, w.offset if nf4 else 0.0,
+        absmax, table, absmax2, code2, offset,
         M, N, K, rank, k_per_split,
         p.stride(0), p.stride(1), stride_qk, stride_qn, out.stride(0), out.stride(1), out.stride(2),
         l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
         float(alpha), float(scale),
         HAS_LORA=lora is not None, HAS_BIAS=bias is not None, Q_NF4=nf4, NESTED=nf4 and w.nested,
-        BLOCKSIZE=w.blocksize if nf4 else 64, BLOCKSIZE2=w.blocksize2 if nf4 else 256,
+        BLOCKSIZE=w.blocksize if nf4 else 64, BLOCKSIZE2=(w.blocksize2 or 256) if nf4 else 256,
         IEEE=dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages, **extra,
@@ -386,38 +303,48 @@ def _split_for(M: int, tiles: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, max(tiles, 1)), M // 512))
 
 
-def _weight_operand(weight, nf4: NF4Weight | None, dtype, transposed: bool):
-    if nf4 is not None and NF4_PATH == "dequantize" and nf4.quant_state is not None:
-        from fastft.kernels.nf4 import dequantize_nf4
+def _nf4_weight(weight, quant_state) -> NF4Weight:
+    """The packed weight and its bitsandbytes quant_state as an NF4Weight (one passes through)."""
+    nf4 = quant_state if isinstance(quant_state, NF4Weight) else NF4Weight.from_quant_state(weight, quant_state)
+    if len(nf4.shape) != 2:
+        raise ValueError(f"NF4 weight must be 2-D, got shape {nf4.shape}")
+    return nf4
 
-        weight, nf4 = dequantize_nf4(nf4.packed, nf4.quant_state, dtype=dtype), None
+
+def _weight_operand(weight, nf4: NF4Weight | None, dtype, transposed: bool, nf4_path: str):
+    if nf4 is not None and nf4_path == "dequantize":
+        weight, nf4 = dequantize_nf4(nf4, dtype=dtype), None
     if nf4 is not None:
         return (nf4, transposed)
     w = weight if weight.dtype == dtype else weight.to(dtype)
     return w.t() if transposed else w
 
 
-def lora_forward(x2, weight, lora_a, lora_b, scaling, bias=None, nf4: NF4Weight | None = None):
-    """(y, xa) for 2-D x: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias in x's dtype, xa = x·Aᵀ (kept for backward)."""
+def lora_forward(x2, weight, lora_a, lora_b, scaling, bias=None, nf4: NF4Weight | None = None,
+                 nf4_path: str | None = None):
+    """(y, xa) for 2-D x: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias in x's dtype, xa = x·Aᵀ (kept for backward).
+    nf4_path: "in_kernel" | "dequantize" for an NF4 weight (default: NF4_PATH)."""
     dtype, r = x2.dtype, lora_a.shape[0]
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     xa = lora_matmul(x2, a.t(), dtype, kind="thin", rank=r)
-    y = lora_matmul(x2, _weight_operand(weight, nf4, dtype, True), dtype, lora=(xa, b.t()), scale=scaling,
-                    rank=r, bias=None if bias is None else bias.to(dtype))
+    w = _weight_operand(weight, nf4, dtype, True, nf4_path or NF4_PATH)
+    y = lora_matmul(x2, w, dtype, lora=(xa, b.t()), scale=scaling, rank=r,
+                    bias=None if bias is None else bias.to(dtype))
     return y, xa
 
 
 def lora_backward(dy2, x2, xa, weight, lora_a, lora_b, scaling, nf4: NF4Weight | None = None,
-                  need_dx=True, need_da=True, need_db=True):
-    """(dX, dA, dB) for 2-D tensors; dA and dB come back in the adapter's dtypes."""
+                  need_dx=True, need_da=True, need_db=True, nf4_path: str | None = None):
+    """(dX, dA, dB) for 2-D tensors; dA and dB come back in the adapter's dtypes. nf4_path: the one the
+    forward took (default: NF4_PATH)."""
     dtype, r = dy2.dtype, lora_a.shape[0]
     M = dy2.shape[0]
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     dx = da = db = None
     dyb = lora_matmul(dy2, b, dtype, kind="thin", rank=r) if (need_dx or need_da) else None
     if need_dx:
-        dx = lora_matmul(dy2, _weight_operand(weight, nf4, dtype, False), dtype, lora=(dyb, a), scale=scaling,
-                         rank=r)
+        w = _weight_operand(weight, nf4, dtype, False, nf4_path or NF4_PATH)
+        dx = lora_matmul(dy2, w, dtype, lora=(dyb, a), scale=scaling, rank=r)
     if need_da:
         K = x2.shape[1]
         split = _split_for(M, triton.cdiv(K, 128), dy2.device)
@@ -443,9 +370,10 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y, xa = lora_forward(x2, weight, lora_a, lora_b, scaling, bias, nf4)
+        nf4_path = NF4_PATH  # read once: the backward takes the path this forward took
+        y, xa = lora_forward(x2, weight, lora_a, lora_b, scaling, bias, nf4, nf4_path)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
-        ctx.scaling, ctx.nf4, ctx.in_shape = scaling, nf4, shape
+        ctx.scaling, ctx.nf4, ctx.nf4_path, ctx.in_shape = scaling, nf4, nf4_path, shape
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -458,7 +386,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dy2 = dy2.to(x2.dtype)
         need_dx, _, need_da, need_db = ctx.needs_input_grad[:4]
         dx, da, db = lora_backward(dy2, x2, xa, weight, lora_a, lora_b, ctx.scaling, ctx.nf4,
-                                   need_dx=need_dx, need_da=need_da, need_db=need_db)
+                                   need_dx=need_dx, need_da=need_da, need_db=need_db, nf4_path=ctx.nf4_path)
         if dx is not None:
             dx = dx.reshape(ctx.in_shape)
         return dx, None, da, db, None, None, None
@@ -473,8 +401,7 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias=None, quant_s
     """The same function in plain torch (autograd does the backward); also the fallback path."""
     dtype = x.dtype
     if quant_state is not None:
-        nf4 = quant_state if isinstance(quant_state, NF4Weight) else NF4Weight.from_quant_state(weight, quant_state)
-        w = dequantize_nf4_reference(nf4, dtype)
+        w = dequantize_nf4_reference(_nf4_weight(weight, quant_state), dtype=dtype)
     else:
         w = weight.to(dtype)
     y = F.linear(x, w, None if bias is None else bias.to(dtype))
@@ -522,85 +449,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None,
     if why is not None:
         say_once(why)
         return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, quant_state, dropout_p, training)
-    nf4 = None
-    if quant_state is not None:
-        nf4 = quant_state if isinstance(quant_state, NF4Weight) else NF4Weight.from_quant_state(weight, quant_state)
+    nf4 = None if quant_state is None else _nf4_weight(weight, quant_state)
     return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scaling), nf4)
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-# --------------------------------------------------------------------------------------------------
-# Compile registry (tests/test_kernel_compile.py builds each for sm_80, sm_89 and sm_90)
-# --------------------------------------------------------------------------------------------------
-
-def _compile_configs() -> list[dict]:
-    """Every shipped config in the specializations the launchers produce.
-
-    Triton's JIT turns integer arguments equal to 1 into constants, so each launch's unit strides are
-    constexprs here, as at run time (which strides are 1 follows from the launchers' views). Worst
-    cases for registers: BLOCK_R 128 (r up to MAX_FUSED_RANK) in every epilogue, NF4 nested with bias.
-    """
-    ptrs = ("p_ptr", "q_ptr", "c_ptr", "l_ptr", "r_ptr", "bias_ptr", "absmax_ptr", "code_ptr", "absmax2_ptr",
-            "code2_ptr")
-    ints = ("M", "N", "K", "RANK", "k_per_split", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
-            "stride_cs", "stride_cm", "stride_cn", "stride_lm", "stride_lr", "stride_rr", "stride_rn")
-    unit = {  # launch -> the strides that are 1
-        "fwd": ("stride_pk", "stride_qk", "stride_cn", "stride_lr", "stride_rr"),  # x·Wᵀ + s·XA·Bᵀ
-        "dx": ("stride_pk", "stride_qn", "stride_cn", "stride_lr", "stride_rn"),  # dY·W + s·dYB·A
-        "thin": ("stride_pk", "stride_qk", "stride_cn", "stride_lr", "stride_rn"),  # x·Aᵀ (dY·B: qn)
-        "red": ("stride_pm", "stride_qn", "stride_cn", "stride_lr", "stride_rn"),  # dYBᵀ·x, XAᵀ·dY
-    }
-    cases = []  # (config name, launch, dtype, q: "dense" | "nf4" | "nf4_flat", bias, BLOCK_R, split)
-    # every config once in its heaviest specialization (bf16, BLOCK_R 128, bias, NF4 nested), the large
-    # NF4 one in both operand layouts; one fp16 and the fp32 one (CI compiles each for 3 targets, 1-10 s
-    # per compile on 2 cores, so the list stays short)
-    for name in CONFIGS:
-        if name.startswith("mm_"):
-            cases.append((name, "fwd", "bf16", "dense", True, 128, False))
-        elif name.startswith("nf4_"):
-            cases.append((name, "fwd", "bf16", "nf4", True, 128, False))
-            if name == "nf4_128x64x64_w4_s2":
-                cases.append((name, "dx", "bf16", "nf4", False, 128, False))
-        elif name.startswith("thin_"):
-            cases.append((name, "thin", "bf16", "dense", False, 128, False))
-        elif name.startswith("red_"):
-            cases.append((name, "red", "bf16", "dense", False, 128, True))
-    cases.append(("nf4_128x64x64_w4_s2", "fwd", "fp16", "nf4_flat", True, 64, False))
-    cases.append(("f32_64x64x32_w4_s2", "fwd", "fp32", "nf4", True, 64, False))
-    configs = []
-    for name, launch, dtype, q, bias, block_r, split in cases:
-        bm, bn, bk, group_m, num_warps, num_stages = CONFIGS[name]
-        bm, bn = bm or block_r, bn or block_r
-        nf4 = q.startswith("nf4")
-        nested = q == "nf4"
-        out = "fp32" if split else dtype
-        sig = {k: f"*{dtype}" for k in ptrs}
-        sig.update(c_ptr=f"*{out}", bias_ptr=f"*{dtype}" if bias else f"*{out}",
-                   q_ptr="*u8" if nf4 else f"*{dtype}", absmax_ptr="*u8" if nested else "*fp32",
-                   code_ptr="*fp32", absmax2_ptr="*fp32", code2_ptr="*fp32", offset="fp32")
-        sig.update({k: "i32" for k in ints if k not in unit[launch]})
-        sig.update(alpha="fp32", scale="fp32")
-        constexprs = {k: 1 for k in unit[launch]}
-        constexprs.update(HAS_LORA=launch in ("fwd", "dx"), HAS_BIAS=bias, Q_NF4=nf4, NESTED=nested,
-                          BLOCKSIZE=64, BLOCKSIZE2=256, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m)
-        options = dict(num_warps=num_warps, num_stages=num_stages)
-        if nested:
-            options["enable_fp_fusion"] = False
-        configs.append(dict(
-            name=f"lora_matmul-{name}-{launch}-{dtype}-{q}{'-bias' if bias else ''}-r{block_r}",
-            kernel=f"{__name__}:_lora_matmul_kernel", signature=sig, constexprs=constexprs, options=options,
-            # torch allocations are 16-byte aligned; Llama shapes make sizes and leading strides 16-divisible
-            divisible_by_16=[k for k in sig if k.endswith("_ptr") or k in ("M", "N", "K", "stride_pm",
-                                                                            "stride_qk", "stride_qn", "stride_cm")
-                             and k in sig],
-        ))
-    return configs
-
-
-# Entries as tests/test_kernel_compile.py documents them.
-COMPILE_CONFIGS = _compile_configs()

@@ -1,14 +1,20 @@
-"""4-bit (NF4 / FP4) dequantization of bitsandbytes weights, bit-exact with bitsandbytes.
+"""The bitsandbytes 4-bit format (NF4 / FP4): its tables, quant-state parsing (`NF4Weight`), a pure-torch
+reference, a Triton tile decoder for matmul kernels (`nf4_tile`), and a dequantization kernel bit-exact
+with bitsandbytes.
 
     from fastft.kernels.nf4 import dequantize_nf4
     w = dequantize_nf4(linear4bit.weight)                   # Params4bit -> [out, in] in quant_state.dtype
     w = dequantize_nf4(linear4bit)                           # or the module holding it
     w = dequantize_nf4(packed_uint8, quant_state, out=buf)   # into a reused buffer (training)
+    q = NF4Weight.from_quant_state(packed, quant_state)     # parsed and checked once: what kernels read
+    w = dequantize_nf4_reference(q, dtype=torch.bfloat16)   # pure torch, the same fp32 roundings
 
 The format (bitsandbytes `quantize_4bit`): the flattened weight of ``n`` elements is packed two codes
 per byte, ``(n + 1) // 2`` bytes, element ``2i`` in the high nibble of byte ``i`` and ``2i + 1`` in the
-low one. Element ``j`` belongs to absmax block ``j // blocksize`` (blocksize a power of two, 32..4096).
-A code indexes a 16-entry fp32 table (NF4: normal quantiles; FP4: 1 sign, 2 exponent, 1 mantissa bit).
+low one. The packed tensor may be stored in a float dtype (``bnb_4bit_quant_storage``, which FSDP
+needs); it is read as bytes either way. Element ``j`` belongs to absmax block ``j // blocksize``
+(blocksize a power of two, 32..4096). A code indexes a 16-entry fp32 table (NF4: normal quantiles;
+FP4: 1 sign, 2 exponent, 1 mantissa bit).
 With double quantization ("compress_statistics") the absmax itself is uint8 codes of an 8-bit
 blockwise dynamic map (``state2.code``, 256 fp32 entries) with one fp32 scale per ``state2.blocksize``
 (256) absmax values, plus one fp32 ``offset`` (the mean that was subtracted before quantizing them).
@@ -54,6 +60,11 @@ one 16-byte vector of output; a thread then loads a group with one 2- or 4-byte 
 The scale of a group (three gathers and two flops when nested) is computed once per group of 4
 bytes. Launch configs are autotuned per (bytes, blocksize, nesting, dtypes) from `LAUNCH_CONFIGS`;
 `python -m bench.kernels nf4` prints the chosen one per shape.
+
+`nf4_tile` is the same decode for any tile of flat indices, for kernels that consume W inside their own
+loop (fastft.kernels.lora dequantizes a [BLOCK_K, BLOCK_N] tile of W per K step and never writes it
+dense). It multiplies with plain fp32 ``*``; its caller launches with ``enable_fp_fusion=False`` so
+the nested absmax keeps its two roundings.
 
 Errors: `dequantize_nf4` raises TypeError for a wrong kind of input or dtype and ValueError for a
 wrong device, a shape that does not match the quant state, a non-contiguous tensor or an unsupported
@@ -105,9 +116,9 @@ class LaunchConfig:
 
 
 # The autotuner's candidates; each is compiled for sm_80/sm_89/sm_90 in tests/test_kernel_compile.py.
-# Not yet measured on a GPU (none was available while writing this): they span 8 to 32 packed bytes
-# per thread (2 to 8 independent 4-byte loads for 16-bit outputs), trading bytes in flight per thread
-# against registers and occupancy (32 to 80 registers on sm_90 for bf16, `cuobjdump -res-usage`).
+# They span 8 to 32 packed bytes per thread (2 to 8 independent 4-byte loads for 16-bit outputs),
+# trading bytes in flight per thread against registers and occupancy (32 to 80 registers on sm_90
+# for bf16, `cuobjdump -res-usage`).
 LAUNCH_CONFIGS = (
     LaunchConfig(1024, 4),
     LaunchConfig(2048, 4),
@@ -126,11 +137,29 @@ INTERPRETER_CONFIG = LaunchConfig(256, 4)
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
     from triton.language.extra import libdevice
+
+    @triton.jit
+    def nf4_tile(packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask,
+                 BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+        """fp32 values of the 4-bit weight at flat indices `idx` (any shape) of its dense row-major form.
+        Arguments as `_dequantize_4bit_kernel`'s; masked-off elements decode to 0."""
+        byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+        q = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)  # the even element in the high nibble
+        value = tl.load(table_ptr + q, mask=mask, other=0.0)
+        block = idx // BLOCKSIZE
+        if NESTED:
+            a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            absmax = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
+                                                                          mask=mask, other=0.0)
+            absmax = absmax + tl.load(offset_ptr)  # a separate rounding: launched with enable_fp_fusion=False
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return value * absmax
 
     @triton.jit
     def _mul_fp32(a, b, USE_MUL_RN: tl.constexpr):
@@ -227,11 +256,18 @@ if triton is not None:
         return [triton.Config({"BYTES_PER_PROGRAM": c.bytes_per_program}, num_warps=c.num_warps)
                 for c in LAUNCH_CONFIGS]
 
-    _INTERPRETED = not isinstance(_dequantize_4bit_kernel, triton.runtime.JITFunction)
     _dequantize_4bit_autotuned = triton.autotune(
         configs=_autotune_configs(), key=["n_bytes", "HALF", "BLOCKSIZE2", "NESTED"])(_dequantize_4bit_kernel)
+    # TRITON_INTERPRET=1 at import makes @triton.jit hand out interpreter functions instead of JITFunctions.
+    _INTERPRETED = not isinstance(_dequantize_4bit_kernel, triton.runtime.JITFunction)
 else:
     _INTERPRETED = False
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when fastft.kernels
+    was imported): CPU tensors then run the Triton kernels instead of the torch reference."""
+    return _INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,26 +275,113 @@ else:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class _State:
-    """The fields of a bitsandbytes QuantState this module reads, validated."""
-    shape: tuple
-    dtype: torch.dtype
+class NF4Weight:
+    """A bitsandbytes 4-bit weight as the kernels read it: the packed bytes and the fields of its
+    QuantState, validated (`from_quant_state`). Read by attribute: no bitsandbytes import."""
+    packed: torch.Tensor  # uint8 [(numel + 1) // 2], flat: two codes per byte (float storage viewed as bytes)
+    shape: tuple  # the dense weight, [out_features, in_features] for a Linear
+    dtype: torch.dtype  # quant_state.dtype: the default output dtype
     blocksize: int
-    quant_type: str
-    absmax: torch.Tensor
+    quant_type: str  # "nf4" | "fp4"
+    absmax: torch.Tensor  # fp32 per block, or uint8 codes when nested (double quantization)
     nested: bool
-    offset: torch.Tensor | None = None
-    absmax2: torch.Tensor | None = None
-    code2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None  # nested: fp32, one value (read by the kernels through a pointer)
+    absmax2: torch.Tensor | None = None  # nested: fp32 per blocksize2 absmax codes
+    code2: torch.Tensor | None = None  # nested: fp32 [256]
     blocksize2: int = 0
     numel: int = field(init=False)
 
     def __post_init__(self):
         self.numel = math.prod(self.shape)
 
+    @property
+    def table(self) -> torch.Tensor:
+        """The 16-entry fp32 code table (fastft's constants: bitsandbytes' kernels ignore quant_state.code)."""
+        return _table(self.quant_type, self.packed.device)
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, quant_state) -> NF4Weight:
+        """Parse and check bitsandbytes' ``weight.quant_state`` against its packed tensor."""
+        missing = [k for k in ("absmax", "shape", "blocksize", "quant_type", "dtype")
+                   if getattr(quant_state, k, None) is None]
+        if missing:
+            raise TypeError(f"dequantize_nf4: quant_state lacks {', '.join(missing)}; expected a "
+                            f"bitsandbytes QuantState from quantize_4bit, got {type(quant_state).__name__}")
+        quant_type = quant_state.quant_type
+        if quant_type not in TABLES:
+            raise ValueError(f"dequantize_nf4: quant_type {quant_type!r} is not supported; "
+                             f"supported: {', '.join(TABLES)} (quantize with quant_type='nf4')")
+        blocksize = int(quant_state.blocksize)
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"dequantize_nf4: blocksize {blocksize} is not supported; supported: "
+                             f"{', '.join(map(str, BLOCKSIZES))} (bitsandbytes' 4-bit blocksizes)")
+        if isinstance(packed, torch.nn.Parameter):
+            packed = packed.data
+        state2 = getattr(quant_state, "state2", None)
+        w = cls(packed=packed, shape=tuple(quant_state.shape), dtype=quant_state.dtype, blocksize=blocksize,
+                quant_type=quant_type, absmax=quant_state.absmax, nested=state2 is not None)
+        n_blocks = -(-w.numel // blocksize)
+        if w.absmax.numel() != n_blocks:
+            raise ValueError(f"dequantize_nf4: absmax has {w.absmax.numel()} values but shape "
+                             f"{list(w.shape)} with blocksize {blocksize} needs {n_blocks}; the weight and "
+                             "its quant_state do not belong together")
+        if w.nested:
+            if w.absmax.dtype != torch.uint8:
+                raise TypeError(f"dequantize_nf4: a double-quantized absmax must be uint8 codes, got "
+                                f"{w.absmax.dtype}")
+            w.offset, w.absmax2, w.code2 = quant_state.offset, state2.absmax, state2.code
+            w.blocksize2 = int(state2.blocksize)
+            if w.offset is None or w.absmax2 is None or w.code2 is None:
+                raise TypeError("dequantize_nf4: a double-quantized quant_state needs offset, state2.absmax "
+                                "and state2.code")
+            if w.blocksize2 < 1 or w.blocksize2 & (w.blocksize2 - 1):
+                raise ValueError(f"dequantize_nf4: state2.blocksize {w.blocksize2} is not a power of two")
+            if not isinstance(w.offset, torch.Tensor):  # a float after some state-dict round trips
+                w.offset = torch.tensor(float(w.offset), dtype=torch.float32, device=w.absmax.device)
+            for name, t, n in (("state2.absmax", w.absmax2, -(-n_blocks // w.blocksize2)),
+                               ("state2.code", w.code2, 256), ("offset", w.offset, 1)):
+                if t.dtype != torch.float32:
+                    raise TypeError(f"dequantize_nf4: {name} must be float32, got {t.dtype}")
+                if t.numel() != n:
+                    raise ValueError(f"dequantize_nf4: {name} has {t.numel()} values, expected {n} for "
+                                     f"{n_blocks} absmax blocks; the quant_state is inconsistent")
+        elif w.absmax.dtype != torch.float32:
+            raise TypeError(f"dequantize_nf4: absmax must be float32 (or uint8 with double quantization), "
+                            f"got {w.absmax.dtype}")
+
+        n_bytes = (w.numel + 1) // 2
+        if packed.numel() * packed.element_size() != n_bytes:
+            raise ValueError(f"dequantize_nf4: the packed weight has {packed.numel() * packed.element_size()} "
+                             f"bytes but quant_state.shape {list(w.shape)} needs {n_bytes}; the weight and "
+                             "its quant_state do not belong together")
+        if not packed.is_contiguous():
+            raise ValueError("dequantize_nf4: the packed weight must be contiguous; call .contiguous()")
+        device = packed.device
+        tensors = [("absmax", w.absmax)]
+        if w.nested:
+            tensors += [("state2.absmax", w.absmax2), ("state2.code", w.code2), ("offset", w.offset)]
+        for name, t in tensors:
+            if t.device != device:
+                raise ValueError(f"dequantize_nf4: {name} is on {t.device} but the packed weight is on "
+                                 f"{device}; move the whole layer with .to({str(device)!r})")
+        # a float quant storage (bnb_4bit_quant_storage=torch.bfloat16, for FSDP) holds the same bytes
+        w.packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1)
+        return w
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _table(quant_type: str, device) -> torch.Tensor:
+    """TABLES[quant_type] as an fp32 tensor on `device`, made once per device."""
+    key = (quant_type, str(device))
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = torch.tensor(TABLES[quant_type], dtype=torch.float32, device=device)
+    return _TABLE_CACHE[key]
+
 
 def _unpack(weight_or_packed, quant_state):
-    """-> (packed uint8 tensor, quant_state object)."""
+    """-> (packed tensor, quant_state object)."""
     obj = weight_or_packed
     if quant_state is None:
         if isinstance(obj, torch.nn.Module):
@@ -270,7 +393,7 @@ def _unpack(weight_or_packed, quant_state):
             obj = weight
         if not isinstance(obj, torch.Tensor):
             raise TypeError(f"dequantize_nf4: expected a bitsandbytes Params4bit, the module holding it, "
-                            f"or a packed uint8 tensor with quant_state=..., got {type(obj).__name__}")
+                            f"an NF4Weight, or a packed uint8 tensor with quant_state=..., got {type(obj).__name__}")
         quant_state = getattr(obj, "quant_state", None)
         if quant_state is None:
             raise TypeError("dequantize_nf4: this tensor has no quant_state: pass quant_state=... with "
@@ -285,116 +408,58 @@ def _unpack(weight_or_packed, quant_state):
     return packed, quant_state
 
 
-def _state(quant_state, dtype) -> _State:
-    missing = [k for k in ("absmax", "shape", "blocksize", "quant_type", "dtype")
-               if getattr(quant_state, k, None) is None]
-    if missing:
-        raise TypeError(f"dequantize_nf4: quant_state lacks {', '.join(missing)}; expected a "
-                        f"bitsandbytes QuantState from quantize_4bit, got {type(quant_state).__name__}")
-    quant_type = quant_state.quant_type
-    if quant_type not in TABLES:
-        raise ValueError(f"dequantize_nf4: quant_type {quant_type!r} is not supported; "
-                         f"supported: {', '.join(TABLES)} (quantize with quant_type='nf4')")
-    blocksize = int(quant_state.blocksize)
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"dequantize_nf4: blocksize {blocksize} is not supported; supported: "
-                         f"{', '.join(map(str, BLOCKSIZES))} (bitsandbytes' 4-bit blocksizes)")
-    out_dtype = dtype or quant_state.dtype
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"dequantize_nf4: output dtype {out_dtype} is not supported; use torch.float16, "
+def _weight(weight_or_packed, quant_state) -> NF4Weight:
+    """An NF4Weight from any accepted input (an NF4Weight passes through)."""
+    if isinstance(weight_or_packed, NF4Weight):
+        if quant_state is not None:
+            raise TypeError("dequantize_nf4: an NF4Weight carries its quant state; pass quant_state=None")
+        return weight_or_packed
+    return NF4Weight.from_quant_state(*_unpack(weight_or_packed, quant_state))
+
+
+def _out_dtype(w: NF4Weight, dtype, out) -> torch.dtype:
+    if dtype is None and out is not None:
+        dtype = out.dtype
+    dtype = dtype or w.dtype
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dequantize_nf4: output dtype {dtype} is not supported; use torch.float16, "
                         "torch.bfloat16 or torch.float32")
-    state2 = getattr(quant_state, "state2", None)
-    st = _State(shape=tuple(quant_state.shape), dtype=out_dtype, blocksize=blocksize,
-                quant_type=quant_type, absmax=quant_state.absmax, nested=state2 is not None)
-    n_blocks = -(-st.numel // blocksize)
-    if st.absmax.numel() != n_blocks:
-        raise ValueError(f"dequantize_nf4: absmax has {st.absmax.numel()} values but shape "
-                         f"{list(st.shape)} with blocksize {blocksize} needs {n_blocks}; the weight and "
-                         "its quant_state do not belong together")
-    if st.nested:
-        if st.absmax.dtype != torch.uint8:
-            raise TypeError(f"dequantize_nf4: a double-quantized absmax must be uint8 codes, got "
-                            f"{st.absmax.dtype}")
-        st.offset, st.absmax2, st.code2 = quant_state.offset, state2.absmax, state2.code
-        st.blocksize2 = int(state2.blocksize)
-        if st.offset is None or st.absmax2 is None or st.code2 is None:
-            raise TypeError("dequantize_nf4: a double-quantized quant_state needs offset, state2.absmax "
-                            "and state2.code")
-        if st.blocksize2 < 1 or st.blocksize2 & (st.blocksize2 - 1):
-            raise ValueError(f"dequantize_nf4: state2.blocksize {st.blocksize2} is not a power of two")
-        if not isinstance(st.offset, torch.Tensor):  # a float after some state-dict round trips
-            st.offset = torch.tensor(float(st.offset), dtype=torch.float32, device=st.absmax.device)
-        for name, t, n in (("state2.absmax", st.absmax2, -(-n_blocks // st.blocksize2)),
-                           ("state2.code", st.code2, 256), ("offset", st.offset, 1)):
-            if t.dtype != torch.float32:
-                raise TypeError(f"dequantize_nf4: {name} must be float32, got {t.dtype}")
-            if t.numel() != n:
-                raise ValueError(f"dequantize_nf4: {name} has {t.numel()} values, expected {n} for "
-                                 f"{n_blocks} absmax blocks; the quant_state is inconsistent")
-    elif st.absmax.dtype != torch.float32:
-        raise TypeError(f"dequantize_nf4: absmax must be float32 (or uint8 with double quantization), "
-                        f"got {st.absmax.dtype}")
-    return st
+    return dtype
 
 
-def _check_tensors(packed, st: _State, out):
-    n_bytes = (st.numel + 1) // 2
-    if packed.numel() * packed.element_size() != n_bytes:
-        raise ValueError(f"dequantize_nf4: the packed weight has {packed.numel() * packed.element_size()} "
-                         f"bytes but quant_state.shape {list(st.shape)} needs {n_bytes}; the weight and "
-                         "its quant_state do not belong together")
-    if not packed.is_contiguous():
-        raise ValueError("dequantize_nf4: the packed weight must be contiguous; call .contiguous()")
-    device = packed.device
-    tensors = [("absmax", st.absmax)]
-    if st.nested:
-        tensors += [("state2.absmax", st.absmax2), ("state2.code", st.code2), ("offset", st.offset)]
+def _check_out(w: NF4Weight, out, dtype):
+    device = w.packed.device
     if out is not None:
-        tensors.append(("out", out))
-    for name, t in tensors:
-        if t.device != device:
-            raise ValueError(f"dequantize_nf4: {name} is on {t.device} but the packed weight is on "
+        if out.device != device:
+            raise ValueError(f"dequantize_nf4: out is on {out.device} but the packed weight is on "
                              f"{device}; move the whole layer with .to({str(device)!r})")
-    if out is not None:
-        if out.dtype != st.dtype:
-            raise TypeError(f"dequantize_nf4: out is {out.dtype} but the output dtype is {st.dtype}; "
+        if out.dtype != dtype:
+            raise TypeError(f"dequantize_nf4: out is {out.dtype} but the output dtype is {dtype}; "
                             "pass dtype=out.dtype or allocate out with that dtype")
-        if tuple(out.shape) != st.shape:
+        if tuple(out.shape) != w.shape:
             raise ValueError(f"dequantize_nf4: out has shape {list(out.shape)}, expected "
-                             f"{list(st.shape)} (quant_state.shape)")
+                             f"{list(w.shape)} (quant_state.shape)")
         if not out.is_contiguous():
             raise ValueError("dequantize_nf4: out must be contiguous")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"dequantize_nf4: tensors on {device.type} are not supported; use a CUDA "
                          "device (or the CPU, where the torch reference runs)")
-    return n_bytes
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher, reference, public entry point
 # ----------------------------------------------------------------------------------------------
 
-_TABLE_CACHE: dict = {}
-
-
-def _table(quant_type: str, device) -> torch.Tensor:
-    key = (quant_type, str(device))
-    if key not in _TABLE_CACHE:
-        _TABLE_CACHE[key] = torch.tensor(TABLES[quant_type], dtype=torch.float32, device=device)
-    return _TABLE_CACHE[key]
-
-
-def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int,
-            config: LaunchConfig | None = None):
+def _launch(w: NF4Weight, out: torch.Tensor, config: LaunchConfig | None = None):
     """Launch the Triton kernel (GPU, or CPU tensors under TRITON_INTERPRET=1) into `out`.
     config=None: autotuned (or DEFAULT_CONFIG below AUTOTUNE_MIN_BYTES); else that config."""
-    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
-    n_blocks = st.absmax.numel()
-    table = _table(st.quant_type, packed.device)
+    n_bytes = w.packed.numel()
+    n_blocks = w.absmax.numel()
+    table = w.table
     # Non-nested: the unused pointer arguments get a real tensor, never read (NESTED is constexpr).
-    absmax2, code2, offset = (st.absmax2, st.code2, st.offset) if st.nested else (table, table, table)
-    args = (packed, st.absmax, table, absmax2, code2, offset, out, st.numel, n_bytes, n_blocks)
-    meta = dict(HALF=st.blocksize // 2, BLOCKSIZE2=st.blocksize2 or 1, NESTED=st.nested,
+    absmax2, code2, offset = (w.absmax2, w.code2, w.offset) if w.nested else (table, table, table)
+    args = (w.packed, w.absmax, table, absmax2, code2, offset, out, w.numel, n_bytes, n_blocks)
+    meta = dict(HALF=w.blocksize // 2, BLOCKSIZE2=w.blocksize2 or 1, NESTED=w.nested,
                 USE_MUL_RN=not _INTERPRETED)
     if _INTERPRETED:
         config = config or INTERPRETER_CONFIG
@@ -404,7 +469,7 @@ def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int,
         return out
     if config is None and n_bytes < AUTOTUNE_MIN_BYTES:
         config = DEFAULT_CONFIG
-    with torch.cuda.device(packed.device):
+    with torch.cuda.device(w.packed.device):
         if config is None:
             _dequantize_4bit_autotuned[lambda m: (triton.cdiv(n_bytes, m["BYTES_PER_PROGRAM"]),)](
                 *args, **meta, enable_fp_fusion=False)
@@ -418,55 +483,49 @@ def _launch(packed: torch.Tensor, st: _State, out: torch.Tensor, n_bytes: int,
 def chosen_config(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None):
     """The LaunchConfig `dequantize_nf4` uses for this weight: the autotuner's pick once it has run
     for this (size, blocksize, nesting, dtype), DEFAULT_CONFIG for small weights, else None."""
-    packed, quant_state = _unpack(packed, quant_state)
-    st = _state(quant_state, dtype)
-    n_bytes = (st.numel + 1) // 2
+    w = _weight(packed, quant_state)
+    dtype = _out_dtype(w, dtype, None)
+    n_bytes = (w.numel + 1) // 2
     if triton is None or _INTERPRETED:
         return INTERPRETER_CONFIG if _INTERPRETED else None
     if n_bytes < AUTOTUNE_MIN_BYTES:
         return DEFAULT_CONFIG
-    want = (n_bytes, st.blocksize // 2, st.blocksize2 or 1, st.nested)
+    want = (n_bytes, w.blocksize // 2, w.blocksize2 or 1, w.nested)
     for key, cfg in _dequantize_4bit_autotuned.cache.items():
         # the tuner's key: the `key` arguments in order, then the dtype of each tensor argument
         # in order, so out's dtype comes last
-        if tuple(key[:4]) == want and key[-1] == str(st.dtype):
+        if tuple(key[:4]) == want and key[-1] == str(dtype):
             return LaunchConfig(cfg.kwargs["BYTES_PER_PROGRAM"], cfg.num_warps)
     return None
 
 
 def dequantize_nf4_with_config(packed, quant_state, config: LaunchConfig, out=None, dtype=None):
     """`dequantize_nf4` with a fixed launch config instead of the autotuner (benchmark sweeps)."""
-    packed, quant_state = _unpack(packed, quant_state)
-    if dtype is None and out is not None:
-        dtype = out.dtype
-    st = _state(quant_state, dtype)
-    n_bytes = _check_tensors(packed, st, out)
+    w = _weight(packed, quant_state)
+    dtype = _out_dtype(w, dtype, out)
+    _check_out(w, out, dtype)
     if out is None:
-        out = torch.empty(st.shape, dtype=st.dtype, device=packed.device)
-    return _launch(packed, st, out, n_bytes, config) if st.numel else out
+        out = torch.empty(w.shape, dtype=dtype, device=w.packed.device)
+    return _launch(w, out, config) if w.numel else out
 
 
-def dequantize_nf4_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None):
-    """Pure-torch dequantization with the same fp32 roundings as the kernel (see the module docstring).
-    It is what `dequantize_nf4` runs on CPU tensors outside the Triton interpreter."""
-    packed, quant_state = _unpack(packed, quant_state)
-    st = _state(quant_state, dtype)
-    _check_tensors(packed, st, None)
-    return _reference(packed, st)
-
-
-def _reference(packed, st: _State) -> torch.Tensor:
-    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[: st.numel].long()
-    if st.nested:
-        blocks = torch.arange(st.absmax.numel(), device=packed.device)
-        absmax = st.code2[st.absmax.long()] * st.absmax2[blocks // st.blocksize2]  # rounding 1
-        absmax = absmax + st.offset.reshape(())  # rounding 2: a separate op, never fused
+def dequantize_nf4_reference(weight_or_packed, quant_state=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-torch dequantization with the same fp32 roundings as the kernels (see the module docstring).
+    Takes what `dequantize_nf4` takes, or an NF4Weight; it is what `dequantize_nf4` runs on CPU tensors
+    outside the Triton interpreter, and the reference path of fastft.kernels.lora."""
+    w = _weight(weight_or_packed, quant_state)
+    dtype = _out_dtype(w, dtype, None)
+    _check_out(w, None, dtype)
+    codes = torch.stack([w.packed >> 4, w.packed & 15], dim=1).reshape(-1)[: w.numel].long()
+    if w.nested:
+        blocks = torch.arange(w.absmax.numel(), device=w.packed.device)
+        absmax = w.code2[w.absmax.long()] * w.absmax2[blocks // w.blocksize2]  # rounding 1
+        absmax = absmax + w.offset.reshape(())  # rounding 2: a separate op, never fused
     else:
-        absmax = st.absmax
-    index = torch.arange(st.numel, device=packed.device) // st.blocksize
-    values = _table(st.quant_type, packed.device)[codes] * absmax.reshape(-1)[index]
-    return values.to(st.dtype).reshape(st.shape)
+        absmax = w.absmax
+    index = torch.arange(w.numel, device=w.packed.device) // w.blocksize
+    values = w.table[codes] * absmax.reshape(-1)[index]
+    return values.to(dtype).reshape(w.shape)
 
 
 def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None = None,
@@ -475,8 +534,9 @@ def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None 
     on or off) into a tensor of ``quant_state.shape``, bit-exact with
     ``bitsandbytes.functional.dequantize_4bit``.
 
-    weight_or_packed: a ``bitsandbytes.nn.Params4bit``, the module holding it (``.weight``), or the
-        packed bytes (uint8, or another dtype viewed as bytes) when ``quant_state`` is given.
+    weight_or_packed: a ``bitsandbytes.nn.Params4bit``, the module holding it (``.weight``), an
+        ``NF4Weight``, or the packed bytes (uint8, or another dtype viewed as bytes) when
+        ``quant_state`` is given.
     out: optional preallocated, contiguous output of ``quant_state.shape``; written in place and
         returned (reuse one per shape in training instead of allocating per call).
     dtype: float16, bfloat16 or float32; defaults to ``out.dtype``, else ``quant_state.dtype``.
@@ -485,69 +545,16 @@ def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None 
     reference otherwise. The result always has ``quant_state.shape`` (bitsandbytes transposes its
     result when the packed tensor has a single row, a legacy layout; this function does not).
     """
-    packed, quant_state = _unpack(weight_or_packed, quant_state)
-    if dtype is None and out is not None:
-        dtype = out.dtype
-    st = _state(quant_state, dtype)
-    n_bytes = _check_tensors(packed, st, out)
-    if packed.device.type == "cpu" and not _INTERPRETED:
-        result = _reference(packed, st)
+    w = _weight(weight_or_packed, quant_state)
+    dtype = _out_dtype(w, dtype, out)
+    _check_out(w, out, dtype)
+    if w.packed.device.type == "cpu" and not _INTERPRETED:
+        result = dequantize_nf4_reference(w, dtype=dtype)
         return result if out is None else out.copy_(result)
     if triton is None:
         raise RuntimeError("dequantize_nf4: CUDA tensors need triton; pip install triton")
     if out is None:
-        out = torch.empty(st.shape, dtype=st.dtype, device=packed.device)
-    if st.numel:
-        _launch(packed, st, out, n_bytes)
+        out = torch.empty(w.shape, dtype=dtype, device=w.packed.device)
+    if w.numel:
+        _launch(w, out)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# What tests/test_kernel_compile.py compiles for sm_80 / sm_89 / sm_90 (without a GPU)
-# ----------------------------------------------------------------------------------------------
-
-def _compile_configs():
-    if triton is None:
-        return []
-    sig = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*fp32", "absmax2_ptr": "*fp32",
-           "code2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "n_elements": "i32",
-           "n_bytes": "i32", "n_blocks": "i32"}
-    cases = []
-    # Every shipped config on the production specialization (blocksize 64, nested, bf16 and fp32:
-    # fp32 holds the most registers per output) ...
-    for c in LAUNCH_CONFIGS:
-        for out_ty in ("bf16", "fp32"):
-            cases.append((c, 64, True, out_ty))
-    # ... and the blocksize extremes (tile shapes 4096x... rows of 16 bytes; one row of 2048), fp16,
-    # non-nested, with the largest tile.
-    big = max(LAUNCH_CONFIGS, key=lambda c: (c.bytes_per_program, c.num_warps))
-    for bs, nested, out_ty in ((32, True, "fp16"), (4096, True, "bf16"), (64, False, "fp16"),
-                               (4096, False, "fp32")):
-        cases.append((big, bs, nested, out_ty))
-    configs = []
-    for c, bs, nested, out_ty in cases:
-        s = dict(sig, out_ptr=f"*{out_ty}")
-        if not nested:
-            s["absmax_ptr"] = "*fp32"
-        else:
-            s["absmax_ptr"] = "*u8"
-        configs.append(dict(
-            name=f"nf4_dequant-{c.name}-bs{bs}-{'nested' if nested else 'flat'}-{out_ty}",
-            kernel=f"{__name__}:_dequantize_4bit_kernel",
-            signature=s,
-            constexprs=dict(HALF=bs // 2, BLOCKSIZE2=256, NESTED=nested, BYTES_PER_PROGRAM=c.bytes_per_program,
-                            USE_MUL_RN=True, BF16_BY_BITS=False),
-            options=dict(num_warps=c.num_warps, num_stages=1, enable_fp_fusion=False),
-            # torch allocations are 16-byte aligned; Llama shapes make every count a multiple of 16
-            divisible_by_16=list(s),
-            # bit-exactness: FTZ multiplies as bitsandbytes' fast-math build, a separate rn add for
-            # the offset, no FMA; speed: 16-byte stores and no shared-memory shuffle
-            ptx_require=["mul.rn.ftz.f32", "st.global.v4.b32"] + (["add.rn.f32"] if nested else []),
-            ptx_forbid=["fma.rn", "bar.sync"],
-        ))
-    return configs
-
-
-# Entries as tests/test_kernel_compile.py documents them: name, kernel ("module:attribute"), signature,
-# constexprs, options, divisible_by_16, ptx_require, ptx_forbid.
-COMPILE_CONFIGS = _compile_configs()

@@ -13,7 +13,7 @@ def tiny_recipe_dict(out_dir, **sections) -> dict:
         "lora": {"r": 8, "alpha": 16},
         "data": {"train": "asset:data/word-categories.jsonl", "eval_fraction": 0.1, "max_examples": 400},
         "train": {"batch_size": 8, "grad_accum": 1, "lr": 3e-3, "max_steps": 40, "optim": "adamw_torch",
-                  "gradient_checkpointing": False, "logging_every": 5, "warmup_ratio": 0.0, "eval_generate": 0},
+                  "gradient_checkpointing": False, "logging_every": 5, "warmup_ratio": 0.0},
         "output": {"dir": str(out_dir)},
     }
     for k, v in sections.items():

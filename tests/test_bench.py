@@ -318,3 +318,36 @@ def test_bench_worker_reports_out_of_memory_as_does_not_fit(tmp_path, monkeypatc
            "config": {"model": "m", "weights": "w", "max_seq_length": 1, "batch_size": 1, "grad_accum": 1, "lora_r": 1},
            "metrics": {"runs": [out]}}
     assert f"| hf | {status} |" in bench_train.markdown_table(doc)
+
+
+# --- overhead: plain libraries vs fastft ----------------------------------------------------------
+
+def test_overhead_tiny_runs_both_sides_and_writes_one_result(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.overhead", "--tiny", "--steps", "2", "--repeats", "1", "--backend", "hf",
+           "--max-length", "64", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])  # the result, as the last line of stdout
+    (path,) = out.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc == last
+    for key in ("schema_version", "kind", "name", "target", "device", "versions", "config", "metrics", "notes",
+                "command", "created_utc"):
+        assert key in doc, key
+    assert (doc["kind"], doc["name"], doc["target"]) == ("overhead", "fastft-tiny", "cpu")
+    assert doc["config"]["steps"] == 2 and doc["config"]["warmup"] == 1 and doc["config"]["repeats"] == 1
+    runs = doc["metrics"]["runs"]
+    assert [(r["side"], r["backend"]) for r in runs] == [("plain", "hf"), ("fastft", "hf")]
+    for r in runs:
+        assert r["status"] == "ok", r.get("message")
+        # the same work on both sides: 1 timed step x batch 4 x every row a full 64 real tokens
+        assert r["measured_steps"] == 1 and r["measured_tokens"] == 4 * 64, r
+        assert len(r["per_step"]) == 2 and len(r["losses"]) == 2 and r["peak_rss_gb"] > 0
+    pair = doc["metrics"]["pairs"]["hf"]
+    assert pair["status"] == "ok"
+    assert pair["plain"]["median"] == runs[0]["tokens_per_second"]
+    assert pair["fastft"]["median"] == runs[1]["tokens_per_second"]
+    assert pair["ratio"] == pytest.approx(runs[1]["tokens_per_second"] / runs[0]["tokens_per_second"])
+    assert "fastft / plain" in proc.stdout

@@ -11,6 +11,10 @@ def _recipe(tmp_path, train, **data_kw):
                              "data": {"train": str(train), **data_kw}, "output": {"dir": str(tmp_path / "o")}})
 
 
+def _build(r, tokenizer, log):
+    return data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length, log=log)
+
+
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -95,7 +99,7 @@ def test_file_errors(tmp_path, tokenizer):
         data.read_rows(str(latin))
     empty = _jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match="no rows"):
-        data.build(_recipe(tmp_path, empty), tokenizer, log=lambda m: None)
+        _build(_recipe(tmp_path, empty), tokenizer, log=lambda m: None)
     other = tmp_path / "x.txt"
     other.write_text("hi")
     with pytest.raises(DataError, match="unsupported file type '.txt'"):
@@ -118,17 +122,17 @@ def test_local_file_types(tmp_path, suffix):
 def test_build_splits_hashes_and_truncates(tmp_path, tokenizer):
     rows = [{"instruction": f"classify red , blue {i}", "output": "color"} for i in range(40)]
     src = _jsonl(tmp_path / "d.jsonl", rows)
-    b = data.build(_recipe(tmp_path, src, eval_fraction=0.25), tokenizer, log=lambda m: None)
+    b = _build(_recipe(tmp_path, src, eval_fraction=0.25), tokenizer, log=lambda m: None)
     assert (len(b.train), len(b.eval)) == (30, 10)
     assert len(b.eval_pairs) == 10 and b.eval_pairs[0][1] == "color"
-    b2 = data.build(_recipe(tmp_path, src, eval_fraction=0.25), tokenizer, log=lambda m: None)
+    b2 = _build(_recipe(tmp_path, src, eval_fraction=0.25), tokenizer, log=lambda m: None)
     assert b.data_hash == b2.data_hash and b.data_hash.startswith("sha256:")
     _jsonl(src, rows[:-1] + [{"instruction": "changed", "output": "color"}])
-    b3 = data.build(_recipe(tmp_path, src, eval_fraction=0.25), tokenizer, log=lambda m: None)
+    b3 = _build(_recipe(tmp_path, src, eval_fraction=0.25), tokenizer, log=lambda m: None)
     assert b3.data_hash != b.data_hash
     # a separate eval file wins over the fraction
     ev = _jsonl(tmp_path / "e.jsonl", rows[:3])
-    b4 = data.build(_recipe(tmp_path, src, eval=str(ev)), tokenizer, log=lambda m: None)
+    b4 = _build(_recipe(tmp_path, src, eval=str(ev)), tokenizer, log=lambda m: None)
     assert (len(b4.train), len(b4.eval)) == (40, 3)
 
 
@@ -137,15 +141,14 @@ def test_prompt_longer_than_max_len_is_skipped_with_a_count(tmp_path, tokenizer)
     src = _jsonl(tmp_path / "d.jsonl", [{"instruction": long_prompt, "output": "color"},
                                          {"instruction": "classify red", "output": "color"}])
     logs = []
-    b = data.build(_recipe(tmp_path, src, eval_fraction=0.0), tokenizer, log=logs.append)
+    b = _build(_recipe(tmp_path, src, eval_fraction=0.0), tokenizer, log=logs.append)
     assert len(b.train) == 1
     assert any("1 train examples longer than model.max_seq_length=64 were truncated" in m for m in logs)
     assert any("no response tokens left" in m for m in logs)
 
 
 def test_shipped_dataset_is_large_and_fully_in_vocabulary(tokenizer):
-    rows = data.read_rows(recipe.from_dict({"model": {"name": "x"}, "data": {"train": "x"}, "output": {"dir": "x"}})
-                          .resolve_path("asset:data/word-categories.jsonl"))
+    rows = data.read_rows(recipe.resolve_path("asset:data/word-categories.jsonl"))
     assert len(rows) >= 1000
     for r in rows[:200]:
         ids = tokenizer(r["instruction"] + " " + r["input"] + " " + r["output"])["input_ids"]

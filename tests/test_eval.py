@@ -191,7 +191,7 @@ def test_slices_follow_their_rows_into_the_held_out_split(tmp_path, tokenizer):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = recipe.from_dict(tiny_recipe_dict(tmp_path / "o", data={"train": str(path), "eval_fraction": 0.25,
                                                                 "max_examples": None}))
-    b = data.build(r, tokenizer, log=lambda m: None)
+    b = data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length, log=lambda m: None)
     assert len(b.eval_slices) == len(b.eval_pairs) == 15
     by_prompt = {data.to_messages(x, "alpaca", "")[0]["content"]: x["slice"] for x in rows}
     assert [by_prompt[p[-1]["content"]] for p, _ in b.eval_pairs] == b.eval_slices
@@ -201,7 +201,8 @@ def test_slices_follow_their_rows_into_the_held_out_split(tmp_path, tokenizer):
     (tmp_path / "e.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:5]))
     r = recipe.from_dict(tiny_recipe_dict(tmp_path / "o", data={"train": str(path), "eval": str(tmp_path / "e.jsonl"),
                                                                 "eval_fraction": 0.05}))
-    assert data.build(r, tokenizer, log=lambda m: None).eval_slices == [None] + [x["slice"] for x in rows[1:5]]
+    assert data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length,
+                      log=lambda m: None).eval_slices == [None] + [x["slice"] for x in rows[1:5]]
     s = evaluate.eval_set_from_file(str(tmp_path / "e.jsonl"), tokenizer, "alpaca", 64)
     assert s.slices == [None] + [x["slice"] for x in rows[1:5]] and len(s.rows) == len(s.pairs) == 5
 

@@ -19,7 +19,8 @@ import pytest
 
 from support import ROOT, tiny_recipe_dict
 from fastft import cli, export, recipe, train
-from fastft.export import ExportError
+from fastft.export import ExportError, checks, llamacpp, options
+from fastft.files import file_sha256
 
 
 # --- arguments, paths and errors that need no model -----------------------------------------------
@@ -52,23 +53,71 @@ def test_unwritable_or_existing_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(ExportError, match=r"cannot write the f16 export to .*a-file/out\.gguf.*choose a writable --out") as e:
-        export._check_writable({"f16": blocker / "out.gguf"}, overwrite=False)
+        options.check_writable({"f16": blocker / "out.gguf"}, overwrite=False)
     assert e.value.exit_code == 2
     existing = tmp_path / "old.gguf"
     existing.write_bytes(b"GGUF")
     with pytest.raises(ExportError, match=r"old\.gguf exists; pass --overwrite"):
-        export._check_writable({"q8_0": existing}, overwrite=False)
-    export._check_writable({"q8_0": existing}, overwrite=True)
+        options.check_writable({"q8_0": existing}, overwrite=False)
+    options.check_writable({"q8_0": existing}, overwrite=True)
     assert existing.read_bytes() == b"GGUF" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "old.gguf"]
 
 
 def test_k_quants_without_llama_cpp_say_how_to_install(monkeypatch):
-    monkeypatch.setattr(export, "_llama_cpp", lambda: None)
-    export._need_llama_cpp(["f16", "bf16", "q8_0"])  # the converter alone makes these
+    monkeypatch.setattr(options, "llama_cpp", lambda: None)
+    options.need_llama_cpp(["f16", "bf16", "q8_0"])  # the converter alone makes these
     with pytest.raises(ExportError) as e:
-        export._need_llama_cpp(["f16", "q4_k_m"])
+        options.need_llama_cpp(["f16", "q4_k_m"])
     assert e.value.exit_code == 2
     assert "q4_k_m" in str(e.value) and "pip install 'fastft[gguf]'" in str(e.value) and "make gguf" in str(e.value)
+
+
+def test_engine_choice_records_its_reason(monkeypatch):
+    """The transformers engine's record says why llama.cpp did not verify: asked for, or not importable."""
+    assert options.choose_engine("transformers") == (False, "--engine transformers")
+    with pytest.raises(ExportError, match=r"--engine 'vllm': choose auto, llama.cpp or transformers") as e:
+        options.choose_engine("vllm")
+    assert e.value.exit_code == 2
+    find_spec = options.importlib.util.find_spec
+    installed = {"llama_cpp": None}
+    monkeypatch.setattr(options.importlib.util, "find_spec",
+                        lambda name, *a: installed[name] if name in installed else find_spec(name, *a))
+    monkeypatch.setattr(options, "llama_cpp", lambda: None)
+    assert options.choose_engine("auto") == (False, "llama-cpp-python not installed")
+    with pytest.raises(ExportError, match=r"--engine llama\.cpp: llama-cpp-python is not installed") as e:
+        options.choose_engine("llama.cpp")
+    assert e.value.exit_code == 2
+    installed["llama_cpp"] = object()  # found, but its import fails (a broken build)
+    assert options.choose_engine("auto") == (False, "llama-cpp-python installed but its import fails")
+    monkeypatch.setattr(options, "llama_cpp", lambda: object())
+    assert options.choose_engine("auto") == (True, "llama-cpp-python installed")
+    assert options.choose_engine("transformers") == (False, "--engine transformers")
+
+
+def test_merge_dtype_follows_the_planners_parameter_count():
+    """fastft.json records part of the base's config (provenance.ARCH_KEYS); the planner counts its
+    parameters exactly from that: fp32 merge for the tiny model, bf16 for Llama-3-8B."""
+    from fastft import plan, provenance
+
+    for name, n in (("fastft-tiny", None), ("unsloth/llama-3-8b-bnb-4bit", 8_030_261_248)):
+        cfg, _ = plan.find_config(name)
+        arch = {"class": cfg["architectures"][0], **{k: cfg[k] for k in provenance.ARCH_KEYS if k in cfg}}
+        assert export._parameters(arch) == plan.shapes(cfg).total_params == (n or plan.shapes(cfg).total_params)
+    assert export._parameters(arch) > export.FP32_MERGE_MAX_PARAMS
+    assert export._parameters(None) is None and export._parameters({"class": "LlamaForCausalLM"}) is None
+
+
+def test_bench_results_name_the_cpu_model_and_cores():
+    import os
+
+    import torch
+
+    from bench import common
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU's name is what a CPU run records")
+    dev = common.device()
+    assert dev["type"] == "cpu" and dev["cores"] == os.cpu_count() and dev["name"] and dev["name"] != "x86_64"
 
 
 def test_converter_errors_name_the_cause(tmp_path):
@@ -76,14 +125,14 @@ def test_converter_errors_name_the_cause(tmp_path):
     log = tmp_path / "convert.log"
     pre = ("WARNING:hf-to-gguf:** chkhsh:  " + "ab" * 32 + "\nNotImplementedError: BPE pre-tokenizer was not "
            "recognized - update get_vocab_base_pre()\n")
-    e = export._converter_error(pre, 1, log, conv, tmp_path)
+    e = llamacpp.converter_error(pre, 1, log, conv, tmp_path)
     assert e.exit_code == 2 and "does not recognize this model's tokenizer" in str(e) and "abababab" in str(e)
-    assert export.LLAMA_CPP_DIR_ENV in str(e) and str(log) in str(e)
-    e = export._converter_error("ERROR:hf-to-gguf:Model FooForCausalLM is not supported\n", 1, log, conv, tmp_path)
+    assert llamacpp.LLAMA_CPP_DIR_ENV in str(e) and str(log) in str(e)
+    e = llamacpp.converter_error("ERROR:hf-to-gguf:Model FooForCausalLM is not supported\n", 1, log, conv, tmp_path)
     assert "does not support the architecture FooForCausalLM" in str(e) and e.exit_code == 2
-    e = export._converter_error("ModuleNotFoundError: No module named 'sentencepiece'\n", 1, log, conv, tmp_path)
+    e = llamacpp.converter_error("ModuleNotFoundError: No module named 'sentencepiece'\n", 1, log, conv, tmp_path)
     assert "pip install sentencepiece" in str(e)
-    e = export._converter_error("Traceback ...\nValueError: something odd\n", 1, log, conv, tmp_path)
+    e = llamacpp.converter_error("Traceback ...\nValueError: something odd\n", 1, log, conv, tmp_path)
     assert e.exit_code == 1 and "failed (exit 1)" in str(e) and "ValueError: something odd" in str(e)
 
 
@@ -98,17 +147,17 @@ def _meta(**kw):
 
 
 def test_metadata_checks():
-    assert export.check_metadata(_meta(), _Tok(), [2]) == []
-    assert export.check_metadata(_meta(), _Tok(), [2, 4]) == []  # <|eot_id|>: llama.cpp stops on it by its text
-    assert export.check_metadata(_meta(eot_token_id=5), _Tok(), [2, 5]) == []  # b is the file's eot
-    probs = export.check_metadata(_meta(chat_template=None, eos_token_id=0), _Tok(), [2, 5])
+    assert checks.check_metadata(_meta(), _Tok(), [2]) == []
+    assert checks.check_metadata(_meta(), _Tok(), [2, 4]) == []  # <|eot_id|>: llama.cpp stops on it by its text
+    assert checks.check_metadata(_meta(eot_token_id=5), _Tok(), [2, 5]) == []  # b is the file's eot
+    probs = checks.check_metadata(_meta(chat_template=None, eos_token_id=0), _Tok(), [2, 5])
     assert any("chat_template is missing" in p for p in probs)
     assert any("eos_token_id is 0, the model's eos is 2" in p for p in probs)
     assert any("stops at token 5 ('b') but llama.cpp would not end generation on it" in p for p in probs)
-    assert export.check_metadata(_meta(chat_template="other"), _Tok(), [2]) == [
+    assert checks.check_metadata(_meta(chat_template="other"), _Tok(), [2]) == [
         "tokenizer.chat_template is not the run's chat template"]
     bad_vocab = _meta(tokens=["x", "y", "z"])
-    assert export.check_metadata(bad_vocab, _Tok(), [2]) == [
+    assert checks.check_metadata(bad_vocab, _Tok(), [2]) == [
         "token 2 is 'z' in the GGUF vocabulary, '<|im_end|>' in the model's"]
 
 
@@ -127,12 +176,12 @@ def test_run_without_adapter(tmp_path):
 
 @pytest.mark.slow
 def test_converter_is_unpacked_once(download_cache, fastft_cache):
-    conv = export.converter()
+    conv = llamacpp.converter()
     script = Path(conv["script"])
     assert script.name == "convert_hf_to_gguf.py" and (script.parent / "gguf-py" / "gguf" / "gguf_reader.py").is_file()
     assert (script.parent / "conversion" / "llama.py").is_file()
-    assert conv["version"] == export.CONVERTER_VERSION and conv["sdist_sha256"] == export.CONVERTER_SDIST_SHA256
-    assert export.converter() == conv  # cached
+    assert conv["version"] == llamacpp.CONVERTER_VERSION and conv["sdist_sha256"] == llamacpp.CONVERTER_SDIST_SHA256
+    assert llamacpp.converter() == conv  # cached
     assert not list(script.parent.parent.glob(script.parent.name + ".*/"))  # no temp folder left
 
 
@@ -192,11 +241,11 @@ def test_smollm2_export_f16_and_q8_0(smollm2_run, smollm2_exports):
         rec = recorded[e["file"]]
         path = Path(e["file"])
         assert path.parent == smollm2_run / "export" and path.name == f"run-{e['quant']}.gguf"
-        assert e["bytes"] == path.stat().st_size and e["sha256"] == export._sha256(path)
+        assert e["bytes"] == path.stat().st_size and e["sha256"] == file_sha256(path)
         assert rec["sha256"] == e["sha256"] and "per_prompt" not in rec.get("verification", {})
-        assert e["converter"]["version"] == export.CONVERTER_VERSION
+        assert e["converter"]["version"] == llamacpp.CONVERTER_VERSION
         # the file itself: read back independently of what export recorded
-        meta = export.read_metadata(path)
+        meta = checks.read_metadata(path)
         assert meta["architecture"] == "llama" and meta["tokenizer_model"] == "gpt2"
         assert meta["tokenizer_pre"] == "smollm"  # llama.cpp splits text as SmolLM2 does
         assert meta["chat_template"] == tok.chat_template
@@ -204,6 +253,7 @@ def test_smollm2_export_f16_and_q8_0(smollm2_run, smollm2_exports):
         assert meta["file_type"] == {"f16": 1, "q8_0": 7}[e["quant"]]
         v = e["verification"]
         assert v["passed"] and v["gated"], v["checks"]
+        assert v["engine"].startswith("transformers GGUF loader (--engine transformers: logits compared")
         rel, argmax = export.LOGIT_TOLERANCE[e["quant"]]
         assert v["relative_to_scale"] <= rel and v["argmax_agreement"] >= argmax
         print(e["quant"], f"{e['bytes'] / 1e6:.1f} MB", "rel diff", v["relative_to_scale"], "argmax",
@@ -240,7 +290,7 @@ def test_export_attached_to_a_registry_version(smollm2_run, smollm2_exports, tmp
     entry = reg.push(smollm2_run, "smol")
     x = reg.attach(entry.ref, files[0])
     assert x["quant"] == "q8_0" and x["verification"]["passed"] is True
-    assert Path(x["object"]).is_file() and x["sha256"] == export._sha256(files[0])
+    assert Path(x["object"]).is_file() and x["sha256"] == file_sha256(files[0])
     listed = reg.exports(reg.get("smol@v1"))
     assert [e["file"] for e in listed] == [files[0].name] and listed[0]["intact"]
     assert "q8_0" in registry.format_show(reg, reg.get("smol@v1")) and "verified: pass" in \

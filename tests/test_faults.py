@@ -21,7 +21,7 @@ STEPS = 60
 
 def _recipe_file(tmp_path, name="run", **sections):
     cfg = tiny_recipe_dict(tmp_path / name, backend="hf", **sections)
-    cfg["train"].update({"max_steps": STEPS, "save_every": 10, "logging_every": 1, "eval_generate": 0,
+    cfg["train"].update({"max_steps": STEPS, "save_every": 10, "logging_every": 1,
                          **sections.get("train", {})})
     cfg["data"].update({"max_examples": 240})
     path = tmp_path / f"{name}.yaml"
@@ -48,6 +48,40 @@ def _adapter(out_dir):
     from safetensors.torch import load_file
 
     return load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _poison_loss(monkeypatch, steps):
+    """Make the training loss NaN on these optimizer steps (1-based), as a diverging run would."""
+    from fastft.trainer import FastftTrainer
+
+    real = FastftTrainer.compute_loss
+    real = getattr(real, "__wrapped__", real)  # poisoned again in one test: replace, do not stack
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = real(self, model, inputs, *args, **kwargs)
+        if self.model.training and self.state.global_step + 1 in steps:
+            return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+        return out
+
+    compute_loss.__wrapped__ = real
+
+    monkeypatch.setattr(FastftTrainer, "compute_loss", compute_loss)
+
+
+def _out_of_memory_at(monkeypatch, step):
+    """Raise torch's CUDA out-of-memory error when optimizer step ``step`` (1-based) starts."""
+    import torch
+
+    from fastft.trainer import FastftTrainer
+
+    real = FastftTrainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(FastftTrainer, "training_step", training_step)
 
 
 def _wait_for_checkpoint(out_dir, proc, timeout=300):
@@ -138,14 +172,14 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     import torch
 
     path, out = _recipe_file(tmp_path, train={"max_steps": 12, "save_every": None, "max_nonfinite_steps": 2})
-    monkeypatch.setenv("FASTFT_FAULT_NAN_STEPS", "4,7")
+    _poison_loss(monkeypatch, {4, 7})
     logs = []
     result = train.run(recipe.load(path), log=logs.append)
     assert result.info["metrics"]["nonfinite_steps_skipped"] == [4, 7]
     assert any("step 4: non-finite loss or gradient, optimizer step skipped (1 of at most 2)" in m for m in logs)
     assert all(torch.isfinite(t).all() for t in _adapter(out).values())
 
-    monkeypatch.setenv("FASTFT_FAULT_NAN_STEPS", "3,5,6")
+    _poison_loss(monkeypatch, {3, 5, 6})
     path2, out2 = _recipe_file(tmp_path, "run2", train={"max_steps": 12, "save_every": None,
                                                         "max_nonfinite_steps": 2})
     with pytest.raises(train.TrainError, match=r"stopped at step 6: the loss or gradients were NaN/Inf on 3 steps"
@@ -156,7 +190,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
 
 def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     path, out = _recipe_file(tmp_path, train={"max_steps": 20, "save_every": 5, "optim": "adamw_torch"})
-    monkeypatch.setenv("FASTFT_FAULT_OOM_STEP", "8")
+    _out_of_memory_at(monkeypatch, 8)
     with pytest.raises(train.TrainError) as e:
         train.run(recipe.load(path), log=lambda m: None)
     msg = str(e.value)
@@ -228,3 +262,14 @@ def test_torchrun_two_processes_matches_one(tmp_path, reference):
     assert got.keys() == ref.keys()
     worst = max(abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-3) for s in ref)
     assert worst < 0.02, f"loss curves differ by up to {worst:.3%}"
+
+
+def test_nonfinite_check_is_one_device_side_reduction():
+    import torch
+
+    from fastft.callbacks import NonFiniteGuard
+
+    grads = [torch.ones(3), torch.tensor([1e38, -3e38]), torch.ones(2, dtype=torch.bfloat16)]
+    assert NonFiniteGuard.all_finite(grads)  # huge but finite: the largest |g| does not overflow as a norm would
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not NonFiniteGuard.all_finite(grads + [torch.tensor([0.0, bad], dtype=torch.bfloat16)])

@@ -1,4 +1,5 @@
-"""`fastft generate` streams the adapter's greedy reply (and the base's with --no-adapter)."""
+"""`fastft generate` streams the adapter's greedy reply (and the base's with --no-adapter); fastft.generate
+is the one generation loop behind it, eval's answers and export's reference answers."""
 import os
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 
 from support import tiny_recipe_dict
-from fastft import evaluate, recipe, train
+from fastft import evaluate, generate, recipe, train
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "fastft", "generate"]
@@ -65,15 +66,33 @@ def test_interactive_reads_lines_until_eof_and_base_on_request(run, monkeypatch,
     assert "is a different model" in err and "weights differ" in err and "--force" in err
 
 
-def test_stream_reply_samples_with_temperature(run):
+def test_reply_samples_with_temperature(run):
     out, _, _ = run
     model, tok, _, _ = evaluate.load_run(out, log=lambda m: None)
     chat = [{"role": "user", "content": PROMPTS[0]}]
     import torch
 
     torch.manual_seed(0)
-    a = evaluate.stream_reply(model, tok, chat, max_new_tokens=6, temperature=5.0)
+    a = generate.reply(model, tok, chat, max_new_tokens=6, temperature=5.0)
     torch.manual_seed(0)
-    assert evaluate.stream_reply(model, tok, chat, max_new_tokens=6, temperature=5.0) == a  # seeded sampling
-    greedy = evaluate.stream_reply(model, tok, chat, max_new_tokens=4)
+    assert generate.reply(model, tok, chat, max_new_tokens=6, temperature=5.0) == a  # seeded sampling
+    greedy = generate.reply(model, tok, chat, max_new_tokens=4)
     assert greedy.strip() == run[1][0]
+
+
+def test_greedy_from_messages_or_token_ids(run):
+    """Prompts as chats or as their token ids: the same answers (and eval's); stop
+    ids end an answer at the first one, which is kept in ids and left out of the text."""
+    out, expected, _ = run
+    model, tok, _, _ = evaluate.load_run(out, log=lambda m: None)
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    ids = [generate.render(tok, c)[1] for c in chats]
+    by_chat = generate.greedy(model, tok, chats, max_new_tokens=4, batch_size=1)
+    assert [a["text"].strip() for a in by_chat] == expected
+    assert generate.greedy(model, tok, ids, max_new_tokens=4, batch_size=1) == by_chat
+    assert evaluate.generate_answers(model, tok, chats, max_new_tokens=4, batch_size=1) == [a["text"] for a in by_chat]
+    answer = by_chat[0]["ids"]
+    k = answer.index(answer[-1])  # stop at the answer's last token: ids end with it, the text without it
+    stopped = generate.greedy(model, tok, ids[:1], max_new_tokens=4, stop_ids=[answer[-1]])[0]
+    assert stopped["stopped"] and stopped["ids"] == answer[:k + 1]
+    assert stopped["text"] == tok.decode(answer[:k], skip_special_tokens=True)

@@ -1,6 +1,7 @@
 """Every shipped Triton launch config compiles for the GPUs fastft targets, without a GPU.
 
-Each kernel module lists what it ships in ``COMPILE_CONFIGS``: dicts with
+tests/kernel_specs.py lists, per kernel module, how each config it ships compiles
+(``COMPILE_CONFIGS[module]``): dicts with
     name         unique, e.g. "nf4_dequant-B1024_w4-bs64-nested-bf16"
     kernel       "module:attribute" of the @triton.jit function
     signature    {arg: "*fp32" | "i32" | ...} for the non-constexpr arguments
@@ -9,10 +10,10 @@ Each kernel module lists what it ships in ``COMPILE_CONFIGS``: dicts with
     divisible_by_16  (optional) args the launcher's tensors/ints are 16-divisible for (what Triton's JIT
                  specializes on); default: every argument in the signature
     ptx_require / ptx_forbid  (optional) substrings the PTX must / must not contain
-A module joins by being named in KERNEL_MODULES. For each config and each target (sm_80 A100, sm_89
-RTX 4090, sm_90 H100) `triton.compile` builds PTX and a cubin on the CPU; `cuobjdump -res-usage` must
-report LOCAL:0 (no register spills) and static + dynamic shared memory must fit the target's
-per-block limit. The compiles run in one subprocess without TRITON_INTERPRET (under the interpreter,
+A module joins by being named in KERNEL_MODULES and in kernel_specs.COMPILE_CONFIGS. For each config
+and each target (sm_80 A100, sm_89 RTX 4090, sm_90 H100) `triton.compile` builds PTX and a cubin on
+the CPU; `cuobjdump -res-usage` must report LOCAL:0 (no register spills) and static + dynamic shared
+memory must fit the target's per-block limit. The compiles run in one subprocess without TRITON_INTERPRET (under the interpreter,
 @triton.jit hands out interpreter functions that cannot be compiled).
 
     python tests/test_kernel_compile.py --worker fastft.kernels.nf4   # JSON report on stdout
@@ -28,6 +29,8 @@ import sys
 
 import pytest
 
+from kernel_specs import COMPILE_CONFIGS
+
 KERNEL_MODULES = ["fastft.kernels.nf4", "fastft.kernels.lora"]
 
 # Max shared memory per block (opt-in), bytes: A100 163 KB, RTX 4090 99 KB, H100 227 KB.
@@ -37,7 +40,7 @@ TARGETS = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 def _configs():
     out = []
     for mod in KERNEL_MODULES:
-        for cfg in importlib.import_module(mod).COMPILE_CONFIGS:
+        for cfg in COMPILE_CONFIGS[mod]:
             out.append((mod, cfg["name"]))
     return out
 
@@ -84,7 +87,7 @@ def _worker(modules: list[str]) -> list[dict]:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     results = []
     for mod in modules:
-        for cfg in importlib.import_module(mod).COMPILE_CONFIGS:
+        for cfg in COMPILE_CONFIGS[mod]:
             for cap in TARGETS:
                 results.append(_compile_one(cfg, cap, cuobjdump))
     return results

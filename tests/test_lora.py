@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from support import assert_close
-from fastft.kernels import lora
+from fastft.kernels import lora, nf4
 
 # One tolerance per dtype, relative to the largest reference magnitude: fp32 differs from the
 # reference only in summation order; fp16/bf16 round the output, x·Aᵀ and dY·B once each.
@@ -74,7 +74,7 @@ def _nf4(w: torch.Tensor, nested: bool = True):
 
     packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
     absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if nested else qs.absmax
-    code = torch.tensor(lora.NF4_CODE, dtype=torch.float32, device=w.device)
+    code = torch.tensor(nf4.NF4_TABLE, dtype=torch.float32, device=w.device)
     dense = default_ops._dequantize_4bit_compute(packed.reshape(-1), absmax, code, 64, qs.shape, w.dtype)
     return packed, qs, dense
 
@@ -129,7 +129,8 @@ def test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype):
     if base == "nf4":
         weight, qs, w_dense = _nf4(w)
         # the reference dequant equals bitsandbytes' bit for bit, so both sides see the same W
-        assert torch.equal(lora.dequantize_nf4_reference(lora.NF4Weight.from_quant_state(weight, qs), dtype), w_dense)
+        assert torch.equal(nf4.dequantize_nf4_reference(nf4.NF4Weight.from_quant_state(weight, qs), dtype=dtype),
+                           w_dense)
     else:
         weight, qs, w_dense = w, None, w
     dy = _dy(M, N, dtype)
@@ -164,6 +165,67 @@ def test_nf4_through_fastft_dequant_kernel_matches(monkeypatch):
     want = _run_reference_fp32(x, w_dense, a, b, 2.0, bvec, dy)
     for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
         _check(g, w_, torch.float16, name)
+
+
+def test_backward_takes_the_nf4_path_its_forward_took(monkeypatch):
+    """The NF4 path is read once per forward and kept in ctx: changing NF4_PATH between forward and
+    backward does not change the path the backward takes."""
+    calls = []
+    real = lora.dequantize_nf4
+    monkeypatch.setattr(lora, "dequantize_nf4", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, a, b, _ = _inputs(9, 64, 40, 8, False, torch.float32)
+    weight, qs, w_dense = _nf4(w)
+    dy = _dy(9, 40, torch.float32)
+    want = _run_reference_fp32(x, w_dense, a, b, 0.5, None, dy)
+    for forward_path, backward_path, dequants in (("in_kernel", "dequantize", 0), ("dequantize", "in_kernel", 2)):
+        calls.clear()
+        xg, ag, bg = (t.detach().clone().requires_grad_() for t in (x, a, b))
+        monkeypatch.setattr(lora, "NF4_PATH", forward_path)
+        y = lora.lora_linear(xg, weight, ag, bg, 0.5, None, qs)
+        monkeypatch.setattr(lora, "NF4_PATH", backward_path)
+        y.backward(dy)
+        assert len(calls) == dequants, (forward_path, calls)
+        for g, w_, name in zip((y.detach(), xg.grad, ag.grad, bg.grad), want, ("y", "dX", "dA", "dB")):
+            _check(g, w_, torch.float32, f"forward {forward_path} {name}")
+
+
+def test_nf4_in_float_storage_matches_uint8_storage():
+    """A packed weight stored as bf16 (bnb_4bit_quant_storage, for FSDP) holds the same bytes: the fused
+    kernel reads it as uint8 and gives exactly the uint8 storage's result."""
+    x, w, a, b, _ = _inputs(9, 64, 40, 8, False, torch.float32)
+    weight, qs, _ = _nf4(w)
+    as_bf16 = weight.reshape(-1).view(torch.bfloat16)
+    dy = _dy(9, 40, torch.float32)
+    want = _run_fused(x, weight, a, b, 0.5, None, qs, dy)
+    got = _run_fused(x, as_bf16, a, b, 0.5, None, qs, dy)
+    for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
+        assert torch.equal(g, w_), f"bf16 storage {name}"
+
+
+def test_fused_nf4_reads_no_value_on_the_host(monkeypatch):
+    """The nested offset reaches the kernel by pointer: a fused NF4 forward + backward calls no
+    Tensor.item() (a host sync per call on a GPU)."""
+    x, w, a, b, _ = _inputs(9, 64, 40, 8, False, torch.float32)
+    weight, qs, _ = _nf4(w)
+    dy = _dy(9, 40, torch.float32)
+
+    def item(self):
+        raise AssertionError("Tensor.item() in the fused NF4 path")
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    _run_fused(x, weight, a, b, 0.5, None, qs, dy)
+
+
+def test_fp4_base_runs_the_reference_path():
+    """Only NF4 is fused; an FP4 base takes the reference path, which dequantizes it as bitsandbytes does."""
+    import bitsandbytes.functional as bnbf
+
+    x, w, a, b, _ = _inputs(6, 64, 24, 4, False, torch.float32)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="fp4")
+    assert "is not NF4" in lora.unfused_reason(x, packed, a, b, quant_state=qs)
+    y = lora.lora_linear(x, packed, a, b, 2.0, quant_state=qs)
+    want = lora.lora_linear_reference(x, bnbf.dequantize_4bit(packed, qs), a, b, 2.0)
+    assert torch.equal(y, want)
 
 
 def test_split_k_reduction_equals_one_pass():

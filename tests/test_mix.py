@@ -37,7 +37,7 @@ def test_mix_counts(n_task, fractions, want):
 def test_share_of_final_training_set(tmp_path, fraction, n_task):
     r = _recipe(tmp_path, [{"name": "general", "fraction": fraction}])
     task = [{"task": i} for i in range(n_task)]
-    out, mixed, stats = data.mix(r, task, _fake_load(5000))
+    out, mixed, stats = data.mix(r.data, r.train.seed, task, _fake_load(5000))
     n_general = sum(1 for x in out if "general" in x)
     assert n_general == len(mixed) == stats["sources"][0]["rows"]
     assert sum(1 for x in out if "task" in x) == n_task  # every task example kept, none duplicated
@@ -51,9 +51,9 @@ def test_share_of_final_training_set(tmp_path, fraction, n_task):
 def test_same_seed_same_set_other_seed_differs(tmp_path):
     task = [{"task": i} for i in range(300)]
     mix = [{"name": "general", "fraction": 0.15}]
-    a, _, _ = data.mix(_recipe(tmp_path, mix, seed=1), task, _fake_load(400))
-    b, _, _ = data.mix(_recipe(tmp_path, mix, seed=1), task, _fake_load(400))
-    c, _, _ = data.mix(_recipe(tmp_path, mix, seed=2), task, _fake_load(400))
+    a, _, _ = data.mix(_recipe(tmp_path, mix, seed=1).data, 1, task, _fake_load(400))
+    b, _, _ = data.mix(_recipe(tmp_path, mix, seed=1).data, 1, task, _fake_load(400))
+    c, _, _ = data.mix(_recipe(tmp_path, mix, seed=2).data, 2, task, _fake_load(400))
     assert a == b
     assert a != c
     picked = lambda rows: sorted(x["general"] for x in rows if "general" in x)  # noqa: E731
@@ -62,7 +62,7 @@ def test_same_seed_same_set_other_seed_differs(tmp_path):
 
 def test_small_source_repeats_and_says_so(tmp_path):
     r = _recipe(tmp_path, [{"name": "general", "fraction": 0.5}])
-    out, mixed, stats = data.mix(r, [{"task": i} for i in range(100)], _fake_load(30))
+    out, mixed, stats = data.mix(r.data, r.train.seed, [{"task": i} for i in range(100)], _fake_load(30))
     assert len(mixed) == 100 and stats["sources"][0]["repeated"]
     assert sorted({x["general"] for x in mixed}) == list(range(30))  # every row used before any repeats
 
@@ -71,8 +71,8 @@ def test_build_mixes_training_split_only(tmp_path, tokenizer):
     base = recipe.from_dict(tiny_recipe_dict(tmp_path / "a"))
     mixed = _recipe(tmp_path, [{"name": "general", "fraction": 0.15}])
     logs: list[str] = []
-    b0 = data.build(base, tokenizer, log=lambda m: None)
-    b1 = data.build(mixed, tokenizer, log=logs.append)
+    b0 = data.build(base.data, tokenizer, seed=base.train.seed, max_length=base.model.max_seq_length, log=lambda m: None)
+    b1 = data.build(mixed.data, tokenizer, seed=mixed.train.seed, max_length=mixed.model.max_seq_length, log=logs.append)
     n_task = b0.stats["train_examples"]
     want = data.mix_counts(n_task, [0.15])[0]
     assert b1.stats["train_examples"] == n_task + want
@@ -98,7 +98,7 @@ def test_mix_by_path_and_format(tmp_path, tokenizer):
                                                     {"role": "assistant", "content": f"{i}"}]})
                            for i in range(50)) + "\n")
     r = _recipe(tmp_path, [{"path": str(f), "fraction": 0.2, "format": "messages"}])
-    b = data.build(r, tokenizer, log=lambda m: None)
+    b = data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length, log=lambda m: None)
     assert b.stats["mix"]["sources"][0]["format"] == "messages"
     assert b.stats["mix"]["sources"][0]["rows"] == data.mix_counts(b.stats["mix"]["task_examples"], [0.2])[0]
 
@@ -125,7 +125,7 @@ def test_bad_mix_entries(tmp_path, mix, needle):
 def test_missing_mix_file_names_it(tmp_path, tokenizer):
     r = _recipe(tmp_path, [{"path": str(tmp_path / "nope.jsonl"), "fraction": 0.1}])
     with pytest.raises(data.DataError, match="nope.jsonl"):
-        data.build(r, tokenizer, log=lambda m: None)
+        data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length, log=lambda m: None)
 
 
 def test_shipped_general_set_is_disjoint_from_the_task_and_regression_sets():

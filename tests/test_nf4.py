@@ -89,7 +89,7 @@ def test_two_roundings_are_what_bitsandbytes_computes():
     catch a fused kernel."""
     packed, qs = quantize((128, 256), torch.float32, "nf4", 64, True)
     expected = F.dequantize_4bit(packed, qs)
-    st = nf4._state(qs, None)
+    st = nf4.NF4Weight.from_quant_state(packed, qs)
     code2, absmax2 = st.code2[st.absmax.long()].double(), st.absmax2.double()
     blocks = torch.arange(st.absmax.numel()) // st.blocksize2
     fused = (code2 * absmax2[blocks] + st.offset.double()).float()  # one rounding, as an FMA
@@ -137,6 +137,30 @@ def test_params4bit_and_linear4bit_are_accepted():
     assert expected.shape == (40, 128)
     assert_bit_exact(nf4.dequantize_nf4(weight), expected, "Params4bit")
     assert_bit_exact(nf4.dequantize_nf4(layer), expected, "Linear4bit")
+
+
+def test_float_quant_storage_is_read_as_bytes():
+    """bnb_4bit_quant_storage=torch.bfloat16 (what FSDP shards) keeps the packed codes in a bf16 tensor:
+    the same bytes, read as uint8, so the same values as uint8 storage."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              quant_storage=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(torch.randn(40, 128) * 0.02, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", quant_storage=torch.bfloat16)
+    layer = layer.to("cpu")  # quantizes
+    weight = layer.weight
+    assert weight.dtype == torch.bfloat16
+    expected = F.dequantize_4bit(weight.data.view(torch.uint8), weight.quant_state)
+    assert_bit_exact(nf4.dequantize_nf4(weight), expected, "bf16 storage")
+    assert_bit_exact(nf4.dequantize_nf4_reference(weight), expected, "reference, bf16 storage")
+    parsed = nf4.NF4Weight.from_quant_state(weight, weight.quant_state)
+    assert parsed.packed.dtype == torch.uint8 and parsed.packed.shape == (40 * 128 // 2,)
+    # a packed uint8 tensor viewed as bf16 by hand: the same result as the uint8 tensor itself
+    packed, qs = quantize((36, 128), torch.float16)
+    as_bf16 = packed.reshape(-1).view(torch.bfloat16)
+    expected = F.dequantize_4bit(packed, qs)
+    assert_bit_exact(nf4.dequantize_nf4(as_bf16, qs), expected, "uint8 viewed as bf16")
+    assert_bit_exact(nf4.dequantize_nf4_reference(as_bf16, qs), expected, "reference, uint8 viewed as bf16")
 
 
 # -- out= ------------------------------------------------------------------------------------------
@@ -209,7 +233,7 @@ def test_cpu_without_interpreter_runs_the_torch_reference():
     code = (
         "import torch, bitsandbytes.functional as F\n"
         "from fastft.kernels import nf4\n"
-        "assert not nf4._INTERPRETED\n"
+        "assert not nf4.interpreted()\n"
         "w = torch.randn(37, 129, dtype=torch.bfloat16) * 0.02\n"
         "p, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type='nf4')\n"
         "out = torch.empty(37, 129, dtype=torch.bfloat16)\n"
@@ -288,6 +312,8 @@ def test_gpu_wrong_device_is_an_error():
 def test_untuned_configs_are_among_the_compiled_ones():
     # tests/test_kernel_compile.py compiles LAUNCH_CONFIGS for sm_80/89/90; the untuned default
     # for small weights must be one of them
+    from kernel_specs import COMPILE_CONFIGS
+
     assert nf4.DEFAULT_CONFIG in nf4.LAUNCH_CONFIGS
-    assert {c["constexprs"]["BYTES_PER_PROGRAM"] for c in nf4.COMPILE_CONFIGS} == {
+    assert {c["constexprs"]["BYTES_PER_PROGRAM"] for c in COMPILE_CONFIGS["fastft.kernels.nf4"]} == {
         c.bytes_per_program for c in nf4.LAUNCH_CONFIGS}

@@ -103,8 +103,40 @@ def test_asset_and_relative_paths(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model: {name: fastft-tiny}\ndata: {train: d.jsonl}\noutput: {dir: o}\n")
     r = recipe.load(p)
-    assert r.resolve_path(r.data.train) == str(tmp_path / "d.jsonl")
+    assert r.resolve_path(r.data.train) == r.data.train == str(tmp_path / "d.jsonl")  # resolved once, at load
     assert Path(r.resolve_path("asset:data/word-categories.jsonl")).is_file()
+    assert Path(recipe.resolve_path("asset:data/word-categories.jsonl")).is_file()
+
+
+def test_paths_resolve_at_load_and_reload_from_the_record(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    (tmp_path / "reg.jsonl").write_text("{}\n")
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {name: fastft-tiny}\noutput: {dir: o}\n"
+                 "data: {train: d.jsonl, eval: asset:data/word-categories.jsonl, "
+                 "mix: [{name: general, fraction: 0.1}, {path: d.jsonl, fraction: 0.1}]}\n"
+                 "eval: {regression: reg.jsonl}\n")
+    monkeypatch.chdir(tmp_path.parent)
+    r = recipe.load(p)
+    assets = Path(recipe.__file__).resolve().parent / "assets"
+    assert r.data.train == str(tmp_path / "d.jsonl") and r.eval.regression == str(tmp_path / "reg.jsonl")
+    assert r.data.eval == str(assets / "data" / "word-categories.jsonl")
+    assert [e["path"] for e in r.data.mix] == [str(assets / "data" / "general-instructions.jsonl"),
+                                               str(tmp_path / "d.jsonl")]
+    d = r.to_dict()  # what fastft.json records: resolved paths; a shipped set stays a name
+    assert d["data"]["mix"] == [{"name": "general", "fraction": 0.1}, {"path": str(tmp_path / "d.jsonl"), "fraction": 0.1}]
+    assert d["data"]["train"] == str(tmp_path / "d.jsonl")
+    again = recipe.from_dict(d, source=str(p))
+    assert again.to_dict() == d and again.data.mix == r.data.mix
+    monkeypatch.chdir(tmp_path)  # re-loaded elsewhere, without its source: the same files
+    assert recipe.from_dict(d).data == r.data
+
+
+def test_paths_not_beside_the_recipe_are_kept_as_given(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {name: fastft-tiny}\noutput: {dir: o}\ndata: {train: org/dataset, eval: elsewhere.jsonl}\n")
+    r = recipe.load(p)
+    assert (r.data.train, r.data.eval) == ("org/dataset", "elsewhere.jsonl")  # a hub id; the working directory
 
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -118,3 +150,25 @@ def test_every_shipped_recipe_validates(path):
 
 def test_recipes_found():
     assert RECIPES, "recipes/ has no .yaml files"
+
+
+def test_removed_train_keys_name_the_eval_keys_that_replace_them(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {name: fastft-tiny}\ndata: {train: d.jsonl}\noutput: {dir: o}\n"
+                 "train: {eval_generate: 120, max_new_tokens: 16}\n")
+    with pytest.raises(recipe.RecipeError) as e:
+        recipe.load(p)
+    msg = str(e.value)
+    assert ("train.eval_generate was removed: the evaluation at the end of fastft train answers the held-out "
+            "prompts with the base and the adapter (eval.*); set eval.max_examples (how many prompts; default all) "
+            "and eval.max_new_tokens instead") in msg
+    assert "train.max_new_tokens was removed: set eval.max_new_tokens" in msg
+    with pytest.raises(recipe.RecipeError, match="train.eval_generate was removed"):
+        recipe.load(tmp_path / "r.yaml", ["train.max_new_tokens=null", "train.eval_generate=0"])
+    # a run recorded by an older fastft (its fastft.json holds both keys) still loads
+    raw = {"model": {"name": "fastft-tiny"}, "data": {"train": "d.jsonl"}, "output": {"dir": "o"},
+           "train": {"eval_generate": 0, "max_new_tokens": 16, "lr": 1e-4}}
+    assert recipe.from_dict(recipe.without_removed_keys(raw)).train.lr == 1e-4
+    assert raw["train"]["eval_generate"] == 0  # the record itself is left as it was
+    r = recipe.from_record({"recipe": raw, "recipe_source": str(p)})  # what fastft eval / export load
+    assert r.train.lr == 1e-4 and r.source == str(p)

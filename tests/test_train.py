@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from support import ROOT, assert_close, tiny_recipe_dict
+from support import assert_close, tiny_recipe_dict
 from fastft import recipe, train
 
 pytestmark = pytest.mark.slow
@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    r = recipe.from_dict(tiny_recipe_dict(out, train={"eval_generate": 20}))  # backend auto: hf on CPU
+    # backend auto: hf on CPU; the evaluation at the end answers 20 held-out questions, base and adapter
+    r = recipe.from_dict(tiny_recipe_dict(out, eval={"max_examples": 20, "max_new_tokens": 16}))
     logs = []
     import warnings
 
@@ -33,7 +34,8 @@ def test_loss_falls_and_metrics_improve(run):
     assert len(losses) >= 5
     assert losses[-1] < 0.5 * losses[0], losses
     assert m["after"]["eval_loss"] < 0.5 * m["before"]["eval_loss"]
-    assert m["after"]["exact_match"] > m["before"]["exact_match"]
+    task = result.info["eval"]["task"]
+    assert task["n"] == 20 and task["adapter"]["exact_match"] > task["base"]["exact_match"]
     assert m["steps"] == 40
 
 
@@ -53,6 +55,7 @@ def test_meter_reports_throughput_and_peak_memory(run):
     steps = [l for l in lines if "loss" in l]
     assert len(steps) >= 5 and all("tokens_per_second" in l and "peak_rss_gb" in l for l in steps)
     assert any("run summary" in l and "tokens/s" in l and "peak RSS" in l for l in logs)
+    assert any("run summary" in l and "exact match (n=20)" in l for l in logs)  # base vs adapter
     # real tokens only: the meter's count equals the non-padding tokens of 40 batches of 8 examples
     assert t["train_tokens"] == sum(l["tokens_seen"] for l in lines[-1:])
 
@@ -200,10 +203,11 @@ def test_best_adapter_callback_restores_the_best_weights(tmp_path):
     from fastft import backends
 
     model, _, _ = backends.load(recipe.from_dict(tiny_recipe_dict(tmp_path)))
+    from fastft import callbacks  # after the backend: it imports transformers
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     logs = []
     path = tmp_path / "best.safetensors"
-    cb = train._best_adapter_callback(model, path, True, logs.append)
+    cb = callbacks.BestAdapter(model, path, True, logs.append)
 
     def evaluate(step, loss):
         cb.on_evaluate(None, SimpleNamespace(global_step=step), None, metrics={"eval_loss": loss})
@@ -223,6 +227,6 @@ def test_best_adapter_callback_restores_the_best_weights(tmp_path):
     assert "restored the best adapter, from step 5 (held-out loss 1.0000 < 3.0000 at the end)" in logs[-1]
     assert not cb.restore_if_better(0.5)  # the final state is better: keep it
     # a resumed run reads the best adapter back from disk
-    again = train._best_adapter_callback(model, path, True, logs.append)
+    again = callbacks.BestAdapter(model, path, True, logs.append)
     assert (again.step, again.loss) == (5, 1.0)
     assert all(torch.equal(again.weights[n], best[n]) for n in params)

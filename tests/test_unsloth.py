@@ -36,7 +36,7 @@ def test_unsloth_backend_trains_and_saves_a_plain_peft_adapter(tmp_path):
 
     from fastft import recipe, train
 
-    r = recipe.from_dict(tiny_recipe_dict(tmp_path, backend="unsloth", train={"eval_generate": 20}))
+    r = recipe.from_dict(tiny_recipe_dict(tmp_path, backend="unsloth", eval={"max_examples": 20, "max_new_tokens": 16}))
     result = train.run(r, log=lambda m: None)
     info = result.info
     assert info["backend"]["name"] == "unsloth"
@@ -44,7 +44,7 @@ def test_unsloth_backend_trains_and_saves_a_plain_peft_adapter(tmp_path):
     assert info["versions"]["unsloth"]
     losses = info["metrics"]["losses"]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert info["metrics"]["after"]["exact_match"] > info["metrics"]["before"]["exact_match"]
+    assert info["eval"]["task"]["adapter"]["exact_match"] > info["eval"]["task"]["base"]["exact_match"]
     assert json.loads((tmp_path / "fastft.json").read_text())["backend"]["name"] == "unsloth"
 
     adapter = tmp_path / "adapter"
