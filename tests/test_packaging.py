@@ -28,3 +28,14 @@ def test_cli_help_and_info():
     assert "backend auto" in out.stdout and "transformers" in out.stdout
     h = subprocess.run([sys.executable, "-m", "fastft.cli", "--help"], capture_output=True, text=True, check=True)
     assert "train" in h.stdout and "validate" in h.stdout
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    # a subpackage missing from [tool.setuptools] packages works in an editable install and is
+    # absent from a built wheel
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"fastft.kernels"} | {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastft").rglob("__init__.py")}
+    assert found <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
