@@ -132,17 +132,6 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     return [a["text"] for a in greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)]
 
 
-def exact_match(model, tokenizer, pairs: list[tuple[list[dict], str]], max_new_tokens: int = 16) -> dict:
-    """{"exact_match": fraction, "n": count, "examples": first few (prompt, answer, reference)}."""
-    if not pairs:
-        return {"exact_match": None, "n": 0, "examples": []}
-    answers = generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
-    hits = [normalize(a) == normalize(ref) for a, (_, ref) in zip(answers, pairs)]
-    examples = [{"prompt": p[-1]["content"], "answer": a.strip(), "reference": ref}
-                for a, (p, ref) in list(zip(answers, pairs))[:5]]
-    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "examples": examples}
-
-
 def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict:
     """Mean cross-entropy per labelled token over ``rows`` ({input_ids, labels}), and its exp."""
     import torch
