@@ -143,6 +143,13 @@ def run_plain(spec: dict) -> dict:
         return batch
 
     trainer.data_collator = counting_collator
+    if dtype != torch.bfloat16:
+        # SFTTrainer casts QLoRA adapters to bf16; fastft.train keeps them in the compute dtype unless it
+        # is bf16 (fastft.train._adapters_follow_compute_dtype), so the plain side does the same: without
+        # it the two sides train different numerics at different speeds
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"per_step": steps, "losses": losses}
