@@ -283,10 +283,9 @@ def evaluate(model, tokenizer, recipe, task: EvalSet | None, regression_path: st
     """``compare`` plus the recipe's gates: the document written to eval.json."""
     cfg = recipe.eval
     regression = None
-    path = regression_path or cfg.regression
+    path = regression_path or cfg.regression  # both resolved already (recipe load / eval_run)
     if path:
-        src = recipe.resolve_path(path)
-        regression = eval_set_from_file(src, tokenizer, None, recipe.model.max_seq_length)
+        regression = eval_set_from_file(path, tokenizer, None, recipe.model.max_seq_length)
     # loss rows are whole training rows: batch them as training's held-out evaluation does
     loss_batch = recipe.train.eval_batch_size or max(recipe.train.batch_size, 8)
     result = compare(model, tokenizer, task, cfg, regression, log, loss_batch_size=loss_batch)
@@ -391,7 +390,7 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
             raise data.DataError(f"{e}\n(fastft eval rebuilds the run's held-out split from its recipe's data; "
                                  "give the held-out file with --data FILE)") from None
         task = eval_set_from_bundle(bundle, "held-out split of " + (r.data.eval or r.data.train))
-    result = evaluate(model, tokenizer, r, task, regression, log)
+    result = evaluate(model, tokenizer, r, task, r.resolve_path(regression) if regression else None, log)
     result["run_dir"] = str(run_dir)
     write_eval(Path(run_dir), result)
     log(format_table(result, str(run_dir)))
