@@ -528,6 +528,27 @@ def dequantize_nf4_reference(weight_or_packed, quant_state=None, dtype: torch.dt
     return values.to(dtype).reshape(w.shape)
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def dequant_scratch(shape, dtype: torch.dtype, device, slot: int = 0) -> torch.Tensor:
+    """A reusable buffer for a dequantized weight: one per (shape, dtype, device, slot), allocated
+    on first use and handed out again on every later call, so a training step's dequantize + matmul
+    paths allocate nothing. The contents are only valid until the next ``dequantize_nf4(..., out=)``
+    into the same buffer: callers that need two dense weights of one shape alive at once (fused
+    K and V projections) take different ``slot`` numbers; nothing may keep it for the backward."""
+    key = (tuple(shape), dtype, torch.device(device), slot)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return buf
+
+
+def clear_scratch() -> None:
+    """Free every buffer ``dequant_scratch`` holds (after training, or between benchmark cases)."""
+    _SCRATCH.clear()
+
+
 def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None = None,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize a bitsandbytes 4-bit weight (NF4 or FP4, any 4-bit blocksize, double quantization
