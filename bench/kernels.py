@@ -3,6 +3,7 @@
     python -m bench.kernels nf4                    # NF4 dequant, Llama-3-8B shapes (GPU)
     python -m bench.kernels nf4 --cpu-smoke        # the same harness end to end on CPU (interpreter)
     python -m bench.kernels nf4 --help
+    python -m bench.kernels static                 # no GPU: compiled configs' registers, spills, SASS, roofline
 
 A family is a module bench/kernels_<family>.py with ``main(argv) -> int``; add it to FAMILIES.
 """
@@ -14,6 +15,7 @@ import sys
 FAMILIES = {
     "nf4": ("bench.kernels_nf4", "NF4 / FP4 dequantization: fastft Triton vs bitsandbytes, Unsloth, torch"),
     "lora": ("bench.kernels_lora", "fused LoRA linear fwd+bwd: fastft Triton vs Unsloth, PEFT, cuBLAS floor"),
+    "static": ("bench.static", "no GPU: compile every shipped config for sm_80/89/90; registers, spills, SASS per K step"),
 }
 
 

@@ -16,7 +16,8 @@ compared with PEFT's and the largest relative difference is recorded. Timings ar
 4·M·K·N + 6·M·r·(K+N) (forward, dX, dA, dB; W gets no gradient); "% floor" is the floor's time over
 the implementation's (100% = as fast as the bare base matmuls). fastft runs with NF4 dequantized
 inside the matmul kernel ("fastft") and through fastft's NF4 kernel then the 16-bit kernel
-("fastft_dequant"); the chosen launch configs are printed per shape.
+("fastft_dequant": lora.NF4_PATH held at "dequantize" through forward and backward; each fastft row
+records its path for both as nf4_path); the chosen launch configs are printed per shape.
 
 Output: a table, a summary against the targets (NF4 base, median over shapes: >= 1.10x
 Unsloth, >= 1.5x PEFT), then one result JSON (bench.common) and the same document as one compact JSON
@@ -30,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 import types
 
 LLAMA3_8B_SHAPES = {  # (in_features K, out_features N) of Llama-3-8B's linear layers
@@ -52,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--target", help="hardware target for roofs and the result name (default: from the device)")
     p.add_argument("--sweep", action="store_true", help="also time the forward matmul in every launch config")
+    p.add_argument("--time-budget", type=float, help="seconds: start no new layer after this; the cases left are "
+                                                     "recorded as cut (bench/gpu.sh sets it from its step limit)")
     from bench import common
 
     common.add_output_args(p)
@@ -106,21 +110,15 @@ def dense_weight(torch, layer, dtype):
 def implementations(torch, layer, base, dtype, notes, cpu):
     """name -> forward(x) using the layer's weights; None where unavailable."""
     from fastft import patch
-    from fastft.kernels import lora
 
     def fastft_fwd(x):
         return patch._fused_forward(layer, x)
 
-    def fastft_dequant_fwd(x):
-        old, lora.NF4_PATH = lora.NF4_PATH, "dequantize"
-        try:
-            return patch._fused_forward(layer, x)
-        finally:
-            lora.NF4_PATH = old
-
+    # "fastft" runs the default NF4 path; "fastft_dequant" forces the dequantize + matmul path: fwd_bwd
+    # holds lora.NF4_PATH at the row's path for the whole step, forward and backward (NF4_PATH_OF)
     impls = {"fastft": fastft_fwd}
     if base == "nf4":
-        impls["fastft_dequant"] = fastft_dequant_fwd
+        impls["fastft_dequant"] = fastft_fwd
     impls["peft"] = lambda x: type(layer).forward(layer, x)
     if not cpu:
         unsloth_o = unsloth_path(notes)
@@ -156,12 +154,25 @@ def unsloth_path(notes):
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def fwd_bwd(torch, fn, x, dy, params):
+NF4_PATH_OF = {"fastft_dequant": "dequantize"}  # row -> the NF4 path forced for its forward and backward
+
+
+def fwd_bwd(torch, fn, x, dy, params, nf4_path: str | None = None):
+    """One forward + backward; with nf4_path, fastft.kernels.lora.NF4_PATH is that path throughout both
+    (the backward reads it too), and restored after."""
+    from fastft.kernels import lora
+
     def step():
-        for p in params:
-            p.grad = None
-        y = fn(x)
-        y.backward(dy)
+        old = lora.NF4_PATH
+        if nf4_path:
+            lora.NF4_PATH = nf4_path
+        try:
+            for p in params:
+                p.grad = None
+            y = fn(x)
+            y.backward(dy)
+        finally:
+            lora.NF4_PATH = old
     return step
 
 
@@ -195,6 +206,8 @@ def main(argv=None) -> int:
     if cpu:
         dtype = torch.float32 if args.dtype == "bf16" else dtype  # the interpreter's bf16 dot is broken
         shapes, ranks, tokens = SMOKE["shapes"], SMOKE["ranks"], SMOKE["tokens"]
+        if args.shapes:  # tiny ones only: the interpreter runs every program on the CPU
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
         notes.insert(0, "interpreter smoke, not a measurement: CPU run under TRITON_INTERPRET=1 on tiny shapes "
                         "in fp32; it shows the harness runs end to end, its timings are not claims")
     else:
@@ -221,15 +234,25 @@ def main(argv=None) -> int:
     stamp = {}
 
     def document(partial: bool):
-        metrics = {"rows": rows, "sweep": sweeps, "summary": summarize(rows, cpu), "complete": not partial}
+        metrics = {"rows": rows, "sweep": sweeps, "cut": cut, "summary": summarize(rows, cpu), "complete": not partial}
         doc = common.result(kind="kernel", name="lora-linear-smoke" if cpu else "lora-linear", target=target,
                             config=config, metrics=metrics, command=command, notes=notes)
         doc["created_utc"] = stamp.setdefault("utc", doc["created_utc"])  # one file, rewritten as cases finish
         return doc
 
+    default_path = lora.NF4_PATH  # the "fastft" row's path, pinned for its forward and backward
+    t_start = time.monotonic()
+    cut = []
+    config["time_budget_s"] = args.time_budget
     for base in bases:
         for (K, N) in shapes:
             for r in ranks:
+                if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
+                    cut += [{"base": base, "K": K, "N": N, "r": r, "M": M,
+                             "reason": f"time budget {args.time_budget:g} s spent before this case started"}
+                            for M in tokens]
+                    print(f"bench.kernels lora: {base} {K}x{N} r{r}: cut (time budget {args.time_budget:g} s)")
+                    continue
                 model, layer = build_layer(torch, K, N, r, base, dtype, device)
                 params = [p for p in model.parameters() if p.requires_grad]
                 impls = implementations(torch, layer, base, dtype, notes, cpu)
@@ -242,8 +265,12 @@ def main(argv=None) -> int:
                     case = {"base": base, "K": K, "N": N, "r": r, "M": M}
                     for name, fn in impls.items():
                         row = dict(case, impl=name)
+                        if name.startswith("fastft") and base == "nf4":
+                            path = NF4_PATH_OF.get(name, default_path)
+                            row["nf4_path"] = {"forward": path, "backward": path}
                         try:
-                            step = fwd_bwd(torch, fn, x, dy, params + [x])
+                            step = fwd_bwd(torch, fn, x, dy, params + [x], NF4_PATH_OF.get(name, default_path)
+                                           if name.startswith("fastft") else None)
                             step()
                             grads = [t.grad.clone() for t in [x] + params if t.grad is not None]
                             if name == "peft":
@@ -271,19 +298,24 @@ def main(argv=None) -> int:
                             row["pct_floor"] = round(100 * floor["ms"] / row["ms"], 1)
                     nf4 = base == "nf4"
                     fp32 = dtype == torch.float32
-                    cfg = {"fwd": lora._pick_config("mm", M, N, nf4, fp32), "dx": lora._pick_config("mm", M, K, nf4, fp32),
-                           "xa": lora._pick_config("thin", M, r, False, fp32), "da_db": lora._pick_config("red", r, K, False, fp32)}
+                    try:
+                        cfg = {"fwd": lora._pick_config("mm", M, N, nf4, fp32),
+                               "dx": lora._pick_config("mm", M, K, nf4, fp32),
+                               "xa": lora._pick_config("thin", M, r, False, fp32),
+                               "da_db": lora._pick_config("red", r, K, False, fp32)}
+                    except (AttributeError, TypeError, KeyError) as e:  # the launcher's picker changed
+                        cfg = {"unknown": f"{type(e).__name__}: {e}"}
                     for row in rows:
                         if all(row.get(k) == v for k, v in case.items()) and row["impl"].startswith("fastft"):
                             row["configs"] = cfg
                     if args.sweep and not cpu:
                         sweeps += sweep(torch, lora, measure, layer, base, x.detach().reshape(M, K), dtype, case)
                     del x, dy
+                    if not args.no_write:  # after every case: a run cut short still leaves what it measured
+                        common.write(document(partial=True), out_dir)
                 del model, layer, impls
                 if not cpu:
                     torch.cuda.empty_cache()
-                if not args.no_write:  # a run cut short still leaves what it measured
-                    common.write(document(partial=True), out_dir)
 
     doc = document(partial=False)
     print_report(rows, sweeps, doc["metrics"]["summary"], cpu)

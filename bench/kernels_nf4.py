@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 LLAMA3_8B_SHAPES = {  # (out_features, in_features) of each 4-bit linear layer, and the lm_head
     "q_proj/o_proj": (4096, 4096),
@@ -51,6 +52,8 @@ def parse_args(argv):
                                     "device name; cpu for --cpu-smoke)")
     p.add_argument("--sweep", action="store_true", help="also time every shipped launch config")
     p.add_argument("--no-torch", action="store_true", help="skip the torch reference (slow on big shapes)")
+    p.add_argument("--time-budget", type=float, help="seconds: start no new case after this; the cases left are "
+                                                     "recorded as cut (bench/gpu.sh sets it from its step limit)")
     from bench import common
 
     common.add_output_args(p)
@@ -155,10 +158,35 @@ def main(argv=None) -> int:
     print(f"device: {common.device()['name']} ({device}), target {target}; measured copy bandwidth "
           f"{copy_gbps:,.0f} GB/s" + (f", datasheet {roof:,.0f} GB/s" if roof else ""))
 
-    rows, sweeps = [], []
+    rows, sweeps, cut = [], [], []
+    t_start = time.monotonic()
+    config = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "shapes": [list(s) for s in shapes],
+              "dtypes": dtypes, "implementations": list(impls), "timer": "perf_counter x3 median" if cpu else
+              "triton.testing.do_bench median (p20, p80), L2 flushed", "launch_configs": [c.name for c in nf4.LAUNCH_CONFIGS],
+              "autotune_min_bytes": nf4.AUTOTUNE_MIN_BYTES, "cpu_smoke": cpu, "time_budget_s": args.time_budget}
+    command = [sys.executable, "-m", "bench.kernels", "nf4", *(sys.argv[2:] if argv is None else argv)]
+    # a smoke result never lands in bench/results/ by default: it is not a measurement
+    out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-nf4-smoke-")
+                           if cpu else None)
+    stamp = {}
+
+    def document(complete: bool) -> dict:
+        metrics = {"copy_bandwidth_gbps": round(copy_gbps, 1), "copy_us": round(copy_us, 2),
+                   "datasheet_gbps": roof, "rows": rows, "sweep": sweeps, "cut": cut,
+                   "summary": summarize(rows, shapes, dtypes, smoke=cpu), "complete": complete}
+        doc = common.result(kind="kernel", name="nf4-dequant-smoke" if cpu else "nf4-dequant", target=target,
+                            config=config, metrics=metrics, command=command, notes=notes)
+        doc["created_utc"] = stamp.setdefault("utc", doc["created_utc"])  # one file, rewritten after each case
+        return doc
+
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for shape in shapes:
+            if args.time_budget is not None and time.monotonic() - t_start > args.time_budget:
+                cut.append({"shape": list(shape), "dtype": dtype_name,
+                            "reason": f"time budget {args.time_budget:g} s spent before this case started"})
+                print(f"bench.kernels nf4: {shape} {dtype_name}: cut (time budget {args.time_budget:g} s)")
+                continue
             g = torch.Generator(device=device).manual_seed(0)
             w = (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
             packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -198,23 +226,12 @@ def main(argv=None) -> int:
             packed = qs = expected = out = None  # free before the next shape
             if not cpu:
                 torch.cuda.empty_cache()
+            if not args.no_write:  # rewritten after every case: a run cut short keeps what it measured
+                common.write(document(complete=False), out_dir)
 
-    summary = summarize(rows, shapes, dtypes, smoke=cpu)
-    print_report(rows, sweeps, summary, shapes, dtypes, cpu)
-    config = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "shapes": [list(s) for s in shapes],
-              "dtypes": dtypes, "implementations": list(impls), "timer": "perf_counter x3 median" if cpu else
-              "triton.testing.do_bench median (p20, p80), L2 flushed", "launch_configs": [c.name for c in nf4.LAUNCH_CONFIGS],
-              "autotune_min_bytes": nf4.AUTOTUNE_MIN_BYTES, "cpu_smoke": cpu}
-    metrics = {"copy_bandwidth_gbps": round(copy_gbps, 1), "copy_us": round(copy_us, 2),
-               "datasheet_gbps": roof, "rows": rows, "sweep": sweeps, "summary": summary}
-    doc = common.result(kind="kernel", name="nf4-dequant-smoke" if cpu else "nf4-dequant", target=target,
-                        config=config, metrics=metrics, command=[sys.executable, "-m", "bench.kernels", "nf4",
-                                                                 *(sys.argv[2:] if argv is None else argv)],
-                        notes=notes)
+    doc = document(complete=True)
+    print_report(rows, sweeps, doc["metrics"]["summary"], shapes, dtypes, cpu)
     if not args.no_write:
-        # a smoke result never lands in bench/results/ by default: it is not a measurement
-        out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-nf4-smoke-")
-                               if cpu else None)
         print(f"result: {common.write(doc, out_dir)}")
     print(common.dumps_line(doc))
     return 0

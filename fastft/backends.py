@@ -68,9 +68,12 @@ def choose(recipe: Recipe, world_size: int = 1) -> tuple[str, str]:
     if want == "hf":
         return "hf", "requested in the recipe (backend: hf)"
     if world_size > 1:
-        # Unsloth's open-source trainer runs on one GPU; data-parallel runs use the hf backend (DDP)
+        # Unsloth's open-source trainer runs on one GPU; multi-process runs use the hf backend (DDP or FSDP)
+        from .distributed import strategy
+
+        how = strategy(recipe, world_size).upper()
         return "hf", (f"{'backend: unsloth' if want == 'unsloth' else 'auto'}: {world_size} processes, and "
-                      "Unsloth trains on a single GPU, so falling back to hf (DDP)")
+                      f"Unsloth trains on a single GPU, so falling back to hf ({how})")
     if want == "unsloth":
         if not unsloth_installed():
             raise BackendError(
@@ -100,16 +103,19 @@ def resolve_dtype(name: str, device: str):
     return torch.float32  # CPU: bitsandbytes' CPU path and the interpreter are fastest and exact in fp32
 
 
-def nf4_config(compute_dtype):
+def nf4_config(compute_dtype, float_storage: bool = False):
     """The one 4-bit quantization fastft trains, evaluates and merges with: NF4, double quant, packed
-    weights stored as uint8. ``compute_dtype``: a torch dtype or its name ("bfloat16")."""
+    weights stored as uint8. ``compute_dtype``: a torch dtype or its name ("bfloat16").
+    ``float_storage``: store the packed bytes in a compute-dtype tensor instead (same bytes, same
+    values; FSDP shards only floating tensors)."""
     import torch
     from transformers import BitsAndBytesConfig
 
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype if float_storage else torch.uint8)
 
 
 def target_modules(recipe: Recipe):
@@ -137,7 +143,7 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
     if name == "unsloth":
         model, tokenizer = _load_unsloth(recipe, path, dtype, info)
     else:
-        model, tokenizer = _load_hf(recipe, path, dtype, device, info)
+        model, tokenizer = _load_hf(recipe, path, dtype, device, info, fsdp=_fsdp(recipe, world_size))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device == "cpu":
@@ -147,15 +153,25 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
     return model, tokenizer, info
 
 
-def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo):
+def _fsdp(recipe: Recipe, world_size: int) -> bool:
+    from .distributed import strategy
+
+    return strategy(recipe, world_size) == "fsdp"
+
+
+def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo, fsdp: bool = False):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    # fsdp: the model is read into host memory and each rank's shards move to its GPU as the layers
+    # are sharded (fastft.distributed.shard), so no GPU ever holds the whole model
+    kwargs = {"dtype": dtype, "device_map": {"": "cpu" if fsdp else device}}
     if recipe.model.attn_implementation != "auto":
         kwargs["attn_implementation"] = recipe.model.attn_implementation
     if recipe.model.load_in_4bit:
-        kwargs["quantization_config"] = nf4_config(dtype)
+        kwargs["quantization_config"] = nf4_config(dtype, float_storage=fsdp)
+        if fsdp:
+            info.notes.append(f"NF4 packed weights stored as {info.dtype} for FSDP, loaded into host memory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -231,9 +247,9 @@ def _count_params(model) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        # bitsandbytes packs two 4-bit values per byte
+        # bitsandbytes packs two 4-bit values per byte (of a uint8 or, for FSDP, a float storage)
         if p.__class__.__name__ == "Params4bit":
-            n *= 2
+            n *= 2 * p.element_size()
         total += n
         if p.requires_grad:
             trainable += n

@@ -82,11 +82,21 @@ def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         path = f"{prefix}{key}"
+        if not prefix and key not in old and isinstance(b, dict):
+            a = _default_section(key)  # a section added since the run started (distributed): its defaults
         if isinstance(a, dict) and isinstance(b, dict):
             out += recipe_differences(a, b, path + ".")
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
+
+
+def _default_section(key: str) -> dict | None:
+    import dataclasses
+
+    from .recipe import Recipe
+
+    return dataclasses.asdict(Recipe()).get(key)
 
 
 def write_run_state(out_dir: Path, state: dict) -> None:

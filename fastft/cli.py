@@ -41,6 +41,7 @@ def _quiet_libraries() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Speed-first QLoRA trainer driven by one YAML recipe.")
+    p.add_argument("--quiet", action="store_true", help="no progress output (bars or progress lines) on stderr")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe", help="path to a recipe .yaml (see recipes/)")
@@ -123,12 +124,27 @@ def _parser() -> argparse.ArgumentParser:
     x = rs.add_parser("rollback", parents=[where], help="move production (or --stage) back to its previous version")
     x.add_argument("name")
     x.add_argument("--stage", default="production", choices=["staging", "production"])
-    sub.add_parser("info", help="versions, devices and the backend 'auto' would pick")
+    inf = sub.add_parser("info", help="versions against the tested matrix (the Makefile's pins), devices, the "
+                         "backend 'auto' would pick")
+    inf.add_argument("--check", action="store_true", help="exit 1 when the environment is outside the tested matrix")
+    inf.add_argument("--makefile", help="the Makefile holding the pins (default: the checkout's)")
+    rp = sub.add_parser("report", help="RUN/report.html (figures, eval, gates, exports, recipe) + report.md; "
+                        "several runs: compare.html side by side")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (output.dir) or registry references")
+    rp.add_argument("--out", help="folder for the files (default: the (first) run's folder)")
+    rp.add_argument("--registry", metavar="DIR", help="registry for NAME@vN references (default: in the cache)")
     pl = sub.add_parser("plan", help="estimate peak VRAM from the model config (no weights); exit 1 if it does not fit")
     pl.add_argument("recipe")
     pl.add_argument("--target", default="rtx4090", choices=GPU_TARGETS)
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
+    pl.add_argument("--gpus", type=int, default=1, help="plan one rank of a run over N GPUs (torchrun / accelerate)")
+    pl.add_argument("--strategy", choices=["ddp", "fsdp"], help="with --gpus: ddp (each GPU holds the model) or fsdp "
+                    "(sharded); default: the recipe's distributed.strategy")
+    dt = sub.add_parser("data", help="read, tokenize and cache a recipe's data without training (fastft.data)")
+    dt.add_argument("recipe")
+    dt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dt.add_argument("--json", action="store_true", help="the last line of stdout is one JSON document")
     return p
 
 
@@ -140,6 +156,10 @@ def _base_args(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.quiet:
+        from .progress import set_quiet
+
+        set_quiet(True)
     _quiet_libraries()
     from .errors import FastftError
 
@@ -177,10 +197,22 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """Prepare the data as ``fastft train`` would (the same cache entry), report it, train nothing."""
+    from . import data_build
+
+    out = data_build.prepare(_recipe(args), log=lambda m: print(f"fastft: {m}", file=sys.stderr))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(data_build.format_report(out))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from . import plan
 
-    p = plan.plan(_recipe(args), args.target)
+    p = plan.plan(_recipe(args), args.target, gpus=args.gpus, strategy=args.strategy)
     print(json.dumps(p.to_dict()) if args.json else plan.format_plan(p))
     return 0 if p.fits else 1
 
@@ -290,7 +322,16 @@ def cmd_registry(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
+    from . import info
+
+    # the matrix first: it reads package metadata only, so it still answers when torch cannot be imported
+    doctor = info.check(args.makefile)
+    print(info.format_report(doctor))
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001 - a broken install is what this command is for
+        print(f"fastft: cannot import torch: {type(e).__name__}: {e}")
+        return 1
 
     from . import backends, recipe
 
@@ -305,12 +346,21 @@ def cmd_info(args) -> int:
     r = recipe.from_dict({"model": {"name": "x"}, "data": {"train": "x"}, "output": {"dir": "x"}})
     name, why = backends.choose(r)
     print(f"  backend auto  {name} ({why})")
+    return 1 if args.check and not doctor.in_matrix else 0
+
+
+def cmd_report(args) -> int:
+    from . import registry, report
+
+    runs = [registry.resolve_ref(r, args.registry) for r in args.runs]
+    html_path, md_path = report.write(runs, args.out)
+    print(f"{html_path}\n{md_path}")
     return 0
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "plan": cmd_plan, "eval": cmd_eval,
             "generate": cmd_generate, "export": cmd_export, "merge": cmd_merge, "registry": cmd_registry,
-            "info": cmd_info}
+            "info": cmd_info, "report": cmd_report, "data": cmd_data}
 
 
 if __name__ == "__main__":

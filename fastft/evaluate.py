@@ -53,6 +53,7 @@ from typing import Any
 from .eval_table import format_table
 from .gates import METRICS, check_gates
 from .generate import greedy
+from .progress import progress
 from .rundir import EVAL as EVAL_FILE
 SCHEMA_VERSION = 1
 
@@ -127,13 +128,15 @@ def task_scores(answers: list[str], references: list[str], slices: list[str | No
 # --- generation and loss -----------------------------------------------------------------------
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 16,
-                     batch_size: int = 32) -> list[str]:
+                     batch_size: int = 32, progress=None) -> list[str]:
     """Greedy answers for chat prompts (each a list of messages ending before the assistant turn)."""
-    return [a["text"] for a in greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)]
+    return [a["text"] for a in greedy(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                                      progress=progress)]
 
 
-def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict:
-    """Mean cross-entropy per labelled token over ``rows`` ({input_ids, labels}), and its exp."""
+def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16, progress=None) -> dict:
+    """Mean cross-entropy per labelled token over ``rows`` ({input_ids, labels}), and its exp.
+    ``progress``: a fastft.progress bar, advanced by the rows of each batch."""
     import torch
 
     if not rows:
@@ -155,12 +158,13 @@ def answer_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> d
                 labels[j, :n] = torch.tensor(r["labels"])
                 mask[j, :n] = 1
             n_tok = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one
-            if n_tok == 0:
-                continue
-            with torch.no_grad():
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
-            total += float(out.loss) * n_tok
-            count += n_tok
+            if n_tok:
+                with torch.no_grad():
+                    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+                total += float(out.loss) * n_tok
+                count += n_tok
+            if progress is not None:
+                progress.update(len(chunk))
     finally:
         model.train(was_training)
     if not count:
@@ -224,17 +228,26 @@ def compare(model, tokenizer, task: EvalSet | None, cfg, regression: EvalSet | N
     result: dict = {"schema_version": SCHEMA_VERSION, "metric": cfg.metric, "json_fields": cfg.json_fields,
                     "task": None, "regression": None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen = lambda pairs: lambda m: generate_answers(  # noqa: E731
-        m, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
-    loss = lambda rows: lambda m: answer_loss(m, rows, pad, loss_batch_size or cfg.batch_size)  # noqa: E731
+
+    def gen(pairs, what: str):
+        """(adapter answers, base answers), with a progress bar over both passes."""
+        with progress(total=2 * len(pairs), desc=f"eval: {what} answers (adapter, then base)",
+                      unit="prompts") as bar:
+            return _both(model, lambda m: generate_answers(m, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens,
+                                                           cfg.batch_size, progress=bar))
+
+    def loss(rows, what: str):
+        with progress(total=2 * len(rows), desc=f"eval: {what} loss (adapter, then base)", unit="rows") as bar:
+            return _both(model, lambda m: answer_loss(m, rows, pad, loss_batch_size or cfg.batch_size, progress=bar))
+
     t0 = time.perf_counter()
     if task is not None and (task.pairs or task.rows):
         n = len(task.pairs) if cfg.max_examples is None else min(cfg.max_examples, len(task.pairs))
         pairs, slices = task.pairs[:n], task.slices[:n]
         log(f"fastft: eval: {n} held-out prompts ({task.name}), base and adapter, greedy, "
             f"up to {cfg.max_new_tokens} new tokens")
-        ans_a, ans_b = _both(model, gen(pairs)) if pairs else ([], [])
-        loss_a, loss_b = _both(model, loss(task.rows))
+        ans_a, ans_b = gen(pairs, "held-out") if pairs else ([], [])
+        loss_a, loss_b = loss(task.rows, "held-out")
         refs = [r for _, r in pairs]
         bad = [i + 1 for i, r in enumerate(refs) if cfg.metric == "json_match" and not parse_json(r)[0]]
         if bad:
@@ -257,8 +270,8 @@ def compare(model, tokenizer, task: EvalSet | None, cfg, regression: EvalSet | N
         rm = cfg.regression_metric
         log(f"fastft: eval: regression set {regression.name}: {len(regression.pairs)} general prompts, "
             "base and adapter")
-        ans_a, ans_b = _both(model, gen(regression.pairs))
-        loss_a, loss_b = _both(model, loss(regression.rows))
+        ans_a, ans_b = gen(regression.pairs, "regression")
+        loss_a, loss_b = loss(regression.rows, "regression")
         refs = [r for _, r in regression.pairs]
         ha = task_scores(ans_a, refs, None, rm, cfg.json_fields)["hits"]
         hb = task_scores(ans_b, refs, None, rm, cfg.json_fields)["hits"]
@@ -394,4 +407,7 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
     result["run_dir"] = str(run_dir)
     write_eval(Path(run_dir), result)
     log(format_table(result, str(run_dir)))
+    from .report import refresh
+
+    refresh(run_dir, log)  # the run's report.html follows the new eval.json
     return result

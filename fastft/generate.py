@@ -63,14 +63,17 @@ def _continue(model, tokenizer, prompts: list[list[int]], stops: list[int], max_
 
 
 def greedy(model, tokenizer, prompts: list[list], max_new_tokens: int = 16, stop_ids: list[int] | None = None,
-           batch_size: int = 32) -> list[dict]:
-    """Greedy answers, ``{"ids", "text", "stopped"}`` per prompt, in batches of ``batch_size``."""
+           batch_size: int = 32, progress=None) -> list[dict]:
+    """Greedy answers, ``{"ids", "text", "stopped"}`` per prompt, in batches of ``batch_size``.
+    ``progress``: a fastft.progress bar, advanced by the prompts of each finished batch."""
     stops = _stops(tokenizer, stop_ids)
     out: list[dict] = []
     for i in range(0, len(prompts), batch_size):
         chunk = [_prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
         out += [_answer(tokenizer, new, stops)
                 for new in _continue(model, tokenizer, chunk, stops, max_new_tokens, do_sample=False)]
+        if progress is not None:
+            progress.update(len(chunk))
     return out
 
 

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from .errors import FastftError
+from .progress import progress
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # max |merged - reference| / max(1, max |reference|), reference = fp32 base + adapter unmerged.
@@ -125,6 +126,8 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file()
                                               else base_path)
     batch = _sample_batch(tokenizer)
+    # load, merge, save (+ reference logits and the reloaded check when verifying)
+    bar = progress(total=5 if verify else 3, desc="merge", unit="stages")
 
     # 1. base in fp32 (original 16-bit weights, or the dequantized NF4 ones), adapter on top, reference logits
     if from_quantized:
@@ -144,6 +147,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     log(f"fastft: merging the {kind} adapter of {run_dir} (r={peft_cfg.get('r')}) into {base_path}: {what}, "
         f"merged in fp32, saved as {DTYPES[dtype]}")
     model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    bar.update(1)
     report: dict = {"ref": str(ref), "run_dir": str(run_dir), "adapter": kind, "base": fp, "dtype": DTYPES[dtype],
                     "from_quantized": from_quantized, "trained_4bit": trained_4bit}
     if verify:
@@ -151,8 +155,10 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
         with model.disable_adapter():
             bare = _logits(model, batch)
         report["adapter_effect"] = _compare(bare, reference, batch["attention_mask"])
+        bar.update(1)
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN/Inf instead of writing them
     merged = merged.to(out_dtype)
+    bar.update(1)
     del model, base_model
 
     # 2. save into a temporary folder beside --out, verify the saved files, then rename into place
@@ -163,6 +169,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         del merged
+        bar.update(1)
         if verify:
             reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=out_dtype, device_map={"": "cpu"})
             got = _logits(reloaded, batch)
@@ -171,6 +178,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
             v["tolerance"] = f"max_abs_diff <= {TOLERANCE[dtype]:g} x max(1, reference_max_abs)"
             v["passed"] = v["relative_to_scale"] <= TOLERANCE[dtype]
             report["verify"] = v
+            bar.update(1)
             log(f"fastft: verify: merged ({DTYPES[dtype]}, reloaded with plain transformers) vs base + adapter "
                 f"(fp32): max |diff| {v['max_abs_diff']:.3g} on logits up to {v['reference_max_abs']:.3g} "
                 f"(limit {TOLERANCE[dtype]:g} x that), greedy tokens agree {100 * v['argmax_agreement']:.1f}%; "
@@ -199,6 +207,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    bar.close()
     log(f"fastft: merged checkpoint in {out} ({report['seconds']:.1f} s): "
         f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return report

@@ -270,5 +270,5 @@ def count_parameters(model) -> int:
     """Parameters as the unquantized model has them (a packed 4-bit tensor holds two per byte)."""
     n = 0
     for p in model.parameters():
-        n += p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        n += p.numel() * (2 * p.element_size() if p.__class__.__name__ == "Params4bit" else 1)
     return n

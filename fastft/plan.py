@@ -211,6 +211,8 @@ class Plan:
     max_seq_length_fit: int | None = None
     max_batch_size_fit: int | None = None
     notes: list[str] = field(default_factory=list)
+    gpus: int = 1  # --gpus: the figures are per GPU (per rank)
+    strategy: str = "single"  # single | ddp | fsdp (fastft.distributed)
 
     @property
     def static_bytes(self) -> float:
@@ -241,7 +243,7 @@ class Plan:
                 "eval": [row(t) for t in self.eval], "allocator_slack": row(self.slack),
                 "total_bytes": int(self.total_bytes), "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "max_seq_length_fit": self.max_seq_length_fit, "max_batch_size_fit": self.max_batch_size_fit,
-                "notes": self.notes}
+                "notes": self.notes, "gpus": self.gpus, "strategy": self.strategy}
 
 
 def planned_backend(recipe: Recipe) -> tuple[str, str]:
@@ -257,20 +259,24 @@ def _dtype_bytes(recipe: Recipe) -> tuple[str, int]:
     return d, {"float32": 4, "float16": 2, "bfloat16": 2}[d]
 
 
-def plan(recipe: Recipe, target: str = "rtx4090", search: bool = True) -> Plan:
-    """The peak-VRAM plan of ``recipe`` on ``target`` (a name in fastft.hardware.TARGETS)."""
+def plan(recipe: Recipe, target: str = "rtx4090", search: bool = True, gpus: int = 1,
+         strategy: str | None = None) -> Plan:
+    """The peak-VRAM plan of ``recipe`` on ``target`` (a name in fastft.hardware.TARGETS). With
+    ``gpus`` > 1 the figures are one rank's: ``strategy`` ddp or fsdp (None: the recipe's
+    ``distributed.strategy``), the recipe's global batch split as fastft.train splits it."""
     if target not in TARGETS or TARGETS[target].memory_bytes is None:
         gpus = ", ".join(n for n, t in TARGETS.items() if t.memory_bytes)
         raise PlanError(f"--target: unknown GPU target {target!r}; choose one of {gpus}")
     recipe_dir = str(Path(recipe.source).resolve().parent) if recipe.source else None
     config, source = find_config(recipe.model.name, recipe_dir)
     sh = shapes(config)
-    p = _plan(recipe, target, sh, source, recipe.train.batch_size, recipe.model.max_seq_length)
+    dist, batch = _distributed(recipe, gpus, strategy)
+    p = _plan(recipe, target, sh, source, batch, recipe.model.max_seq_length, dist=dist)
     if search:
-        p.max_seq_length_fit = _largest(lambda t: _plan(recipe, target, sh, source, p.batch_size, t).fits,
+        p.max_seq_length_fit = _largest(lambda t: _plan(recipe, target, sh, source, p.batch_size, t, dist=dist).fits,
                                         256, max(sh.max_positions, 256), 256)
-        p.max_batch_size_fit = _largest(lambda b: _plan(recipe, target, sh, source, b, p.max_seq_length).fits,
-                                        1, 4096, 1)
+        p.max_batch_size_fit = _largest(lambda b: _plan(recipe, target, sh, source, b, p.max_seq_length,
+                                                        dist=dist).fits, 1, 4096, 1)
     return p
 
 
@@ -285,8 +291,11 @@ def _largest(fits, lo: int, hi: int, step: int) -> int | None:
     return a * step
 
 
-def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq: int) -> Plan:
+def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq: int,
+          dist: tuple[int, str] = (1, "single")) -> Plan:
     backend, why = planned_backend(recipe)
+    if dist[0] > 1:  # as fastft.backends.choose: Unsloth trains on one GPU
+        backend, why = "hf", f"{dist[0]} processes: Unsloth trains on a single GPU, so hf ({dist[1]})"
     dtype, s = _dtype_bytes(recipe)
     q4 = recipe.model.load_in_4bit
     lora, t = recipe.lora, recipe.train
@@ -296,6 +305,10 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     if backend == "unsloth" and lora.use_dora:
         a = s
     n = batch * seq
+    if t.method in ("dpo", "orpo"):  # chosen and rejected go through one forward: two rows per pair
+        n *= 2
+    elif t.method == "grpo":  # a training row is the prompt plus a sampled answer
+        n = batch * (seq + t.max_completion_length)
     budget = TARGETS[target].memory_bytes - CONTEXT_HEADROOM
 
     # static
@@ -330,6 +343,9 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     if q4:
         static.append(Term("dequantization buffer", _blk(s * max(base_numels)), "largest 4-bit weight, dequantized"))
 
+    if dist[1] == "fsdp":
+        static = fsdp_static(recipe, sh, static, dist[0], s)
+
     # training micro-batch
     A = layer_activation_bytes(sh, backend, s, a, lora.r, lora.use_dora)
     gc = t.gradient_checkpointing
@@ -355,6 +371,7 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     attn_hf = backend == "hf" and recipe.model.attn_implementation != "flash_attention_2"
     if attn_hf:
         train.append(Term("attention mask", _blk(batch * seq * seq), "4-D bool causal mask"))
+    train += method_terms(recipe, sh, backend, s, seq, lora_b)
 
     # held-out evaluation: no grad, a bigger batch (train.py)
     eval_terms: list[Term] = []
@@ -374,6 +391,15 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
              batch_size=batch, max_seq_length=seq, static=static, train=train, eval=eval_terms, slack=slack,
              budget_bytes=budget, shapes=sh, lora_params=n_lora)
     p.notes.append(f"backend {backend} ({why})")
+    p.gpus, p.strategy = dist
+    if dist[0] > 1:
+        p.notes.append(f"per rank of {dist[0]} x {target}, distributed.strategy {dist[1]}: per-device batch {batch} "
+                       f"(global batch {recipe.train.batch_size} x {recipe.train.grad_accum} split over the ranks)")
+    if dist[1] == "fsdp":
+        whole = sum(nf4_bytes(i * o) for _, i, o in sh.linears) if q4 else 0
+        p.notes.append(f"host RAM while loading: each rank reads the whole {'4-bit ' if q4 else ''}model "
+                       f"(~{(whole + sh.embed_params * 4 + sh.lm_head_params * 4) / GiB:.1f} GiB) before "
+                       f"sharding, so a node needs ~{dist[0]} x that")
     if recipe.kernels == "fastft":
         p.notes.append("kernels: fastft: the activation terms are the backend's own LoRA path's; fastft's fused "
                        "kernels are planned the same")
@@ -382,10 +408,89 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     return p
 
 
+def method_terms(recipe: Recipe, sh: Shapes, backend: str, s: int, seq: int, lora_b: float) -> list[Term]:
+    """What train.method adds to a step beyond SFT's terms (added on top of the training peak: an
+    upper bound, since GRPO's generation runs before the step's forward). DPO/ORPO's doubled rows
+    are in the activation terms already (two rows per pair)."""
+    t = recipe.train
+    out = []
+    if t.method == "dpo":
+        copy = recipe.model.adapter is not None
+        out.append(Term("DPO reference", lora_b if copy else 0,
+                        "frozen copy of the starting adapter" if copy else "base with the adapter disabled: no copy"))
+    if t.method == "grpo":
+        rows = t.batch_size * t.grad_accum  # one generation batch: every answer of an optimizer step
+        tokens = rows * (seq + t.max_completion_length)
+        out.append(Term("GRPO generation KV cache", 2 * sh.layers * sh.kv_dim * s * tokens,
+                        f"{rows} answers x {seq}+{t.max_completion_length} tokens, K and V per layer"))
+        out.append(Term("GRPO sampling logits", rows * sh.vocab * 4 * 2, "last position, fp32, with the softmax"))
+        if t.beta is None or t.beta > 0:
+            out.append(Term("GRPO reference (KL)", lora_b if recipe.model.adapter else 0,
+                            "base with the adapter disabled" if not recipe.model.adapter else
+                            "frozen copy of the starting adapter"))
+    return out
+
+
+def _distributed(recipe: Recipe, gpus: int, strategy: str | None) -> tuple[tuple[int, str], int]:
+    """((gpus, strategy), per-device batch) for ``plan``."""
+    from .distributed import STRATEGIES, split_batch
+
+    if gpus < 1:
+        raise PlanError(f"--gpus: must be >= 1, got {gpus}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise PlanError(f"--strategy: must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    t = recipe.train
+    if gpus == 1:
+        return (1, "single"), t.batch_size
+    how = strategy or ("ddp" if recipe.distributed.strategy == "auto" else recipe.distributed.strategy)
+    split = split_batch(t.batch_size, t.grad_accum, gpus)
+    if split is None:
+        raise PlanError(f"train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} cannot be split evenly "
+                        f"over {gpus} GPUs; make it a multiple of {gpus}")
+    return (gpus, how), split[0]
+
+
+def fsdp_static(recipe: Recipe, sh: Shapes, static: list[Term], n: int, s: int) -> list[Term]:
+    """One rank's static terms under FSDP over ``n`` GPUs (fastft.distributed.shard): the sharded
+    parameters, gradients and optimizer states are 1/n; the quantization state (absmax, code) is
+    kept whole on every rank; the all-gathered units (two decoder layers: the running one and the
+    prefetched next; the LM head from the end of the forward to its backward) are added. With
+    distributed.cpu_offload the shards, gradients and optimizer states live in host memory."""
+    q4 = recipe.model.load_in_4bit
+    off = recipe.distributed.cpu_offload
+    where = "host RAM (cpu_offload), not counted" if off else f"1/{n} shard"
+    base, parts16, lora_p, lora_g, opt, *rest = static
+    out = []
+    if q4:
+        packed = sum(_blk(math.ceil(i * o / 2)) for _, i, o in sh.linears)
+        out.append(Term(f"base weights, 4-bit NF4, 1/{n}", packed / n, where, counted=not off))
+        out.append(Term("NF4 quantization state, whole", base.bytes - packed,
+                        "absmax + code of every layer on every rank (not sharded)"))
+    else:
+        out.append(Term(f"{base.name}, 1/{n}", base.bytes / n, where, counted=not off))
+    out.append(Term(f"{parts16.name}, 1/{n}", parts16.bytes / n, parts16.note + f"; {where}", counted=not off))
+    for t in (lora_p, lora_g, opt):
+        out.append(Term(f"{t.name}, 1/{n}", t.bytes / n, f"{t.note}; {where}", counted=t.counted and not off))
+    out += rest
+    layer0 = [(name, i, o) for name, i, o in sh.linears if ".layers.0." in f".{name}."]
+    lora_layer = sum(recipe.lora.r * (i + o) for name, i, o in adapted(sh, recipe.lora.target_modules)
+                     if ".layers.0." in f".{name}.")
+    layer0 = [(i, o) for _, i, o in layer0]
+    w = (sum(_blk(math.ceil(i * o / 2)) for i, o in layer0) if q4 else sum(_blk(i * o * s) for i, o in layer0))
+    gathered = w + _blk(2 * sh.hidden * s) + _blk(lora_layer * s)
+    out.append(Term("gathered decoder layers (2)", 2 * gathered,
+                    f"all-gathered for compute: the running layer + the prefetched next, {gathered / GiB:.2f} GiB each"))
+    head = sh.lm_head_params or sh.embed_params
+    out.append(Term("gathered LM head", _blk(head * s), "end of forward to its backward"
+                    + (" (tied: with the embeddings)" if sh.tied else "")))
+    return out
+
+
 def format_plan(p: Plan) -> str:
     gb = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
     tgt = TARGETS[p.target]
-    lines = [f"fastft plan: {p.model} ({p.config_source})",
+    lines = [f"fastft plan: {p.model} ({p.config_source})"
+             + (f" -- per rank, {p.gpus} GPUs, {p.strategy}" if p.gpus > 1 else ""),
              f"  {p.shapes.total_params:,} params; LoRA {p.lora_params:,} trainable; backend {p.backend}, "
              f"{p.dtype}; batch {p.batch_size} x {p.max_seq_length} tokens; target {p.target}: {tgt.description}",
              "", f"  {'term':<40} {'GiB':>8}  note"]

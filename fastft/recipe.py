@@ -50,6 +50,7 @@ class ModelConfig:
     load_in_4bit: bool = True  # QLoRA (NF4 + double quant); false: 16-bit LoRA
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # compute dtype; auto: bf16 on GPUs that have it, fp32 on CPU
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    adapter: str | None = None  # start from a finished run's adapter: its RUN_DIR or a registry NAME@vN (SFT -> DPO/GRPO)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # local .jsonl/.json/.csv/.parquet, "asset:..." (shipped), or a hub dataset id; resolved at load
-    format: Literal["alpaca", "messages", "text"] = "alpaca"
+    format: Literal["alpaca", "messages", "text", "preference", "sharegpt"] = "alpaca"  # preference: prompt, chosen, rejected (dpo, orpo); sharegpt: conversations [{from, value}]
     eval: str | None = None  # a separate held-out file; otherwise eval_fraction of train is held out
     eval_fraction: float = field(default=0.05, metadata=_range(0.0, 1.0, hi_open=True))
     packing: bool = False  # pack short examples into max_seq_length rows (no cross-attention between them)
@@ -74,6 +75,7 @@ class DataConfig:
     split: str = "train"  # split name for hub datasets
     max_examples: int | None = field(default=None, metadata=_range(1, None))
     skip_bad_rows: bool = False  # skip malformed or invalid rows (counted and reported) instead of stopping
+    num_proc: int | None = field(default=None, metadata=_range(1, 1024))  # tokenizing processes; None: the cores available
     # general data mixed into the training split: [{path: FILE | name: general, fraction: 0.15, format: ...}];
     # fraction = share of the final training set (see fastft.data.mix_counts); at load each entry gets its
     # resolved file as `path`
@@ -102,6 +104,18 @@ class TrainConfig:
     save_every: int | None = field(default=None, metadata=_range(1, None))  # steps between resumable checkpoints
     keep_checkpoints: int = field(default=2, metadata=_range(1, None))  # newest complete checkpoints kept
     max_nonfinite_steps: int = field(default=10, metadata=_range(0, None))  # NaN/Inf steps skipped before stopping
+    report_to: list[str] | None = None  # experiment trackers: tensorboard, wandb, mlflow, trackio (fastft.trackers)
+    # sft | dpo, orpo (preference pairs: data.format preference) | grpo (sampled answers scored by train.reward);
+    # see docs/methods.md
+    method: Literal["sft", "dpo", "orpo", "grpo"] = "sft"
+    beta: float | None = field(default=None, metadata=_range(0.0, None))  # None: dpo 0.1 (KL strength), orpo 0.1 (odds-ratio weight), grpo 0.04 (KL weight)
+    reward: str | None = None  # grpo: exact_match | contains | json_match (None: eval.metric), or module:function
+    reward_fields: list[str] | None = None  # json_match reward: fields scored, partial credit each (None: eval.json_fields)
+    reward_format: float = field(default=0.0, metadata=_range(0.0, None))  # grpo: weight of a reward for the reference's form (JSON that parses)
+    reward_length_penalty: float = field(default=0.0, metadata=_range(0.0, None))  # grpo: minus this per token beyond the reference's length
+    num_generations: int = field(default=4, metadata=_range(2, 256))  # grpo: answers sampled per prompt (the group)
+    max_completion_length: int = field(default=48, metadata=_range(1, 1 << 16))  # grpo: tokens per sampled answer
+    temperature: float = field(default=0.9, metadata=_range(0.0, None, lo_open=True))  # grpo: sampling temperature
 
 
 @dataclass
@@ -126,6 +140,14 @@ class OutputConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How several processes (torchrun / accelerate launch) share the work; see fastft.distributed."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp. fsdp: shard the 4-bit base + LoRA per layer
+    cpu_offload: bool = False  # fsdp: keep parameter shards (and the optimizer step) in host memory
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     backend: Literal["auto", "unsloth", "hf"] = "auto"
@@ -135,6 +157,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     source: str | None = field(default=None, metadata={"internal": True})  # the file it came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +233,8 @@ def _resolve_paths(r: Recipe) -> None:
         r.data.eval = resolve_path(r.data.eval, where)
     if r.eval.regression is not None:
         r.eval.regression = resolve_path(r.eval.regression, where)
+    if r.model.adapter is not None:  # a registry NAME@vN stays as given (no such file)
+        r.model.adapter = resolve_path(r.model.adapter, where)
     if r.data.mix:
         r.data.mix = [{**e, "path": resolve_path(MIX_SETS[e["name"]] if e.get("name") is not None else e["path"],
                                                  where)} for e in r.data.mix]
@@ -396,6 +421,10 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
             parse_gate(path, condition, r.eval)
         except GateError as e:
             problems.append(f"eval.gates.{path}: {e}")
+    _check_method(r, problems)
+    for name in r.train.report_to or []:
+        if name not in ("tensorboard", "wandb", "mlflow", "trackio"):
+            problems.append(f"train.report_to: unknown tracker {name!r}; choose from tensorboard, wandb, mlflow, trackio")
 
 
 def _check_mix(mix: list[dict], problems: list[str]) -> None:
@@ -420,8 +449,8 @@ def _check_mix(mix: list[dict], problems: list[str]) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}.name: unknown shipped set {entry['name']!r}{hint}; shipped: "
                             f"{', '.join(MIX_SETS)} (or give path: FILE)")
-        if "format" in entry and entry["format"] not in ("alpaca", "messages", "text"):
-            problems.append(f"{where}.format: must be one of 'alpaca', 'messages', 'text', got {entry['format']!r}")
+        if "format" in entry and entry["format"] not in ("alpaca", "messages", "text", "sharegpt"):
+            problems.append(f"{where}.format: must be one of 'alpaca', 'messages', 'text', 'sharegpt', got {entry['format']!r}")
         f = entry.get("fraction")
         if f is None:
             problems.append(f"{where}.fraction: required: the share of the final training set, e.g. 0.15")
@@ -434,3 +463,52 @@ def _check_mix(mix: list[dict], problems: list[str]) -> None:
     if total >= 1.0:
         problems.append(f"data.mix: fractions sum to {total:g}; they are shares of the final training set, so "
                         "together they must stay below 1 (the rest is data.train)")
+
+
+METRIC_NAMES = ("exact_match", "contains", "json_match")  # the task metrics (fastft.evaluate); also GRPO rewards
+GRPO_ONLY = ("reward", "reward_fields", "reward_format", "reward_length_penalty", "num_generations",
+             "max_completion_length", "temperature")
+
+
+def _check_method(r: Recipe, problems: list[str]) -> None:
+    """train.method against the data format and the method's own keys (see fastft.methods)."""
+    t, m = r.train, r.train.method
+    if m in ("dpo", "orpo") and r.data.format != "preference":
+        problems.append(f"train.method: {m} trains on preference pairs; set data.format: preference "
+                        "(rows with prompt, chosen, rejected; see docs/methods.md)")
+    if r.data.format == "preference" and m not in ("dpo", "orpo"):
+        problems.append(f"data.format: preference rows train with train.method dpo or orpo, not {m}")
+    if m == "grpo" and r.data.format not in ("alpaca", "messages"):
+        problems.append("train.method: grpo samples answers to prompts and scores them against a reference answer; "
+                        "use data.format alpaca or messages (the reference is the output / last assistant turn)")
+    if m != "sft" and r.data.mix:
+        problems.append(f"data.mix: mixes supervised rows into SFT; with train.method {m} set data.mix: null")
+    if m != "sft" and r.data.packing:
+        problems.append(f"data.packing: only train.method sft packs examples; set it to false for {m}")
+    defaults = TrainConfig()
+    if m != "grpo":
+        for key in GRPO_ONLY:
+            if getattr(t, key) != getattr(defaults, key):
+                problems.append(f"train.{key}: only used by train.method: grpo (method is {m}); remove it")
+        return
+    if (t.batch_size * t.grad_accum) % t.num_generations:
+        problems.append(f"train.num_generations: {t.num_generations} answers per prompt must divide "
+                        f"train.batch_size x train.grad_accum = {t.batch_size * t.grad_accum} (the answers scored "
+                        "per step, whole groups only)")
+    if t.eval_every:
+        problems.append("train.eval_every: grpo has no held-out loss to track during training; remove it "
+                        "(the evaluation at the end still runs)")
+    if t.reward is not None and ":" in t.reward:
+        mod, _, fn = t.reward.partition(":")
+        if not all(p.isidentifier() for p in mod.split(".")) or not fn.isidentifier():
+            problems.append(f"train.reward: {t.reward!r} is not module:function (e.g. my_rewards:score, importable "
+                            "from the working directory or the recipe's folder)")
+    elif t.reward is not None and t.reward not in METRIC_NAMES:
+        close = difflib.get_close_matches(t.reward, METRIC_NAMES, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"train.reward: unknown metric {t.reward!r}{hint}; use one of {', '.join(METRIC_NAMES)} "
+                        "or module:function for a Python reward")
+    metric = t.reward or r.eval.metric
+    if t.reward_fields is not None and metric != "json_match":
+        problems.append(f"train.reward_fields: only used by the json_match reward (the reward is {metric}); "
+                        "set train.reward: json_match or remove it")

@@ -49,11 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FastftError
-from .files import file_sha256 as _sha256
+from .files import file_sha256
+from .progress import progress
 from .registry_meta import diff, flatten, format_diff, format_list, format_show  # noqa: F401 (printed by the CLI)
 from .registry_meta import export_record, gate_summary, run_metadata
 from .rundir import ADAPTER, STORED_FILES, RunDir, read_run_info
 
+REPORT_HTML = "report.html"  # fastft.report's page, stored with the version when the run has one
+BIG_FILE = 64 << 20  # files at least this large are hashed / copied with a progress bar
 STAGES = ("staging", "production")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<sel>v\d+|latest|staging|production))?$")
@@ -90,6 +93,35 @@ CREATE TABLE IF NOT EXISTS stage_events (
 );
 """
 
+
+
+def _bytes_bar(size: int, desc: str):
+    """A progress bar over ``size`` bytes for a large file; none for small ones."""
+    return progress(total=size, desc=desc, unit="B") if size >= BIG_FILE else _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file; a large one (checkpoints, GGUF files) shows its progress."""
+    size = path.stat().st_size
+    if size < BIG_FILE:
+        return file_sha256(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f, progress(total=size, desc=f"sha256 {path.name}", unit="B") as bar:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
 
 class RegistryError(FastftError, ValueError):
     """A registry operation that cannot be done; the message says why and what to do."""
@@ -173,11 +205,13 @@ class Registry:
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=dst.parent)
         try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            size = src.stat().st_size
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f, _bytes_bar(size, f"store {src.name}") as bar:
                 h = hashlib.sha256()
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
                     out.write(chunk)
+                    bar.update(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
             if h.hexdigest() != digest:
@@ -192,7 +226,7 @@ class Registry:
     # --- push ------------------------------------------------------------------------------------
     def push(self, run_dir: str | Path, name: str) -> Entry:
         """Store a finished run (adapter/ and fastft.json, plus eval.json / metrics.jsonl /
-        report.md when present) as the next version of ``name``."""
+        report.md / report.html when present) as the next version of ``name``."""
         if not NAME_RE.match(name):
             raise RegistryError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (no '@'), at most 128")
         run = Path(run_dir)
@@ -200,7 +234,7 @@ class Registry:
         adapter = RunDir(run).adapter
         if not (adapter / "adapter_config.json").is_file():
             raise RegistryError(f"{run}: no {ADAPTER}/adapter_config.json; push the output.dir of a finished run")
-        files = [run / f for f in STORED_FILES if (run / f).is_file()]  # with adapter/, when present
+        files = [run / f for f in (*STORED_FILES, REPORT_HTML) if (run / f).is_file()]  # with adapter/, when present
         files += sorted(p for p in adapter.rglob("*") if p.is_file())
         manifest = {p.relative_to(run).as_posix(): self._store_object(p) for p in files}
         meta = run_metadata(info, run, _now())

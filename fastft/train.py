@@ -19,7 +19,8 @@ Faults (see fastft.checkpoints for the directory layout):
   the run stops with the step and the usual causes; a non-finite adapter is never saved.
 - CUDA out-of-memory ends the run with the measured peak and what to change.
 - Under ``torchrun`` / ``accelerate launch`` (several processes) it trains data-parallel (DDP) with
-  the recipe's global batch, rank 0 writes every output, and tokens/sec is summed over ranks.
+  the recipe's global batch, rank 0 writes every output, and tokens/sec is summed over ranks;
+  with ``distributed.strategy: fsdp`` the model is sharded over them instead (fastft.distributed).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import backends, checkpoints, data, evaluate, patch, provenance, rundir
+from . import backends, checkpoints, data, distributed, evaluate, patch, progress, provenance, rundir, trackers
 from .errors import FastftError
 from .recipe import Recipe, without_removed_keys
 
@@ -118,7 +119,7 @@ def _sft_config(recipe: Recipe, out_dir: Path, info, optim: str, has_eval: bool,
         save_total_limit=None,  # fastft rotates complete checkpoints itself (checkpoints.finalize)
         save_only_model=False,
         ddp_find_unused_parameters=False if world.size > 1 else None,
-        report_to="none",
+        report_to=trackers.trainer_args(recipe.train.report_to, out_dir),  # "none" unless train.report_to
         # the backend already set gradient checkpointing up (Unsloth's own, or PEFT's for k-bit models)
         gradient_checkpointing=False,
         bf16=cuda and info.dtype == "bfloat16",
@@ -126,7 +127,7 @@ def _sft_config(recipe: Recipe, out_dir: Path, info, optim: str, has_eval: bool,
         max_length=recipe.model.max_seq_length,
         packing=recipe.data.packing,
         dataset_num_proc=None,
-        disable_tqdm=not world.main,
+        disable_tqdm=not world.main or progress.quiet(),  # --quiet: no training bar either
         use_cpu=not cuda,
     )
     return SFTConfig(**kwargs)
@@ -198,28 +199,42 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     world = World.from_env()
     say = log if world.main else (lambda m: None)
     out_dir = Path(recipe.output.dir)
+    trackers.require(recipe.train.report_to)  # a missing tracker package stops the run before it loads anything
     previous, ckpt = _prepare_output(recipe, out_dir, resume, overwrite, world, say)
     batch = _per_device_batch(recipe, world)
+    fsdp = distributed.strategy(recipe, world.size) == "fsdp"
+    if fsdp and recipe.train.eval_every:
+        raise TrainError("train.eval_every is not supported with distributed.strategy: fsdp yet (the best-adapter "
+                         "copy is not gathered from the shards); unset train.eval_every, or use strategy: ddp")
 
     # 1. load (the backend imports Unsloth first when it runs: it patches the HF stack and TRL as
     #    they are imported, so fastft's trainer and callbacks are imported after it)
     model, tokenizer, info = backends.load(recipe, world_size=world.size, local_rank=world.local_rank)
     say(f"fastft: {info.summary()}")
-    from . import callbacks
+    from . import callbacks, data_preference, methods
     from .trainer import FastftTrainer
+    start = methods.start_from(model, recipe, say) if recipe.model.adapter else None  # SFT -> DPO/GRPO
 
     # 2. patch: fastft's fused LoRA, Unsloth's, or stock PEFT
     kernels = patch.apply(model, recipe.kernels)
     say(f"fastft: {kernels.summary()}")
     if world.size > 1:
-        say(f"fastft: data-parallel over {world.size} processes: per-device batch {batch[0]} x grad accum "
+        say(f"fastft: {'sharded (FSDP), ' if fsdp else ''}data-parallel over {world.size} processes: "
+            f"per-device batch {batch[0]} x grad accum "
             f"{batch[1]} x {world.size} = global batch {recipe.train.batch_size * recipe.train.grad_accum}")
 
-    # 3. data
-    bundle = data.build(recipe.data, tokenizer, seed=recipe.train.seed, max_length=recipe.model.max_seq_length,
-                        log=lambda m: say(f"fastft: {m}"))
-    say(f"fastft: data {bundle.stats['train_examples']} train / {bundle.stats['eval_examples']} eval examples, "
-        f"{bundle.stats['train_tokens']:,} train tokens ({bundle.data_hash[:19]})")
+    # 3. data (dpo / orpo / grpo: fastft.data_preference; their held-out rows are evaluated as SFT's)
+    md = None
+    if recipe.train.method == "sft":
+        bundle = data.build(recipe.data, tokenizer, seed=recipe.train.seed, max_length=recipe.model.max_seq_length,
+                            log=lambda m: say(f"fastft: {m}"))
+        say(f"fastft: data {bundle.stats['train_examples']} train / {bundle.stats['eval_examples']} eval examples, "
+            f"{bundle.stats['train_tokens']:,} train tokens ({bundle.data_hash[:19]})")
+    else:
+        md = data_preference.build(recipe, tokenizer, log=lambda m: say(f"fastft: {m}"))
+        bundle = md.held_out
+        say(f"fastft: data ({recipe.train.method}) {md.stats['train_examples']} train / "
+            f"{md.stats['eval_examples']} held-out rows ({bundle.data_hash[:19]})")
 
     # 4. trainer
     meter = callbacks.Meter(out_dir / rundir.METRICS, write=world.main, counters=_resumed_counters(out_dir, ckpt, world))
@@ -234,10 +249,22 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         extra.append(best)
     config = _sft_config(recipe, out_dir, info, _optimizer(recipe, info.device, say), bundle.eval is not None,
                          world, batch)
-    trainer = FastftTrainer(model=model, args=config, train_dataset=bundle.train, eval_dataset=bundle.eval,
-                            processing_class=tokenizer, callbacks=[meter, signals, *extra], meter=meter,
-                            guard=guard, out_dir=out_dir, keep_checkpoints=recipe.train.keep_checkpoints, log=say)
+    reward = None
+    if md is None:
+        trainer = FastftTrainer(model=model, args=config, train_dataset=bundle.train, eval_dataset=bundle.eval,
+                                processing_class=tokenizer, callbacks=[meter, signals, *extra], meter=meter,
+                                guard=guard, out_dir=out_dir, keep_checkpoints=recipe.train.keep_checkpoints, log=say,
+                                fsdp=fsdp)
+    else:
+        if fsdp:
+            raise TrainError(f"train.method: {recipe.train.method} does not run under distributed.strategy: fsdp "
+                             "yet; use strategy: ddp or one process")
+        trainer, reward = methods.make_trainer(recipe, model, tokenizer, md, config, info,
+                                               callbacks=[meter, signals, *extra], meter=meter, guard=guard,
+                                               out_dir=out_dir, keep_checkpoints=recipe.train.keep_checkpoints,
+                                               log=say)
     _adapters_follow_compute_dtype(model, info.dtype)
+    sharding = _shard(model, recipe, info, say) if fsdp else None
 
     # 5. train, with the held-out loss before (once per run: a resumed run reuses the first one's) and after
     if previous is not None and "before" in previous:
@@ -265,14 +292,22 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         adapter_step = best.step
         after = _score(trainer, bundle)
     say(f"fastft: after training:  {_fmt_scores(after)}")
+    if md is not None:
+        methods.finish(model)  # drop the frozen reference adapter: adapter/ holds the trained one alone
 
     # 6. save (rank 0): base vs adapter (task by slice, regression set) and the recipe's gates into
     #    eval.json, then adapter/ and fastft.json; a non-finite adapter is never written
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    trained = (distributed.full_trainable_state(model) if fsdp  # fsdp: gathered from the shards
+               else {n: p for n, p in model.named_parameters() if p.requires_grad})
+    bad = [n for n, p in trained.items() if not torch.isfinite(p).all()]
     if bad:
         raise TrainError(f"the trained adapter has non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                          "nothing was saved. Lower train.lr or check the data.")
-    verdict = evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say) if world.main else {}
+    if fsdp and recipe.eval.after_training:
+        say("fastft: the base-vs-adapter evaluation is skipped under fsdp (rank 0 holds only its shard); run "
+            "fastft eval on the saved adapter where the model fits")
+    verdict = (evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say)
+               if world.main and not fsdp else {})
     summary = {
         "train": meter.summary(),
         "steps": trainer.state.global_step,
@@ -281,9 +316,11 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "resumed_from": str(ckpt) if ckpt is not None else None,
         "adapter_step": adapter_step,  # the saved adapter's step: the best held-out loss when eval_every is set
         "world_size": world.size,
+        **({"distributed": sharding} if sharding else {}),
         "before": before,
         "after": after,
         "wall_seconds": time.perf_counter() - t_start,
+        "method": methods.figures(recipe.train.method, meter.history),  # reward mean/std, margins, KL
     }
     run_info = {
         "recipe": recipe.to_dict(),
@@ -293,14 +330,32 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
         "versions": backends.versions(),
         "data": {"hash": bundle.data_hash, **bundle.stats},
         "metrics": summary,
+        "method": methods.describe(recipe, start, reward),  # sft | dpo | orpo | grpo, its reward and reference
         "command": " ".join(sys.argv),
         **verdict,  # "eval"; with eval.gates also "gates" and "status": accepted | rejected
         **provenance.provenance(recipe, info),  # base model fingerprint + fastft commit: compatibility checks
     }
     if world.main:
-        adapter_dir = _save(model, tokenizer, out_dir, run_info)
+        adapter_dir = _save(model, tokenizer, out_dir, run_info, trained if fsdp else None)
         say(_final_table(summary, verdict.get("eval"), adapter_dir))
+        _report(recipe, out_dir, meter.history, run_info, verdict.get("eval"), trainer.state.global_step, say)
     return Run(info=run_info, model=model, tokenizer=tokenizer, out_dir=out_dir)
+
+
+def _report(recipe: Recipe, out_dir: Path, history: list, run_info: dict, ev: dict | None, step: int, say) -> None:
+    """fastft's figures to the recipe's trackers, then report.html + report.md; the run is saved
+    already, so a failure here is reported and never loses it."""
+    from . import report
+
+    try:
+        trackers.log_run(recipe.train.report_to, out_dir, history, run_info, ev, step, log=say)
+    except Exception as e:  # noqa: BLE001 - a tracker's own failure (network, auth) must not fail a saved run
+        say(f"fastft: warning: logging to {', '.join(recipe.train.report_to or [])} failed: {type(e).__name__}: {e}")
+    try:
+        html_path, md_path = report.write([out_dir])
+        say(f"fastft: report: {html_path} (+ {md_path.name})")
+    except (OSError, report.ReportError) as e:
+        say(f"fastft: warning: the report was not written ({e}); `fastft report {out_dir}` writes it again")
 
 
 def _resumed_counters(out_dir: Path, ckpt: Path | None, world: World) -> dict | None:
@@ -326,9 +381,10 @@ def _interrupted(signum: int, step: int, recipe: Recipe, out_dir: Path, say) -> 
     return TrainInterrupted(msg, signum)
 
 
-def _save(model, tokenizer, out_dir: Path, run_info: dict) -> Path:
+def _save(model, tokenizer, out_dir: Path, run_info: dict, state_dict: dict | None = None) -> Path:
     try:
-        adapter_dir = rundir.save_adapter(model, tokenizer, out_dir)
+        adapter_dir = (rundir.save_adapter(model, tokenizer, out_dir) if state_dict is None
+                       else distributed.save_final_adapter(model, tokenizer, out_dir, state_dict))
         rundir.write_run_info(out_dir, run_info)
     except OSError as e:
         raise TrainError(f"cannot write the results into {out_dir}: {e.strerror or e}"
@@ -336,6 +392,23 @@ def _save(model, tokenizer, out_dir: Path, run_info: dict) -> Path:
                             "from the last checkpoint)" if e.errno == 28 else "")
                          + ". Nothing incomplete was left in place of adapter/ or fastft.json.") from e
     return adapter_dir
+
+
+def _shard(model, recipe: Recipe, info, say) -> dict:
+    """distributed.strategy: fsdp: shard the model over the processes (fastft.distributed) and
+    record each rank's share of the frozen base."""
+    import torch
+    import torch.distributed as dist
+
+    full = distributed.local_bytes(model)
+    done = distributed.shard(model, getattr(torch, info.dtype), info.device, recipe.distributed.cpu_offload)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, distributed.local_bytes(model))
+    done.update(base_bytes_unsharded=full, base_bytes_per_rank=per_rank)
+    say(f"fastft: FSDP over {done['processes']} processes, {done['units']} units ({done['decoder_layers']} "
+        f"decoder layers); frozen base {full / 2**20:.1f} MiB, per rank " + " / ".join(f"{b / 2**20:.1f}" for b in per_rank) + " MiB"
+        + ("; parameter shards offloaded to CPU" if done["cpu_offload"] else ""))
+    return done
 
 
 def _forget_eval_preparation(trainer, model) -> None:
@@ -387,7 +460,7 @@ def _adapters_follow_compute_dtype(model, compute_dtype: str) -> None:
 
 def _score(trainer, bundle) -> dict:
     """The held-out loss (a collective under DDP: every rank calls it)."""
-    return {"eval_loss": trainer.evaluate()["eval_loss"]} if bundle.eval is not None else {}
+    return {"eval_loss": trainer.evaluate()["eval_loss"]} if bundle.eval is not None and trainer.eval_dataset is not None else {}
 
 
 def _fmt_scores(s: dict) -> str:

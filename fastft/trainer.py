@@ -23,17 +23,79 @@ from . import checkpoints
 from .callbacks import Meter, NonFiniteGuard
 
 
-class FastftTrainer(SFTTrainer):
+class FastftMixin:
+    """What every fastft trainer adds to its TRL trainer (SFT here; DPO, ORPO, GRPO in fastft.methods)."""
+
     def __init__(self, *args, meter: Meter, guard: NonFiniteGuard, out_dir: Path, keep_checkpoints: int = 2,
-                 log: Callable[[str], None] = print, **kwargs):
+                 log: Callable[[str], None] = print, fsdp: bool = False, **kwargs):
         self.meter, self.guard, self.out_dir = meter, guard, Path(out_dir)
         self.keep_checkpoints, self.log_fn = keep_checkpoints, log
         self._staging: str | None = None
+        self.fsdp = fsdp  # the model is (or will be, before train) sharded by fastft.distributed.shard
         super().__init__(*args, **kwargs)
+        if fsdp:
+            self._keep_sharded_model_unwrapped()
+
+    # -- fsdp (fastft.distributed): the model arrives sharded with FSDP2 fully_shard -------------
+    def _keep_sharded_model_unwrapped(self):
+        """accelerate knows FSDP only as its own plugin (CUDA only); for a multi-process CPU or GPU
+        run it would wrap the already sharded model in DDP. Hand a sharded model through as is."""
+        from .distributed import is_fsdp_model
+
+        accelerator = self.accelerator
+        prepare_model = accelerator.prepare_model
+
+        def prepare_sharded(model, *a, **k):
+            if is_fsdp_model(model):
+                if not any(m is model for m in accelerator._models):
+                    accelerator._models.append(model)
+                return model
+            return prepare_model(model, *a, **k)
+
+        accelerator.prepare_model = prepare_sharded
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.fsdp:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        from .distributed import save_adapter
+
+        output_dir = output_dir or self.args.output_dir
+        save_adapter(self.model, Path(output_dir), self.args.should_save)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.fsdp:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import torch
+
+        from .distributed import save_optimizer
+
+        save_optimizer(self.optimizer, output_dir, self.args.process_index, self.args.world_size)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/scheduler.pt")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.fsdp or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        from .distributed import load_optimizer
+
+        load_optimizer(self.optimizer, checkpoint, self.args.process_index, self.args.world_size)
+        self.lr_scheduler.load_state_dict(torch.load(f"{checkpoint}/scheduler.pt", weights_only=True))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.fsdp:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        from .distributed import load_adapter
+
+        load_adapter(model or self.model, Path(resume_from_checkpoint))
 
     def training_step(self, model, inputs, *args, **kwargs):
-        self.meter.count(inputs)
+        self.count_tokens(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def count_tokens(self, inputs) -> None:
+        self.meter.count(inputs)
 
     def create_optimizer(self, *args, **kwargs):
         opt = super().create_optimizer(*args, **kwargs)
@@ -66,3 +128,7 @@ class FastftTrainer(SFTTrainer):
             self.log_fn(f"fastft: checkpoint {final.relative_to(self.out_dir)} written")
         if distributed:
             dist.barrier()
+
+
+class FastftTrainer(FastftMixin, SFTTrainer):
+    """TRL's SFTTrainer with fastft's meter, non-finite guard and staged checkpoints."""

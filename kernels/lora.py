@@ -7,26 +7,37 @@ The math. x: [M, K] tokens, W: [N, K] frozen base weight (16-bit, or NF4 packed 
 it), A: [r, K], B: [N, r] (the trained adapter), s = alpha / r (or alpha / sqrt(r), rsLoRA):
 
     forward    XA = x·Aᵀ                           [M, r]   kept for the backward
-               y  = x·Wᵀ + s·XA·Bᵀ (+ bias)          [M, N]   one kernel: the LoRA term is the epilogue of
-                                                             the base matmul; x·Wᵀ is never stored
+               y  = x·Wᵀ + s·XA·Bᵀ (+ bias)          [M, N]
     backward   dYB = dY·B                          [M, r]
-               dX  = dY·W + s·dYB·A                [M, K]   one kernel, the LoRA term again an epilogue
+               dX  = dY·W + s·dYB·A                [M, K]
                dA  = s·dYBᵀ·x                      [r, K]   split over tokens (M is long, r·K is small)
                dB  = s·dYᵀ·XA                      [N, r]   split over tokens
                W and the base bias get no gradient.
 
-Every product is one launch of ``_lora_matmul_kernel``: C = alpha·(P·Q) (+ scale·(L·R)) (+ bias), with
-P and Q read through strides (so transposes cost nothing), an optional NF4 Q dequantized tile by tile
-inside the K loop (no dense copy of W in memory), an optional low-rank epilogue L·R, and an optional
-split of the reduction into fp32 partial sums. Accumulation is fp32; fp32 inputs use IEEE fp32 dots
-(no TF32), matching torch's default for matmul.
+The base products x·Wᵀ and dY·W take one of two routes. A 16-bit W, and an NF4 W on the "in_kernel"
+path, run one launch of ``_lora_matmul_kernel`` with the LoRA term as the epilogue of the base
+matmul (x·Wᵀ is never stored). An NF4 W on the default "dequantize" path (NF4_PATH, FASTFT_LORA_NF4)
+is first dequantized by fastft.kernels.nf4 into a reused per-shape buffer, then torch.matmul (cuBLAS)
+does the base product and ``addmm_`` adds s·XA·Bᵀ (s·dYB·A in the backward) in place; the backward
+dequantizes W again rather than keeping a dense copy alive between forward and backward.
+
+``_lora_matmul_kernel`` computes C = alpha·(P·Q) (+ scale·(L·R)) (+ bias), with P and Q read through
+strides (so transposes cost nothing; every index·stride product is 64-bit), an optional NF4 Q
+dequantized tile by tile inside the K loop, an optional low-rank epilogue L·R, and an optional split
+of the reduction into fp32 partial sums. The thin products (x·Aᵀ, dY·B: N = r) and the dA / dB
+reductions split their reduction so that a launch has at least WAVES programs per SM
+(`split_count`; at M = 4096 on 132 SMs x·Aᵀ runs 64 row tiles x 5 splits). Accumulation is fp32;
+fp32 inputs use IEEE fp32 dots (no TF32), matching torch's default for matmul.
 
 NF4 (the format, its parsing into `NF4Weight`, the reference dequant and the tile decoder `nf4_tile`
 all come from fastft.kernels.nf4): flat index i of the dense row-major [N, K] weight lives in byte
 i // 2 (high nibble first), block i // blocksize; value = code[nibble] * absmax[block], and with
 double quantization absmax[block] = code2[absmax_u8[block]] * absmax2[block // blocksize2] + offset,
 each step rounded to fp32 separately (the launch disables FMA contraction, as bitsandbytes' own
-dequant does two roundings), then the value rounds to the compute dtype.
+dequant does two roundings), then the value rounds to the compute dtype. The in_kernel path decodes
+W by rows (`nf4_rows`: one contiguous packed load per row of W and K step, one scale per absmax
+block, codes from constants in registers) when W's rows start on absmax block boundaries
+(in_features % blocksize == 0, every Llama shape), element by element (`nf4_tile`) otherwise.
 
 Not fused (the pure-torch reference runs instead and says so once): lora_dropout > 0 in training, a
 trainable base weight or bias, r > MAX_FUSED_RANK, dtypes other than fp16/bf16/fp32, non-NF4 4-bit,
@@ -44,19 +55,43 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference, interpreted, nf4_tile
+from .nf4 import (
+    NF4Weight,
+    dequant_scratch,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    interpreted,
+    nf4_rows,
+    nf4_tile,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_FUSED_RANK = 128  # BLOCK_R = next power of two >= r; beyond 128 the epilogue tile spills registers
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# How an NF4 base weight reaches the matmuls: "in_kernel" dequantizes each [BLOCK_K, BLOCK_N] tile in
-# registers inside the K loop (W is read as 4-bit, never written dense); "dequantize" first writes the
-# dense weight with fastft.kernels.nf4.dequantize_nf4 (one memory-bound pass, 2.5 bytes per element)
-# and runs the 16-bit kernel on it, as Unsloth does with cuBLAS. `python -m bench.kernels lora` times
-# both ("fastft" and "fastft_dequant"); the default is the one that moves fewer bytes. A forward
-# records the path it took, and its backward takes the same one.
-NF4_PATH = os.environ.get("FASTFT_LORA_NF4", "in_kernel")
+# How an NF4 base weight reaches the matmuls (FASTFT_LORA_NF4 in the environment, or set NF4_PATH):
+#   "dequantize" (default): fastft.kernels.nf4 writes the dense W into a reused per-shape scratch
+#       buffer (one memory-bound pass, 0.5 byte read and 2 written per element) and torch.matmul runs
+#       the base product (cuBLAS on a GPU), with the LoRA products around it: y = x·Wᵀ (+ bias) then
+#       y += s·XA·Bᵀ (addmm_); in the backward W is dequantized again (never saved) for dX = dY·W, then
+#       dX += s·dYB·A. This is Unsloth's design, and the one with a measured chance on a GPU.
+#   "in_kernel": the fused Triton kernel dequantizes each [BLOCK_K, BLOCK_N] tile of W in registers
+#       inside the K loop (W read as 4-bit, never written dense), the LoRA term in its epilogue.
+# `python -m bench.kernels lora` times both ("fastft_dequant" and "fastft"). A forward records the
+# path it took in its autograd context, and its backward takes the same one.
+NF4_PATHS = ("dequantize", "in_kernel")
+NF4_PATH = os.environ.get("FASTFT_LORA_NF4", "dequantize")
+if NF4_PATH not in NF4_PATHS:
+    raise ValueError(f"FASTFT_LORA_NF4={NF4_PATH!r} is not one of {', '.join(NF4_PATHS)}; unset it or pick one")
+# Reduction splits (`split_count`): the thin products x·Aᵀ and dY·B (N = r, so M / BLOCK_M tiles only:
+# 64 at M = 4096) split K into pieces of at least THIN_MIN_K, the dA / dB reductions split the tokens
+# into pieces of at least RED_MIN_K; partial sums are fp32, added in a fixed order.
+THIN_MIN_K = 128
+RED_MIN_K = 512
+# The in_kernel path decodes W by rows (`nf4.nf4_rows`: one contiguous packed load per row and K step,
+# one scale per absmax block, codes from registers) when W's rows start on absmax block boundaries;
+# False forces the element-wise decoder (`nf4.nf4_tile`) everywhere (tests run both).
+NF4_BY_ROWS = True
 
 # Launch configurations, one table for every launch (and for tests/test_kernel_compile.py, which
 # compiles each for sm_80/89/90). Chosen by shape in `_pick_config`; `python -m bench.kernels lora --sweep`
@@ -70,7 +105,7 @@ CONFIGS = {
     "nf4_128x64x64_w4_s2": (128, 64, 64, 8, 4, 2),    # 72 KB
     "nf4_64x64x64_w4_s2": (64, 64, 64, 8, 4, 2),
     "f32_64x64x32_w4_s2": (64, 64, 32, 8, 4, 2),      # fp32 operands (IEEE dots): twice the bytes per tile
-    "thin_128xRx64_w4_s3": (128, 0, 64, 8, 4, 3),     # x·Aᵀ, dY·B: N = r (BLOCK_N set to BLOCK_R)
+    "thin_64xRx64_w4_s3": (64, 0, 64, 8, 4, 3),       # x·Aᵀ, dY·B: N = r (BLOCK_N set to BLOCK_R), split-K
     "red_Rx128x64_w4_s3": (0, 128, 64, 1, 4, 3),      # dA, dBᵀ: M = r (BLOCK_M = BLOCK_R), split over tokens
     "red_Rx64x64_w4_s3": (0, 64, 64, 1, 4, 3),
 }
@@ -108,6 +143,7 @@ def _lora_matmul_kernel(
     alpha, scale,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, Q_NF4: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, IEEE: tl.constexpr,
+    NF4_ROWS: tl.constexpr,  # NF4 Q decoded by rows of W: 0 no (nf4_tile), 1 Q = Wᵀ (forward), 2 Q = W (dX)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -127,22 +163,34 @@ def _lora_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)  # row offsets can pass 2**31 elements (16384 tokens x 14336 features)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
-    # -- the K loop: fp32 accumulator, masked loads (sizes need not be multiples of the blocks)
+    # -- the K loop: fp32 accumulator, masked loads (sizes need not be multiples of the blocks).
+    # Every element offset is an int64 product (`_offsets`): a 128256 x 4096 lm_head or 16384
+    # tokens x 14336 features pass 2**31 elements.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk,
+        p = tl.load(p_ptr + _offsets(offs_m, stride_pm, offs_k, stride_pk),
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q_mask = mask_k[:, None] & mask_n[None, :]
-        q_idx = offs_k[:, None].to(tl.int64) * stride_qk + offs_n[None, :] * stride_qn
+        q_idx = _offsets(offs_k, stride_qk, offs_n, stride_qn)
         if Q_NF4:
-            q = nf4_tile(q_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, q_idx, q_mask,
-                         BLOCKSIZE, BLOCKSIZE2, NESTED).to(p_ptr.dtype.element_ty)
+            # W's rows, each a contiguous run of packed bytes with one scale per absmax block (nf4_rows),
+            # when rows start on block boundaries; else element by element (nf4_tile)
+            if NF4_ROWS == 1:  # Q = Wᵀ: W's rows are the output columns n, its columns this K step
+                q = tl.trans(nf4_rows(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, stride_qn, k0,
+                                      mask_n, k_hi, BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2,
+                                      NESTED).to(p_ptr.dtype.element_ty))
+            elif NF4_ROWS == 2:  # Q = W: W's rows are this K step, its columns the output columns n
+                q = nf4_rows(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_k, stride_qk,
+                             pid_n * BLOCK_N, mask_k, N, BLOCK_K, BLOCK_N, BLOCKSIZE, BLOCKSIZE2,
+                             NESTED).to(p_ptr.dtype.element_ty)
+            else:
+                q = nf4_tile(q_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, q_idx, q_mask,
+                             BLOCKSIZE, BLOCKSIZE2, NESTED).to(p_ptr.dtype.element_ty)
         else:
             q = tl.load(q_ptr + q_idx, mask=q_mask, other=0.0)
         if IEEE:
@@ -155,9 +203,9 @@ def _lora_matmul_kernel(
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < RANK
-        lo = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        lo = tl.load(l_ptr + _offsets(offs_m, stride_lm, offs_r, stride_lr),
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        up = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+        up = tl.load(r_ptr + _offsets(offs_r, stride_rr, offs_n, stride_rn),
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         if IEEE:
             acc += scale * tl.dot(lo, up, input_precision="ieee")
@@ -166,8 +214,15 @@ def _lora_matmul_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    c = c_ptr + pid_s * stride_cs + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c = c_ptr + pid_s.to(tl.int64) * stride_cs + _offsets(offs_m, stride_cm, offs_n, stride_cn)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _offsets(offs_a, stride_a, offs_b, stride_b):
+    """[len(a), len(b)] element offsets offs_a·stride_a + offs_b·stride_b, each product in int64 (the
+    one place the matmul kernel multiplies an index by a stride; tests/test_lora.py checks both)."""
+    return offs_a.to(tl.int64)[:, None] * stride_a + offs_b.to(tl.int64)[None, :] * stride_b
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +238,7 @@ def _pick_config(kind: str, M: int, N: int, nf4: bool, fp32: bool = False) -> st
     if interpreted():
         return f"interp_{kind}"
     if kind == "thin":
-        return "thin_128xRx64_w4_s3"
+        return "thin_64xRx64_w4_s3"
     if kind == "red":
         return "red_Rx128x64_w4_s3" if N >= 1024 else "red_Rx64x64_w4_s3"
     if fp32:
@@ -203,6 +258,24 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
     [N, K] form transposed (forward, x·Wᵀ) when ``transposed`` and the [N, K] form itself (dX = dY·W)
     otherwise. ``split_k`` > 1 splits the reduction into fp32 partial sums added at the end.
     """
+    out, grid, args, kwargs = launch_plan(p, q, out_dtype, alpha=alpha, lora=lora, scale=scale, bias=bias,
+                                          kind=kind, rank=rank, split_k=split_k, config=config)
+    if grid is not None:
+        _lora_matmul_kernel[grid](*args, **kwargs)
+    if out.shape[0] > 1:
+        return out.sum(0).to(out_dtype)  # fp32 partial sums, added in split order
+    return out[0]
+
+
+def launch_plan(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.0,
+                lora: tuple | None = None, scale: float = 0.0, bias: torch.Tensor | None = None,
+                kind: str = "mm", rank: int = 0, split_k: int = 1, config: str | None = None,
+                check_device: bool = True):
+    """What `lora_matmul` launches, without launching: (out, grid, args, kwargs), with
+    ``_lora_matmul_kernel[grid](*args, **kwargs)`` the launch (grid None: nothing to launch) and `out`
+    the [splits, M, N] result buffer. tests/kernel_specs.py derives the compile specs from these
+    arguments with Triton's own specialization rule, so CI compiles what the JIT builds.
+    check_device=False plans for CPU stand-in tensors (spec derivation)."""
     M, K = p.shape
     nf4 = isinstance(q, tuple)
     if nf4:
@@ -217,7 +290,8 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
             raise ValueError(f"inner dimensions differ: {tuple(p.shape)} @ {tuple(q.shape)}")
         N = q.shape[1]
         stride_qk, stride_qn = q.stride()
-    _check_device(p)
+    if check_device:
+        _check_device(p)
     others = [w.packed if nf4 else q, *(lora or ()), *(() if bias is None else (bias,))]
     if any(t.device != p.device for t in others):
         raise ValueError(f"lora_matmul: all tensors must be on {p.device}, got "
@@ -253,7 +327,7 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
     else:
         out = torch.empty((1, M, N), device=p.device, dtype=out_dtype)
     if M == 0 or N == 0:
-        return out[0].zero_()
+        return out.zero_(), None, [], {}
     if K == 0:
         out.zero_()
     dummy = out  # stands in for absent pointers; never read (their constexpr flags are off)
@@ -265,23 +339,25 @@ def lora_matmul(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
         q_ptr, absmax, table, absmax2, code2, offset = q, dummy, dummy, dummy, dummy, dummy
     l_, r_ = lora if lora is not None else (dummy[0], dummy[0])
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)
+    # rows of W start on absmax block boundaries (Llama: K % 64 == 0): decode by rows (nf4.nf4_rows)
+    rows_layout = (1 if transposed else 2) if nf4 and NF4_BY_ROWS and w.shape[1] % w.blocksize == 0 else 0
     extra = {"enable_fp_fusion": False} if nf4 and w.nested else {}
-    _lora_matmul_kernel[grid](
+    args = [
         p, q_ptr, out, l_, r_, bias if bias is not None else dummy,
         absmax, table, absmax2, code2, offset,
         M, N, K, rank, k_per_split,
         p.stride(0), p.stride(1), stride_qk, stride_qn, out.stride(0), out.stride(1), out.stride(2),
         l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
         float(alpha), float(scale),
+    ]
+    kwargs = dict(
         HAS_LORA=lora is not None, HAS_BIAS=bias is not None, Q_NF4=nf4, NESTED=nf4 and w.nested,
         BLOCKSIZE=w.blocksize if nf4 else 64, BLOCKSIZE2=(w.blocksize2 or 256) if nf4 else 256,
-        IEEE=dtype == torch.float32,
+        IEEE=dtype == torch.float32, NF4_ROWS=rows_layout,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
-    if split_k > 1:
-        return out.sum(0).to(out_dtype)
-    return out[0]
+    return out, grid, args, kwargs
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -290,46 +366,94 @@ def _check_device(t: torch.Tensor) -> None:
                            "before importing it, or use lora_linear_reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _split_for(M: int, tiles: int, device: torch.device) -> int:
-    """Token splits for the dA/dB reductions: enough programs to fill the GPU, >= 512 tokens each."""
+def _device_sms(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (cached: no query per call); None off CUDA, where
+    nothing is split (tests monkeypatch this to run the split launches under the interpreter)."""
     if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+WAVES = 2  # split reductions until the grid holds at least this many CTAs per SM (one wave is a tail)
+
+
+def split_count(tiles: int, K: int, min_k: int, sms: int | None) -> int:
+    """Reduction splits for a launch of `tiles` output tiles over a K-long reduction: enough for
+    WAVES * sms programs, but no split shorter than `min_k`; 1 without an SM count. A pure function
+    of the shape and the GPU, so a shape always takes the same splits (deterministic sums)."""
+    if not sms:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(2 * sms, max(tiles, 1)), M // 512))
+    return max(1, min(triton.cdiv(WAVES * sms, max(tiles, 1)), K // min_k))
 
 
 def _nf4_weight(weight, quant_state) -> NF4Weight:
-    """The packed weight and its bitsandbytes quant_state as an NF4Weight (one passes through)."""
-    nf4 = quant_state if isinstance(quant_state, NF4Weight) else NF4Weight.from_quant_state(weight, quant_state)
+    """The packed weight and its bitsandbytes quant_state as an NF4Weight (one passes through).
+
+    Parsed and checked once per (quant_state, packed tensor) and cached on the quant_state: a training
+    step re-reads the cached NF4Weight, so no forward touches a value on the host (the nested offset,
+    even when a state-dict round trip left it a Python float, becomes a device tensor here, once)."""
+    if isinstance(quant_state, NF4Weight):
+        nf4 = quant_state
+    else:
+        packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        key = (packed.data_ptr(), packed.dtype, tuple(packed.shape), packed.device, quant_state.absmax.data_ptr())
+        cached = getattr(quant_state, "_fastft_nf4", None)
+        if cached is not None and cached[0] == key:
+            nf4 = cached[1]
+        else:
+            nf4 = NF4Weight.from_quant_state(packed, quant_state)
+            try:
+                quant_state._fastft_nf4 = (key, nf4)
+            except AttributeError:  # a quant state with __slots__: parse per call
+                pass
     if len(nf4.shape) != 2:
         raise ValueError(f"NF4 weight must be 2-D, got shape {nf4.shape}")
     return nf4
 
 
-def _weight_operand(weight, nf4: NF4Weight | None, dtype, transposed: bool, nf4_path: str):
-    if nf4 is not None and nf4_path == "dequantize":
-        weight, nf4 = dequantize_nf4(nf4, dtype=dtype), None
-    if nf4 is not None:
-        return (nf4, transposed)
-    w = weight if weight.dtype == dtype else weight.to(dtype)
-    return w.t() if transposed else w
+def dense_weight(nf4: NF4Weight, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """W [N, K] in `dtype`, dequantized by fastft's NF4 kernel into the shared per-shape scratch buffer
+    (`fastft.kernels.nf4.dequant_scratch`): valid until the next dequantize into the same buffer, so
+    used at once and never saved for the backward."""
+    return dequantize_nf4(nf4, out=dequant_scratch(nf4.shape, dtype, nf4.packed.device, slot))
+
+
+def _thin(p, q, dtype, r):
+    """p[M, K] @ q[K, r] (x·Aᵀ or dY·B), split over K so that M / BLOCK_M tiles still fill the GPU."""
+    M, K = p.shape
+    name = _pick_config("thin", M, r, False, dtype == torch.float32)
+    bm = (CONFIGS.get(name) or INTERPRETER_CONFIGS[name])[0]
+    split = split_count(triton.cdiv(M, bm), K, THIN_MIN_K, _device_sms(p.device))
+    return lora_matmul(p, q, dtype, kind="thin", rank=r, split_k=split, config=name)
+
+
+def _nf4_path(nf4_path: str | None) -> str:
+    path = nf4_path or NF4_PATH
+    if path not in NF4_PATHS:
+        raise ValueError(f"NF4 path {path!r} is not one of {', '.join(NF4_PATHS)}; set FASTFT_LORA_NF4 "
+                         "(or fastft.kernels.lora.NF4_PATH) to one of them")
+    return path
 
 
 def lora_forward(x2, weight, lora_a, lora_b, scaling, bias=None, nf4: NF4Weight | None = None,
                  nf4_path: str | None = None):
     """(y, xa) for 2-D x: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ + bias in x's dtype, xa = x·Aᵀ (kept for backward).
-    nf4_path: "in_kernel" | "dequantize" for an NF4 weight (default: NF4_PATH)."""
+    nf4_path: "dequantize" | "in_kernel" for an NF4 weight (default: NF4_PATH)."""
     dtype, r = x2.dtype, lora_a.shape[0]
     a, b = lora_a.to(dtype), lora_b.to(dtype)
-    xa = lora_matmul(x2, a.t(), dtype, kind="thin", rank=r)
-    w = _weight_operand(weight, nf4, dtype, True, nf4_path or NF4_PATH)
-    y = lora_matmul(x2, w, dtype, lora=(xa, b.t()), scale=scaling, rank=r,
-                    bias=None if bias is None else bias.to(dtype))
+    xa = _thin(x2, a.t(), dtype, r)
+    bias = None if bias is None else bias.to(dtype)
+    if nf4 is not None and _nf4_path(nf4_path) == "dequantize":
+        w = dense_weight(nf4, dtype)
+        y = torch.matmul(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+        return y.addmm_(xa, b.t(), alpha=scaling), xa
+    w = (nf4, True) if nf4 is not None else (weight if weight.dtype == dtype else weight.to(dtype)).t()
+    y = lora_matmul(x2, w, dtype, lora=(xa, b.t()), scale=scaling, rank=r, bias=bias)
     return y, xa
 
 
@@ -341,17 +465,21 @@ def lora_backward(dy2, x2, xa, weight, lora_a, lora_b, scaling, nf4: NF4Weight |
     M = dy2.shape[0]
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     dx = da = db = None
-    dyb = lora_matmul(dy2, b, dtype, kind="thin", rank=r) if (need_dx or need_da) else None
+    dyb = _thin(dy2, b, dtype, r) if (need_dx or need_da) else None
     if need_dx:
-        w = _weight_operand(weight, nf4, dtype, False, nf4_path or NF4_PATH)
-        dx = lora_matmul(dy2, w, dtype, lora=(dyb, a), scale=scaling, rank=r)
+        if nf4 is not None and _nf4_path(nf4_path) == "dequantize":
+            dx = torch.matmul(dy2, dense_weight(nf4, dtype)).addmm_(dyb, a, alpha=scaling)
+        else:
+            w = (nf4, False) if nf4 is not None else (weight if weight.dtype == dtype else weight.to(dtype))
+            dx = lora_matmul(dy2, w, dtype, lora=(dyb, a), scale=scaling, rank=r)
+    sms = _device_sms(dy2.device)
     if need_da:
         K = x2.shape[1]
-        split = _split_for(M, triton.cdiv(K, 128), dy2.device)
+        split = split_count(triton.cdiv(K, 128), M, RED_MIN_K, sms)
         da = lora_matmul(dyb.t(), x2, lora_a.dtype, alpha=scaling, kind="red", rank=r, split_k=split)
     if need_db:
         N = dy2.shape[1]
-        split = _split_for(M, triton.cdiv(N, 128), dy2.device)
+        split = split_count(triton.cdiv(N, 128), M, RED_MIN_K, sms)
         # dB^T = s·XAᵀ·dY: [r, N], the reduction shape with r rows; returned transposed
         db = lora_matmul(xa.t(), dy2, lora_b.dtype, alpha=scaling, kind="red", rank=r, split_k=split).t()
     return dx, da, db
@@ -370,7 +498,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        nf4_path = NF4_PATH  # read once: the backward takes the path this forward took
+        nf4_path = _nf4_path(None)  # read once: the backward takes the path this forward took
         y, xa = lora_forward(x2, weight, lora_a, lora_b, scaling, bias, nf4, nf4_path)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
         ctx.scaling, ctx.nf4, ctx.nf4_path, ctx.in_shape = scaling, nf4, nf4_path, shape

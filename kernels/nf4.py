@@ -53,12 +53,16 @@ in the CUDA kernel (sign * 0.0), where bitsandbytes' CPU table has +0.0 (equal u
 
 Performance (memory bound: per element half a byte read, 2 bytes written for bf16): one launch
 replaces bitsandbytes' three for a nested weight (8-bit absmax dequant, offset add, 4-bit dequant).
-Each program dequantizes a tile of GROUP-byte groups, GROUP chosen so that a group decodes to exactly
-one 16-byte vector of output; a thread then loads a group with one 2- or 4-byte load, gathers the
-16-entry table (64 bytes, stays in L1), interleaves the two nibbles in registers and stores one
-16-byte vector, with no shared-memory shuffle (checked on the PTX by tests/test_kernel_compile.py).
-The scale of a group (three gathers and two flops when nested) is computed once per group of 4
-bytes. Launch configs are autotuned per (bytes, blocksize, nesting, dtypes) from `LAUNCH_CONFIGS`;
+A program's tile is rows of GROUP packed bytes, GROUP chosen so that a row decodes to exactly one
+16-byte vector of output (4 bytes for 16-bit outputs, 2 for fp32); a thread loads a row with one 2-
+or 4-byte load, gathers the 16-entry table (64 bytes, stays in L1), interleaves the nibbles in
+registers and stores one 16-byte vector, with no shared-memory shuffle (the PTX is checked by
+tests/test_kernel_compile.py: Triton caps a thread's store at 16 bytes, so a 16-byte packed load per
+thread, 64 bytes of bf16 output, compiled to a shared-memory shuffle before the stores). Each row's
+scale (three gathers, a multiply and an add when nested) is decoded once per row, and once per tile
+when a block spans the tile. Programs loop over tiles (grid-stride), the grid capped at
+PROGRAMS_PER_SM per SM.
+Launch configs are autotuned per (bytes, blocksize, nesting, dtypes) from `LAUNCH_CONFIGS`;
 `python -m bench.kernels nf4` prints the chosen one per shape.
 
 `nf4_tile` is the same decode for any tile of flat indices, for kernels that consume W inside their own
@@ -117,8 +121,7 @@ class LaunchConfig:
 
 # The autotuner's candidates; each is compiled for sm_80/sm_89/sm_90 in tests/test_kernel_compile.py.
 # They span 8 to 32 packed bytes per thread (2 to 8 independent 4-byte loads for 16-bit outputs),
-# trading bytes in flight per thread against registers and occupancy (32 to 80 registers on sm_90
-# for bf16, `cuobjdump -res-usage`).
+# trading bytes in flight per thread against registers and occupancy.
 LAUNCH_CONFIGS = (
     LaunchConfig(1024, 4),
     LaunchConfig(2048, 4),
@@ -127,13 +130,18 @@ LAUNCH_CONFIGS = (
     LaunchConfig(4096, 8),
     LaunchConfig(8192, 8),
 )
+# The grid-stride loop's grid: at most this many programs per SM (a 2048-thread SM holds 16 programs
+# of 4 warps), so a huge weight launches about one resident wave that loops over its tiles.
+PROGRAMS_PER_SM = 16
 # Weights under 1 MB packed (2M elements) take DEFAULT_CONFIG untuned: their launches are a few
 # microseconds either way, and tuning every small test shape would compile all six configs for it.
 AUTOTUNE_MIN_BYTES = 1 << 20
 DEFAULT_CONFIG = LaunchConfig(2048, 4)
-# Interpreter runs (CPU tests): small tiles keep the numpy emulation fast, and a tile smaller than a
-# 4096 block (2048 packed bytes) exercises tiles that start inside an absmax block.
-INTERPRETER_CONFIG = LaunchConfig(256, 4)
+# Interpreter runs (CPU tests, and training a tiny model with kernels: fastft under TRITON_INTERPRET=1):
+# the numpy emulation pays ~10 ms per program whatever its size, so a program takes a large tile
+# (measured on 2 cores: a 256 x 256 weight in 1.6 s with 256-byte tiles, 0.03 s with 16 KB ones).
+# tests/test_nf4.py launches small tiles explicitly where it needs tiles that start inside a block.
+INTERPRETER_CONFIG = LaunchConfig(16384, 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +170,53 @@ if triton is not None:
         return value * absmax
 
     @triton.jit
+    def _nf4_code(q):
+        """NF4_TABLE[q] for int32 codes `q`, from constants held in registers: a select tree on the four
+        bits of the code (15 selects, no memory access; bitsandbytes' CUDA kernel decodes NF4 with a
+        comparison tree the same way). The literals are NF4_TABLE's fp32 values (tests check each)."""
+        b0 = (q & 1) != 0
+        b1 = (q & 2) != 0
+        b2 = (q & 4) != 0
+        v0 = tl.where(b1, tl.where(b0, -0.39491748809814453, -0.5250730514526367),
+                      tl.where(b0, -0.6961928009986877, -1.0))
+        v1 = tl.where(b1, tl.where(b0, 0.0, -0.09105003625154495),
+                      tl.where(b0, -0.18477343022823334, -0.28444138169288635))
+        v2 = tl.where(b1, tl.where(b0, 0.33791524171829224, 0.24611230194568634),
+                      tl.where(b0, 0.16093020141124725, 0.07958029955625534))
+        v3 = tl.where(b1, tl.where(b0, 1.0, 0.7229568362236023),
+                      tl.where(b0, 0.5626170039176941, 0.44070982933044434))
+        return tl.where((q & 8) != 0, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+
+    @triton.jit
+    def nf4_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, row_len, col0, row_mask,
+                 col_limit, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                 BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+        """fp32 [ROWS, COLS] tile of an NF4 weight's dense row-major form: rows `rows` (masked by
+        `row_mask`), columns col0 .. col0 + COLS (masked at `col_limit`, even). For a matmul's K loop:
+        each row's COLS / 2 packed bytes are one contiguous load (32 bytes at COLS = 64), the scale is
+        decoded once per absmax block in the tile (once per row when COLS <= BLOCKSIZE), and codes
+        are looked up in registers (`_nf4_code`). Needs row_len % BLOCKSIZE == 0 and col0 % COLS == 0
+        (rows start on block boundaries, a tile column range never straddles a block it does not
+        cover whole); other layouts take `nf4_tile`. Multiplies with plain fp32 `*`: launch with
+        enable_fp_fusion=False so the nested absmax keeps its two roundings."""
+        start = rows.to(tl.int64) * row_len + col0  # flat index of each row's first column (even)
+        half = tl.arange(0, COLS // 2)
+        mask = row_mask[:, None] & (col0 + 2 * half < col_limit)[None, :]
+        byte = tl.load(packed_ptr + (start // 2)[:, None] + half[None, :], mask=mask, other=0).to(tl.int32)
+        vals = tl.interleave(_nf4_code(byte >> 4), _nf4_code(byte & 15))  # [ROWS, COLS], high nibble first
+        block = start // BLOCKSIZE
+        if COLS <= BLOCKSIZE:
+            scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, row_mask, BLOCKSIZE2,
+                                 NESTED, False)
+            return vals * scale[:, None]
+        else:
+            NB: tl.constexpr = COLS // BLOCKSIZE
+            blocks = block[:, None] + tl.arange(0, NB)[None, :]
+            scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, row_mask[:, None],
+                                 BLOCKSIZE2, NESTED, False)
+            return tl.reshape(tl.reshape(vals, (ROWS, NB, BLOCKSIZE)) * scale[:, :, None], (ROWS, COLS))
+
+    @triton.jit
     def _mul_fp32(a, b, USE_MUL_RN: tl.constexpr):
         # mul_rn is never contracted and is FTZ like bitsandbytes' --use_fast_math build; the
         # interpreter has no libdevice, and its numpy multiply is a single rounding anyway.
@@ -184,6 +239,20 @@ if triton is not None:
             return x.to(out_ty)
 
     @triton.jit
+    def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
+                     BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, USE_MUL_RN: tl.constexpr):
+        """fp32 absmax of absmax block(s) `block` (a scalar or a tensor), decoded when NESTED."""
+        if NESTED:
+            qabsmax = tl.load(absmax_ptr + block, mask=mask, other=0)
+            code2 = tl.load(code2_ptr + qabsmax.to(tl.int32), mask=mask, other=0.0, eviction_policy="evict_last")
+            absmax2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0,
+                              eviction_policy="evict_last")
+            # Two roundings, as bitsandbytes: the product, then the offset add (no FMA).
+            return _mul_fp32(code2, absmax2, USE_MUL_RN) + tl.load(offset_ptr)
+        else:
+            return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+    @triton.jit
     def _dequantize_4bit_kernel(
         packed_ptr,  # uint8 [n_bytes]: two codes per byte, the even element in the high nibble
         absmax_ptr,  # fp32 [n_blocks], or uint8 [n_blocks] when NESTED
@@ -194,63 +263,51 @@ if triton is not None:
         out_ptr,  # fp16 / bf16 / fp32 [n_elements]
         n_elements,
         n_bytes,
-        n_blocks,
-        HALF: tl.constexpr,  # packed bytes per absmax block: blocksize // 2
+        HALF: tl.constexpr,  # packed bytes per absmax block: blocksize // 2 (16 .. 2048)
         BLOCKSIZE2: tl.constexpr,
         NESTED: tl.constexpr,
-        BYTES_PER_PROGRAM: tl.constexpr,  # a power of two
+        BYTES_PER_PROGRAM: tl.constexpr,  # bytes per tile, a power of two >= 16
         USE_MUL_RN: tl.constexpr,
         BF16_BY_BITS: tl.constexpr = False,  # interpreter only: see _round_to
     ):
-        # -- program -> tile ------------------------------------------------------------------------
-        # A [GROUPS, GROUP] tile of packed bytes: GROUP bytes decode to exactly one 16-byte vector
-        # of output (4 bytes -> 8 x 16-bit, 2 bytes -> 4 x fp32), and a group's bytes are contiguous
-        # in that dimension only. Triton then gives the load one GROUP-byte vector per thread and
-        # the store one 16-byte vector per thread with the same thread mapping, so the interleave
-        # of the two nibbles needs no shared-memory layout conversion (a [ROWS, blocksize / 2] tile
-        # compiled to 16-byte loads but a 4 KB shared-memory shuffle before the stores, sm_90 PTX).
-        # GROUP <= 16 <= blocksize / 2, so a group never crosses an absmax block.
+        # A tile is [ROWS, GROUP] packed bytes, GROUP chosen so that a row decodes to exactly one
+        # 16-byte vector of output (4 bytes -> 8 x 16-bit, 2 bytes -> 4 x fp32): Triton caps a
+        # thread's store at 16 bytes, and a row wider than that (a 16-byte packed load is 64 to 128
+        # bytes of output) made it move the decoded values through shared memory before the stores
+        # (bar.sync in the PTX of every config, tests/test_kernel_compile.py). With GROUP-byte rows
+        # the load and the store share one thread mapping and the nibble interleave stays in
+        # registers. A row never crosses an absmax block (GROUP <= 4 < 16 <= HALF), so each row needs
+        # one scale, and when one block spans the whole tile (blocksize >= 2 * BYTES_PER_PROGRAM) the
+        # scale is decoded once per tile. Programs walk the tiles in a grid-stride loop, so the launch
+        # caps its grid (the 128256 x 4096 lm_head has 128k tiles of 2 KB).
         GROUP: tl.constexpr = 16 // (2 * (out_ptr.dtype.element_ty.primitive_bitwidth // 8))
-        GROUPS: tl.constexpr = BYTES_PER_PROGRAM // GROUP
-        # 64-bit scalar bases (the 128256x4096 lm_head has 2^29 elements, bigger ones pass 2^31);
-        # offsets inside the tile stay 32-bit.
-        base = tl.program_id(0).to(tl.int64) * BYTES_PER_PROGRAM
-        block_base = base // HALF
-        base_in_block = (base % HALF).to(tl.int32)
-        # What is left past this tile's start, clamped so the masks compare 32-bit values.
-        bytes_left = tl.minimum(n_bytes - base, BYTES_PER_PROGRAM).to(tl.int32)
-        elements_left = tl.minimum(n_elements - 2 * base, 2 * BYTES_PER_PROGRAM).to(tl.int32)
-        groups = tl.arange(0, GROUPS)
-        group_block = (base_in_block + groups * GROUP) // HALF  # relative to block_base
-
-        # -- one scale per group (its absmax block) ------------------------------------------------
-        group_mask = groups * GROUP < bytes_left
-        if NESTED:
-            qabsmax = tl.load(absmax_ptr + block_base + group_block, mask=group_mask, other=0)
-            code2 = tl.load(code2_ptr + qabsmax.to(tl.int32), mask=group_mask, other=0.0,
-                            eviction_policy="evict_last")
-            absmax2 = tl.load(absmax2_ptr + (block_base + group_block) // BLOCKSIZE2, mask=group_mask,
-                              other=0.0, eviction_policy="evict_last")
-            # Two roundings, as bitsandbytes: the product, then the offset add (no FMA).
-            scale = _mul_fp32(code2, absmax2, USE_MUL_RN) + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block_base + group_block, mask=group_mask, other=0.0)
-        scale = scale[:, None]
-
-        # -- packed bytes -> two fp32 values each -------------------------------------------------
-        offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        packed = tl.load(packed_ptr + base + offs, mask=offs < bytes_left, other=0,
-                         eviction_policy="evict_first")  # read once: keep L2 for the output
-        hi = tl.load(table_ptr + (packed >> 4).to(tl.int32), eviction_policy="evict_last")
-        lo = tl.load(table_ptr + (packed & 15).to(tl.int32), eviction_policy="evict_last")
+        ROWS: tl.constexpr = BYTES_PER_PROGRAM // GROUP
+        rows = tl.arange(0, ROWS)
+        offs = rows[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # byte offsets inside the tile
+        out_offs = rows[:, None] * (2 * GROUP) + tl.arange(0, 2 * GROUP)[None, :]
         out_ty = out_ptr.dtype.element_ty
-        hi = _round_to(_mul_fp32(hi, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
-        lo = _round_to(_mul_fp32(lo, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
-
-        # -- interleave (high nibble first) and store ------------------------------------------
-        vals = tl.interleave(hi, lo)  # [GROUPS, 2 * GROUP]
-        out_offs = groups[:, None] * (2 * GROUP) + tl.arange(0, 2 * GROUP)[None, :]
-        tl.store(out_ptr + 2 * base + out_offs, vals, mask=out_offs < elements_left)
+        n_tiles = tl.cdiv(n_bytes, BYTES_PER_PROGRAM)
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            # 64-bit scalar bases (bigger weights than the lm_head pass 2^31 elements); offsets
+            # inside the tile stay 32-bit, and what is left past the tile start is clamped to it.
+            base = tl.cast(tile, tl.int64) * BYTES_PER_PROGRAM
+            bytes_left = tl.minimum(n_bytes - base, BYTES_PER_PROGRAM).to(tl.int32)
+            elements_left = tl.minimum(n_elements - 2 * base, 2 * BYTES_PER_PROGRAM).to(tl.int32)
+            if HALF >= BYTES_PER_PROGRAM:  # the tile lies inside one block (tiles and blocks align)
+                scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, base // HALF, bytes_left > 0,
+                                     BLOCKSIZE2, NESTED, USE_MUL_RN)
+            else:
+                block = base // HALF + rows // (HALF // GROUP)
+                scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, rows * GROUP < bytes_left,
+                                     BLOCKSIZE2, NESTED, USE_MUL_RN)[:, None]
+            packed = tl.load(packed_ptr + base + offs, mask=offs < bytes_left, other=0,
+                             eviction_policy="evict_first")  # read once: keep L2 for the output
+            hi = tl.load(table_ptr + (packed >> 4).to(tl.int32), eviction_policy="evict_last")
+            lo = tl.load(table_ptr + (packed & 15).to(tl.int32), eviction_policy="evict_last")
+            hi = _round_to(_mul_fp32(hi, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
+            lo = _round_to(_mul_fp32(lo, scale, USE_MUL_RN), out_ty, BF16_BY_BITS)
+            vals = tl.interleave(hi, lo)  # [ROWS, 2 * GROUP], high nibble first
+            tl.store(out_ptr + 2 * base + out_offs, vals, mask=out_offs < elements_left)
 
     def _autotune_configs():
         return [triton.Config({"BYTES_PER_PROGRAM": c.bytes_per_program}, num_warps=c.num_warps)
@@ -450,33 +507,58 @@ def _check_out(w: NF4Weight, out, dtype):
 # Launcher, reference, public entry point
 # ----------------------------------------------------------------------------------------------
 
-def _launch(w: NF4Weight, out: torch.Tensor, config: LaunchConfig | None = None):
-    """Launch the Triton kernel (GPU, or CPU tensors under TRITON_INTERPRET=1) into `out`.
-    config=None: autotuned (or DEFAULT_CONFIG below AUTOTUNE_MIN_BYTES); else that config."""
+_SMS: dict = {}
+
+
+def _max_programs(device) -> int:
+    """The grid cap for the grid-stride loop on this CUDA device (SM count cached per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index] * PROGRAMS_PER_SM
+
+
+def launch_args(w: NF4Weight, out: torch.Tensor, config: LaunchConfig | None, *, interpreted: bool = False):
+    """(args, kwargs) of one `_dequantize_4bit_kernel` launch (config None: the autotuned kernel's, which
+    adds BYTES_PER_PROGRAM and num_warps itself). tests/kernel_specs.py derives the compile specs from
+    these with Triton's own specialization rule, so CI compiles what the JIT builds."""
     n_bytes = w.packed.numel()
-    n_blocks = w.absmax.numel()
     table = w.table
     # Non-nested: the unused pointer arguments get a real tensor, never read (NESTED is constexpr).
     absmax2, code2, offset = (w.absmax2, w.code2, w.offset) if w.nested else (table, table, table)
-    args = (w.packed, w.absmax, table, absmax2, code2, offset, out, w.numel, n_bytes, n_blocks)
-    meta = dict(HALF=w.blocksize // 2, BLOCKSIZE2=w.blocksize2 or 1, NESTED=w.nested,
-                USE_MUL_RN=not _INTERPRETED)
+    args = [w.packed, w.absmax, table, absmax2, code2, offset, out, w.numel, n_bytes]
+    kwargs = {"HALF": w.blocksize // 2, "BLOCKSIZE2": w.blocksize2 or 1, "NESTED": w.nested,
+              "USE_MUL_RN": not interpreted}
+    if config is not None:
+        kwargs.update(BYTES_PER_PROGRAM=config.bytes_per_program, num_warps=config.num_warps)
+    if interpreted:
+        kwargs["BF16_BY_BITS"] = out.dtype == torch.bfloat16
+    else:
+        kwargs["enable_fp_fusion"] = False
+    return args, kwargs
+
+
+def _launch(w: NF4Weight, out: torch.Tensor, config: LaunchConfig | None = None, max_programs: int | None = None):
+    """Launch the Triton kernel (GPU, or CPU tensors under TRITON_INTERPRET=1) into `out`.
+    config=None: autotuned (or DEFAULT_CONFIG below AUTOTUNE_MIN_BYTES); else that config.
+    max_programs: the grid cap (default: PROGRAMS_PER_SM per SM on a GPU, none in the interpreter)."""
+    n_bytes = w.packed.numel()
     if _INTERPRETED:
         config = config or INTERPRETER_CONFIG
-        _dequantize_4bit_kernel[(triton.cdiv(n_bytes, config.bytes_per_program),)](
-            *args, **meta, BYTES_PER_PROGRAM=config.bytes_per_program, num_warps=config.num_warps,
-            BF16_BY_BITS=out.dtype == torch.bfloat16)
+        tiles = triton.cdiv(n_bytes, config.bytes_per_program)
+        args, kwargs = launch_args(w, out, config, interpreted=True)
+        _dequantize_4bit_kernel[(min(tiles, max_programs or tiles),)](*args, **kwargs)
         return out
     if config is None and n_bytes < AUTOTUNE_MIN_BYTES:
         config = DEFAULT_CONFIG
+    cap = max_programs or _max_programs(w.packed.device)
+    args, kwargs = launch_args(w, out, config)
     with torch.cuda.device(w.packed.device):
         if config is None:
-            _dequantize_4bit_autotuned[lambda m: (triton.cdiv(n_bytes, m["BYTES_PER_PROGRAM"]),)](
-                *args, **meta, enable_fp_fusion=False)
+            _dequantize_4bit_autotuned[lambda m: (min(triton.cdiv(n_bytes, m["BYTES_PER_PROGRAM"]), cap),)](
+                *args, **kwargs)
         else:
-            _dequantize_4bit_kernel[(triton.cdiv(n_bytes, config.bytes_per_program),)](
-                *args, **meta, BYTES_PER_PROGRAM=config.bytes_per_program, num_warps=config.num_warps,
-                enable_fp_fusion=False)
+            _dequantize_4bit_kernel[(min(triton.cdiv(n_bytes, config.bytes_per_program), cap),)](*args, **kwargs)
     return out
 
 
@@ -499,14 +581,16 @@ def chosen_config(packed: torch.Tensor, quant_state, dtype: torch.dtype | None =
     return None
 
 
-def dequantize_nf4_with_config(packed, quant_state, config: LaunchConfig, out=None, dtype=None):
-    """`dequantize_nf4` with a fixed launch config instead of the autotuner (benchmark sweeps)."""
+def dequantize_nf4_with_config(packed, quant_state, config: LaunchConfig, out=None, dtype=None,
+                               max_programs: int | None = None):
+    """`dequantize_nf4` with a fixed launch config instead of the autotuner (benchmark sweeps), and
+    optionally a grid cap (tests run the grid-stride loop with a few programs)."""
     w = _weight(packed, quant_state)
     dtype = _out_dtype(w, dtype, out)
     _check_out(w, out, dtype)
     if out is None:
         out = torch.empty(w.shape, dtype=dtype, device=w.packed.device)
-    return _launch(w, out, config) if w.numel else out
+    return _launch(w, out, config, max_programs) if w.numel else out
 
 
 def dequantize_nf4_reference(weight_or_packed, quant_state=None, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -5,126 +5,200 @@ config the kernel modules ship, in the specializations their launchers produce.
 
 A spec is a dict: name, kernel ("module:attribute"), signature, constexprs, options, divisible_by_16,
 ptx_require, ptx_forbid (tests/test_kernel_compile.py documents each field). The launch configs
-themselves (LAUNCH_CONFIGS, CONFIGS) stay in the kernel modules; this file only says how each is
-compiled, and must follow a kernel's signature when it changes.
+themselves (LAUNCH_CONFIGS, CONFIGS) stay in the kernel modules. Each spec is derived, not written:
+the kernel module's own launch-argument builder (`nf4.launch_args`, `lora.launch_plan`) builds the
+real argument list of a shipped launch at Llama-3-8B shapes on CPU stand-in tensors, and Triton's
+JIT specialization function turns it into signature, constexprs and divisibility, so the spec and
+the run-time specialization cannot drift (tests/test_lora.py checks them against the JIT's binder).
 """
 from __future__ import annotations
 
 import importlib.util
 
+# Llama-3-8B: hidden 4096, MLP 14336, k/v projections 1024; r = 16; 4096 tokens per step (e.g. 2 x 2048);
+# an H100 / H200 has 132 SMs (the split counts depend on it, and the split counts decide k_per_split).
+LLAMA_M, LLAMA_R, LLAMA_SMS = 4096, 16, 132
+
+
+def _specialize(kernel, args: list, kwargs: dict) -> tuple[dict, dict, list, dict]:
+    """(signature, constexprs, divisible_by_16, options) of one launch, by Triton's own rule
+    (`native_specialize_impl`, the function the JIT's argument binder calls, in triton 3.6 and 3.9):
+    an int equal to 1 becomes a constexpr, an int or pointer divisible by 16 gets tt.divisibility 16,
+    ints past 2**31 are i64, floats fp32."""
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    signature, constexprs, divisible = {}, {}, []
+    for name, value in zip(names, args):
+        ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if ty == "constexpr":
+            constexprs[name] = key
+        else:
+            signature[name] = ty
+            if key == "D":
+                divisible.append(name)
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
+    constexprs.update({k: v for k, v in kwargs.items() if k not in options})
+    params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    constexprs.update({k: p.default for k, p in params.items()  # constexpr defaults the launch leaves out
+                       if k not in constexprs and k not in signature and p.default is not inspect.Parameter.empty})
+    return signature, constexprs, divisible, options
+
+
+def nf4_launches() -> list[tuple[str, list, dict]]:
+    """fastft.kernels.nf4: every LAUNCH_CONFIG on the production specialization (Llama-3-8B's MLP
+    weight 14336 x 4096, blocksize 64, nested; bf16 and fp32 outputs: fp32 holds the most registers),
+    plus the blocksize extremes, fp16 and non-nested with the largest tile; each spec derived from
+    `nf4.launch_args`: (name, args, kwargs) as the launcher passes them."""
+    import torch
+    from fastft.kernels import nf4
+
+    def weight(N, K, blocksize, nested):
+        n = N * K
+        blocks = n // blocksize
+        t = torch.empty
+        return nf4.NF4Weight(packed=t(n // 2, dtype=torch.uint8), shape=(N, K), dtype=torch.bfloat16,
+                             blocksize=blocksize, quant_type="nf4",
+                             absmax=t(blocks, dtype=torch.uint8 if nested else torch.float32), nested=nested,
+                             offset=t(1, dtype=torch.float32) if nested else None,
+                             absmax2=t(-(-blocks // 256), dtype=torch.float32) if nested else None,
+                             code2=t(256, dtype=torch.float32) if nested else None, blocksize2=256 if nested else 0)
+
+    out_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    cases = [(c, 64, True, out_ty) for c in nf4.LAUNCH_CONFIGS for out_ty in ("bf16", "fp32")]
+    big = max(nf4.LAUNCH_CONFIGS, key=lambda c: (c.bytes_per_program, c.num_warps))
+    cases += [(big, bs, nested, out_ty) for bs, nested, out_ty in ((32, True, "fp16"), (4096, True, "bf16"),
+                                                                   (64, False, "fp16"), (4096, False, "fp32"))]
+    launches = []
+    for c, bs, nested, out_ty in cases:
+        w = weight(14336, 4096, bs, nested)
+        args, kwargs = nf4.launch_args(w, torch.empty(w.shape, dtype=out_dtypes[out_ty]), c)
+        launches.append((f"nf4_dequant-{c.name}-bs{bs}-{'nested' if nested else 'flat'}-{out_ty}", args, kwargs))
+    return launches
+
 
 def nf4_configs() -> list[dict]:
-    """fastft.kernels.nf4: every LAUNCH_CONFIG on the production specialization, plus the extremes."""
-    from fastft.kernels.nf4 import LAUNCH_CONFIGS
+    """fastft.kernels.nf4: the specs of `nf4_launches`, with the PTX each must (not) contain."""
+    from fastft.kernels import nf4
 
-    sig = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*fp32", "absmax2_ptr": "*fp32",
-           "code2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "n_elements": "i32",
-           "n_bytes": "i32", "n_blocks": "i32"}
-    cases = []
-    # Every shipped config on the production specialization (blocksize 64, nested, bf16 and fp32:
-    # fp32 holds the most registers per output) ...
-    for c in LAUNCH_CONFIGS:
-        for out_ty in ("bf16", "fp32"):
-            cases.append((c, 64, True, out_ty))
-    # ... and the blocksize extremes (tile shapes 4096x... rows of 16 bytes; one row of 2048), fp16,
-    # non-nested, with the largest tile.
-    big = max(LAUNCH_CONFIGS, key=lambda c: (c.bytes_per_program, c.num_warps))
-    for bs, nested, out_ty in ((32, True, "fp16"), (4096, True, "bf16"), (64, False, "fp16"),
-                               (4096, False, "fp32")):
-        cases.append((big, bs, nested, out_ty))
     configs = []
-    for c, bs, nested, out_ty in cases:
-        s = dict(sig, out_ptr=f"*{out_ty}")
-        if not nested:
-            s["absmax_ptr"] = "*fp32"
-        else:
-            s["absmax_ptr"] = "*u8"
-        configs.append(dict(
-            name=f"nf4_dequant-{c.name}-bs{bs}-{'nested' if nested else 'flat'}-{out_ty}",
-            kernel="fastft.kernels.nf4:_dequantize_4bit_kernel",
-            signature=s,
-            constexprs=dict(HALF=bs // 2, BLOCKSIZE2=256, NESTED=nested, BYTES_PER_PROGRAM=c.bytes_per_program,
-                            USE_MUL_RN=True, BF16_BY_BITS=False),
-            options=dict(num_warps=c.num_warps, num_stages=1, enable_fp_fusion=False),
-            # torch allocations are 16-byte aligned; Llama shapes make every count a multiple of 16
-            divisible_by_16=list(s),
+    for name, args, kwargs in nf4_launches():
+        signature, constexprs, divisible, options = _specialize(nf4._dequantize_4bit_kernel, args, kwargs)
+        options.setdefault("num_stages", 1)
+        configs.append({
+            "name": name, "kernel": "fastft.kernels.nf4:_dequantize_4bit_kernel",
+            "signature": signature, "constexprs": constexprs, "options": options, "divisible_by_16": divisible,
             # bit-exactness: FTZ multiplies as bitsandbytes' fast-math build, a separate rn add for
-            # the offset, no FMA; speed: 16-byte stores and no shared-memory shuffle
-            ptx_require=["mul.rn.ftz.f32", "st.global.v4.b32"] + (["add.rn.f32"] if nested else []),
-            ptx_forbid=["fma.rn", "bar.sync"],
-        ))
+            # the offset, no FMA; speed: 16-byte loads and stores, no shared-memory shuffle
+            "ptx_require": ["mul.rn.ftz.f32", "st.global.v4.b32"] + (["add.rn.f32"] if constexprs["NESTED"] else []),
+            "ptx_forbid": ["fma.rn", "bar.sync"],
+        })
     return configs
 
 
+def lora_launches() -> list[tuple[str, list, dict]]:
+    """Every launch config fastft.kernels.lora ships, in the launches that use it, at Llama-3-8B
+    shapes: (name, args, kwargs) exactly as `lora.launch_plan` builds them for `_lora_matmul_kernel`
+    (CPU stand-in tensors: empty, never touched; torch aligns them as it aligns CUDA ones)."""
+    import torch
+    import triton
+    from fastft.kernels import lora
+    from fastft.kernels.nf4 import NF4Weight
+
+    M, r, sms = LLAMA_M, LLAMA_R, LLAMA_SMS
+    bf = torch.bfloat16
+
+    def t(*shape, dtype=bf):
+        return torch.empty(shape, dtype=dtype)
+
+    def nf4(N, K):  # bitsandbytes' Llama default: blocksize 64, double quantization (blocksize2 256)
+        n = N * K
+        return NF4Weight(packed=t(n // 2, dtype=torch.uint8), shape=(N, K), dtype=bf, blocksize=64,
+                         quant_type="nf4", absmax=t(n // 64, dtype=torch.uint8), nested=True,
+                         offset=t(1, dtype=torch.float32), absmax2=t(n // 64 // 256, dtype=torch.float32),
+                         code2=t(256, dtype=torch.float32), blocksize2=256)
+
+    def plan(name, launch, p, q, out_dtype=bf, **kw):
+        _out, _grid, args, kwargs = lora.launch_plan(p, q, out_dtype, config=name, check_device=False, **kw)
+        return (f"{name}-{launch}", args, kwargs)
+
+    K, N = 4096, 14336  # the MLP up projection: forward x·Wᵀ, backward dY·W
+    x, dy, xa, dyb = t(M, K), t(M, N), t(M, r), t(M, r)
+    a, b = t(r, K), t(N, r)  # adapters cast to the compute dtype
+    w = t(N, K)
+    launches = []
+    for name in lora.CONFIGS:
+        if name.startswith("mm_"):  # 16-bit base (mm_64x64 is the few-token config: 256 tokens)
+            m = M if name.startswith("mm_128") else 256
+            launches.append(plan(name, "fwd", x[:m], w.t(), lora=(xa[:m], b.t()), scale=2.0, rank=r))
+            launches.append(plan(name, "dx", dy[:m], w, lora=(dyb[:m], a), scale=2.0, rank=r))
+        elif name.startswith("nf4_"):  # NF4 base on the in_kernel path
+            m = M if name.startswith("nf4_128") else 256
+            launches.append(plan(name, "fwd", x[:m], (nf4(N, K), True), lora=(xa[:m], b.t()), scale=2.0, rank=r))
+            launches.append(plan(name, "dx", dy[:m], (nf4(N, K), False), lora=(dyb[:m], a), scale=2.0, rank=r))
+        elif name.startswith("f32_"):  # fp32 compute, NF4 base in_kernel
+            f = torch.float32
+            launches.append(plan(name, "fwd-fp32", t(M, K, dtype=f), (nf4(N, K), True), out_dtype=f,
+                                 lora=(t(M, r, dtype=f), t(N, r, dtype=f).t()), scale=2.0, rank=r))
+        elif name.startswith("thin_"):  # x·Aᵀ over K = 4096, dY·B over K = N = 14336, split as shipped
+            bm = lora.CONFIGS[name][0]
+            for launch, p, q in (("xa", x, a.t()), ("dyb", dy, b)):
+                split = lora.split_count(triton.cdiv(M, bm), p.shape[1], lora.THIN_MIN_K, sms)
+                launches.append(plan(name, launch, p, q, kind="thin", rank=r, split_k=split))
+        elif name.startswith("red_"):  # dA = s·dYBᵀ·x [r, 4096], dBᵀ = s·XAᵀ·dY [r, 1024] (k_proj)
+            for launch, p, q in (("da", dyb.t(), x), ("db", xa.t(), t(M, 1024))):
+                tiles = triton.cdiv(q.shape[1], 128)
+                split = lora.split_count(tiles, M, lora.RED_MIN_K, sms)
+                launches.append(plan(name, launch, p, q, torch.float32, alpha=2.0, kind="red", rank=r,
+                                     split_k=split))
+        else:
+            raise AssertionError(f"kernel_specs: no launch for lora config {name}; add one")
+    return launches
+
+
 def lora_configs() -> list[dict]:
-    """fastft.kernels.lora: every shipped config in the specializations the launchers produce.
+    """fastft.kernels.lora: every shipped config in the specializations its Llama-3-8B launches get
+    from Triton's JIT (`lora_launches` + `_specialize`): unit strides and sizes are constexprs,
+    every pointer, size, stride and k_per_split divisible by 16 is marked so."""
+    from fastft.kernels import lora
 
-    Triton's JIT turns integer arguments equal to 1 into constants, so each launch's unit strides are
-    constexprs here, as at run time (which strides are 1 follows from the launchers' views). Worst
-    cases for registers: BLOCK_R 128 (r up to MAX_FUSED_RANK) in every epilogue, NF4 nested with bias.
-    """
-    from fastft.kernels.lora import CONFIGS
-
-    ptrs = ("p_ptr", "q_ptr", "c_ptr", "l_ptr", "r_ptr", "bias_ptr", "absmax_ptr", "table_ptr", "absmax2_ptr",
-            "code2_ptr", "offset_ptr")
-    ints = ("M", "N", "K", "RANK", "k_per_split", "stride_pm", "stride_pk", "stride_qk", "stride_qn",
-            "stride_cs", "stride_cm", "stride_cn", "stride_lm", "stride_lr", "stride_rr", "stride_rn")
-    unit = {  # launch -> the strides that are 1
-        "fwd": ("stride_pk", "stride_qk", "stride_cn", "stride_lr", "stride_rr"),  # x·Wᵀ + s·XA·Bᵀ
-        "dx": ("stride_pk", "stride_qn", "stride_cn", "stride_lr", "stride_rn"),  # dY·W + s·dYB·A
-        "thin": ("stride_pk", "stride_qk", "stride_cn", "stride_lr", "stride_rn"),  # x·Aᵀ (dY·B: qn)
-        "red": ("stride_pm", "stride_qn", "stride_cn", "stride_lr", "stride_rn"),  # dYBᵀ·x, XAᵀ·dY
-    }
-    cases = []  # (config name, launch, dtype, q: "dense" | "nf4" | "nf4_flat", bias, BLOCK_R, split)
-    # every config once in its heaviest specialization (bf16, BLOCK_R 128, bias, NF4 nested), the large
-    # NF4 one in both operand layouts; one fp16 and the fp32 one (CI compiles each for 3 targets, 1-10 s
-    # per compile on 2 cores, so the list stays short)
-    for name in CONFIGS:
-        if name.startswith("mm_"):
-            cases.append((name, "fwd", "bf16", "dense", True, 128, False))
-        elif name.startswith("nf4_"):
-            cases.append((name, "fwd", "bf16", "nf4", True, 128, False))
-            if name == "nf4_128x64x64_w4_s2":
-                cases.append((name, "dx", "bf16", "nf4", False, 128, False))
-        elif name.startswith("thin_"):
-            cases.append((name, "thin", "bf16", "dense", False, 128, False))
-        elif name.startswith("red_"):
-            cases.append((name, "red", "bf16", "dense", False, 128, True))
-    cases.append(("nf4_128x64x64_w4_s2", "fwd", "fp16", "nf4_flat", True, 64, False))
-    cases.append(("f32_64x64x32_w4_s2", "fwd", "fp32", "nf4", True, 64, False))
     configs = []
-    for name, launch, dtype, q, bias, block_r, split in cases:
-        bm, bn, bk, group_m, num_warps, num_stages = CONFIGS[name]
-        bm, bn = bm or block_r, bn or block_r
-        nf4 = q.startswith("nf4")
-        nested = q == "nf4"
-        out = "fp32" if split else dtype
-        sig = {k: f"*{dtype}" for k in ptrs}
-        sig.update(c_ptr=f"*{out}", bias_ptr=f"*{dtype}" if bias else f"*{out}",
-                   q_ptr="*u8" if nf4 else f"*{dtype}", absmax_ptr="*u8" if nested else "*fp32",
-                   table_ptr="*fp32", absmax2_ptr="*fp32", code2_ptr="*fp32", offset_ptr="*fp32")
-        sig.update({k: "i32" for k in ints if k not in unit[launch]})
-        sig.update(alpha="fp32", scale="fp32")
-        constexprs = {k: 1 for k in unit[launch]}
-        constexprs.update(HAS_LORA=launch in ("fwd", "dx"), HAS_BIAS=bias, Q_NF4=nf4, NESTED=nested,
-                          BLOCKSIZE=64, BLOCKSIZE2=256, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=group_m)
-        options = dict(num_warps=num_warps, num_stages=num_stages)
-        if nested:
-            options["enable_fp_fusion"] = False
-        configs.append(dict(
-            name=f"lora_matmul-{name}-{launch}-{dtype}-{q}{'-bias' if bias else ''}-r{block_r}",
-            kernel="fastft.kernels.lora:_lora_matmul_kernel", signature=sig, constexprs=constexprs, options=options,
-            # torch allocations are 16-byte aligned; Llama shapes make sizes and leading strides 16-divisible
-            divisible_by_16=[k for k in sig if k.endswith("_ptr") or k in ("M", "N", "K", "stride_pm",
-                                                                            "stride_qk", "stride_qn", "stride_cm")
-                             and k in sig],
-        ))
+    for name, args, kwargs in lora_launches():
+        signature, constexprs, divisible, options = _specialize(lora._lora_matmul_kernel, args, kwargs)
+        configs.append({"name": f"lora_matmul-{name}", "kernel": "fastft.kernels.lora:_lora_matmul_kernel",
+                            "signature": signature, "constexprs": constexprs, "options": options,
+                            "divisible_by_16": divisible})
+    return configs
+
+
+def fused_configs() -> list[dict]:
+    """fastft.kernels.fused: the SwiGLU forward and backward kernels on Llama-3-8B's MLP activations
+    (4096 tokens x 14336), bf16, fp16 and fp32, derived from `fused.swiglu_launch_args`."""
+    import torch
+    from fastft.kernels import fused
+
+    configs = []
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for ty, dtype in dtypes.items():
+        for kernel_name, count in (("_swiglu_forward_kernel", 3), ("_swiglu_backward_kernel", 6)):
+            tensors = [torch.empty(LLAMA_M, 14336, dtype=dtype) for _ in range(count)]
+            _grid, args, kwargs = fused.swiglu_launch_args(*tensors, interpreted_run=False)
+            kernel = getattr(fused, kernel_name)
+            signature, constexprs, divisible, options = _specialize(kernel, args, kwargs)
+            configs.append({"name": f"swiglu-{kernel_name.strip('_').removesuffix('_kernel')}-{ty}",
+                            "kernel": f"fastft.kernels.fused:{kernel_name}", "signature": signature,
+                            "constexprs": constexprs, "options": options, "divisible_by_16": divisible,
+                            # one pass over memory: vector loads, no shared-memory shuffle
+                            "ptx_forbid": ["bar.sync"]})
     return configs
 
 
 # module -> its specs; empty without the triton wheel (the compile test then skips)
 if importlib.util.find_spec("triton") is None:
-    COMPILE_CONFIGS = {"fastft.kernels.nf4": [], "fastft.kernels.lora": []}
+    COMPILE_CONFIGS = {"fastft.kernels.nf4": [], "fastft.kernels.lora": [], "fastft.kernels.fused": []}
 else:
-    COMPILE_CONFIGS = {"fastft.kernels.nf4": nf4_configs(), "fastft.kernels.lora": lora_configs()}
+    COMPILE_CONFIGS = {"fastft.kernels.nf4": nf4_configs(), "fastft.kernels.lora": lora_configs(),
+                       "fastft.kernels.fused": fused_configs()}

@@ -244,27 +244,72 @@ def test_readme_benchmark_table_is_up_to_date():
     assert report.main(["--check"]) == 0, "run: python -m bench.report"
 
 
-# --- the GPU suite's rehearsal ---------------------------------------------------------------------
+# --- the GPU suite's rehearsal: tests/test_gpu_suite.py -------------------------------------------
 
-@pytest.mark.slow
-def test_gpu_suite_dry_run(tmp_path):
+# --- bench.static: what the compiled kernels' machine code says ----------------------------------------
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+.L_x_2:
+        /*0030*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0040*/              @P0 BRA `(.L_x_2) ;
+        /*0050*/                   HMMA.16816.F32.BF16 R12, R4, R6, R12 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+.L_x_3:
+        /*0080*/                   BRA `(.L_x_3);
+"""
+
+
+def test_static_finds_the_k_loop_by_its_back_edge_and_counts_mmas():
+    from bench import static
+
+    s = static.sass_loops(SASS)
+    assert s["instructions"] == 9 and s["mma_total"] == 2
+    # two loops (the inner one has no MMA); the trailing self-branch after EXIT is no loop
+    assert sorted(lp["instructions"] for lp in s["loops"]) == [2, 6]
+    assert s["k_loop"]["start"] == "0x0010" and s["k_loop"]["mma"] == 2
+    assert s["per_k_step"] == 6 and s["per_mma"] == 3.0
+
+
+def test_static_workloads_bytes_flops_and_roofline():
+    from bench import static
+
+    rows = {(w["kind"], w["shape"], w.get("path"), w.get("phase")): w for w in static.workloads(4.3e12, 790e12)}
+    dq = rows[("nf4_dequant", "q_proj/o_proj", None, None)]
+    n = 4096 * 4096
+    # packed codes + uint8 absmax per 64 + fp32 absmax2 per 256 blocks + the code table, then the bf16 output
+    assert dq["bytes"] == n // 2 + n // 64 + 4 * (n // 64 // 256) + 1024 + 2 * n
+    assert dq["bound"] == "memory" and dq["lower_bound_us"] == pytest.approx(dq["bytes"] / 4.3e12 * 1e6, abs=0.01)
+    fwd = rows[("lora_layer", "gate/up_proj", "in_kernel", "forward")]
+    assert fwd["flops"] == 2 * 4096 * 14336 * 4096 + 2 * 4096 * 4096 * 16 + 2 * 4096 * 16 * 14336
+    assert fwd["bound"] == "compute"
+    deq = rows[("lora_layer", "gate/up_proj", "dequantize", "forward")]
+    assert deq["bytes"] - fwd["bytes"] == 2 * 2 * 14336 * 4096  # the bf16 W written, then read
+    assert ("lora_layer", "lm_head", "in_kernel", "forward") not in rows
+
+
+def test_nf4_benchmark_time_budget_cuts_and_writes_each_case(tmp_path):
     env = _env()
-    env["OUT"] = str(tmp_path)
-    env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    summary = (tmp_path / "summary.md").read_text()
-    assert proc.returncode == 0, summary + proc.stdout[-3000:]
-    steps = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    names = [s["step"] for s in steps]
-    assert names == ["install", "env", "nf4-test", "nf4-bench", "lora-bench", "gpu-tests", "synthetic-8b",
-                     "e2e-h100", "e2e-rtx4090", "plan"]
-    status = {s["step"]: s["status"] for s in steps}
-    for name in ("env", "synthetic-8b", "e2e-h100", "e2e-rtx4090"):
-        assert status[name] == "ok", (name, summary)
-    assert all(s["status"] in ("ok", "missing", "none") for s in steps), summary
-    assert "finished" in summary
-    assert f"{LLAMA3_8B_PARAMS:,} parameters" in (tmp_path / "logs" / "e2e-h100.log").read_text()
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "bench.kernels", "nf4", "--cpu-smoke", "--dtypes", "bf16",
+                           "--no-torch", "--time-budget", "0", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["metrics"]["rows"] == [] and doc["metrics"]["complete"]
+    assert [c["shape"] for c in doc["metrics"]["cut"]] == [[64, 128], [96, 200]]
+    assert len(list(tmp_path.glob("kernel-nf4-dequant-smoke-cpu-*.json"))) == 1  # one file, rewritten
+
+
+def test_static_rejects_a_tree_without_kernels(tmp_path, capsys):
+    from bench import static
+
+    assert static.main(["--tree", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "pass --tree a fastft checkout" in capsys.readouterr().err
 
 
 @pytest.mark.unsloth

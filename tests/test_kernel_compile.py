@@ -10,13 +10,23 @@ tests/kernel_specs.py lists, per kernel module, how each config it ships compile
     divisible_by_16  (optional) args the launcher's tensors/ints are 16-divisible for (what Triton's JIT
                  specializes on); default: every argument in the signature
     ptx_require / ptx_forbid  (optional) substrings the PTX must / must not contain
-A module joins by being named in KERNEL_MODULES and in kernel_specs.COMPILE_CONFIGS. For each config
+A module joins by being named in kernel_specs.COMPILE_CONFIGS. For each config
 and each target (sm_80 A100, sm_89 RTX 4090, sm_90 H100) `triton.compile` builds PTX and a cubin on
 the CPU; `cuobjdump -res-usage` must report LOCAL:0 (no register spills) and static + dynamic shared
-memory must fit the target's per-block limit. The compiles run in one subprocess without TRITON_INTERPRET (under the interpreter,
+memory must fit the target's per-block limit. The compiles run in subprocesses without TRITON_INTERPRET (under the interpreter,
 @triton.jit hands out interpreter functions that cannot be compiled).
 
-    python tests/test_kernel_compile.py --worker fastft.kernels.nf4   # JSON report on stdout
+Two triton versions: the installed one (CI: 3.9) and the GPU machine's 3.6, from a side install
+(`make triton36`: `pip install --target .venv/triton36 --no-deps triton==3.6.0`, put first on the
+worker's PYTHONPATH; FASTFT_TRITON36 names another folder). One worker per (version, module) starts
+when the first test needs them, all at once, each compiling what the selected tests check (so a
+`-k` run compiles only its configs), each under its own time budget (COMPILE_BUDGET_S; the
+LoRA workers take minutes on 2 cores). The 3.6 tests skip, saying so, only when the side install
+is absent; when it is there, every config must compile under it.
+
+    python tests/test_kernel_compile.py --worker fastft.kernels.nf4   # JSON report on stdout (--wanted
+                                                                      # '[[name, cap], ...]': only those)
+    PYTHONPATH=.venv/triton36 python tests/test_kernel_compile.py --worker fastft.kernels.nf4
 """
 from __future__ import annotations
 
@@ -26,12 +36,20 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
-
 from kernel_specs import COMPILE_CONFIGS
 
-KERNEL_MODULES = ["fastft.kernels.nf4", "fastft.kernels.lora"]
+KERNEL_MODULES = list(COMPILE_CONFIGS)  # every module kernel_specs lists
+
+ROOT = Path(__file__).resolve().parents[1]
+# version label -> the folder put first on the worker's PYTHONPATH ("" = the installed triton)
+SIDE_TRITON = os.environ.get("FASTFT_TRITON36") or str(ROOT / ".venv" / "triton36")
+VERSIONS = {"installed": "", "3.6": SIDE_TRITON}
+COMPILE_BUDGET_S = {"fastft.kernels.nf4": 600}  # per worker, wall clock; other modules (LoRA): DEFAULT_BUDGET_S
+DEFAULT_BUDGET_S = 1500
 
 # Max shared memory per block (opt-in), bytes: A100 163 KB, RTX 4090 99 KB, H100 227 KB.
 TARGETS = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -64,13 +82,14 @@ def _compile_one(cfg: dict, cap: int, cuobjdump: str) -> dict:
     try:
         kernel = triton.compile(ASTSource(fn, signature, cfg["constexprs"], attrs),
                                 target=GPUTarget("cuda", cap, 32), options=cfg["options"])
-    except Exception as e:  # reported, and failed, by the test
+    except Exception as e:  # noqa: BLE001  (reported, and failed, by the test)
         res["error"] = f"{type(e).__name__}: {e}"[:2000]
         return res
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                               check=False).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     ptx = kernel.asm["ptx"]
     res.update(regs=int(fields.get("REG", -1)), local=int(fields.get("LOCAL", -1)),
@@ -81,7 +100,8 @@ def _compile_one(cfg: dict, cap: int, cuobjdump: str) -> dict:
     return res
 
 
-def _worker(modules: list[str]) -> list[dict]:
+def _worker(modules: list[str], wanted: set[tuple[str, int]] | None = None) -> list[dict]:
+    """Compile every config of `modules` for every target, or only the (name, cap) pairs `wanted`."""
     import triton
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -89,27 +109,98 @@ def _worker(modules: list[str]) -> list[dict]:
     for mod in modules:
         for cfg in COMPILE_CONFIGS[mod]:
             for cap in TARGETS:
-                results.append(_compile_one(cfg, cap, cuobjdump))
+                if wanted is None or (cfg["name"], cap) in wanted:
+                    results.append(_compile_one(cfg, cap, cuobjdump))
     return results
 
 
 # -- the tests -------------------------------------------------------------------------------------
 
+def side_triton_version(folder: str) -> str | None:
+    """The triton version installed in `folder` (a pip --target install), None when there is none."""
+    dist = sorted(Path(folder).glob("triton-*.dist-info")) if folder and Path(folder).is_dir() else []
+    if not dist or not (Path(folder) / "triton" / "__init__.py").is_file():
+        return None
+    return dist[-1].name[len("triton-"):-len(".dist-info")]
+
+
+class _Workers:
+    """One compile worker per (version, module), all started together, each with its own deadline."""
+
+    def __init__(self):
+        self.procs, self.results = {}, {}
+
+    def start(self, needed: dict[tuple[str, str], list]):
+        """needed: (version, module) -> the [name, cap] pairs the selected tests check (a -k run
+        compiles only those)."""
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        for (version, mod), pairs in needed.items():
+            folder = VERSIONS[version]
+            if version != "installed" and side_triton_version(folder) is None:
+                continue
+            e = dict(env)
+            if folder:
+                e["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, [env.get("PYTHONPATH")])])
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", mod, "--wanted", json.dumps(pairs)],
+                                    env=e, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.procs[(version, mod)] = (proc, time.monotonic() + COMPILE_BUDGET_S.get(mod, DEFAULT_BUDGET_S))
+
+    def get(self, version: str, mod: str) -> dict:
+        key = (version, mod)
+        if key not in self.results:
+            proc, deadline = self.procs[key]
+            try:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                self.results[key] = {"error": f"the {mod} compile worker under triton {version} ran past its "
+                                              f"{COMPILE_BUDGET_S.get(mod, DEFAULT_BUDGET_S)} s budget (COMPILE_BUDGET_S):\n{err[-3000:]}"}
+                return self.results[key]
+            if proc.returncode != 0:
+                self.results[key] = {"error": f"the {mod} compile worker under triton {version} failed "
+                                              f"(rc {proc.returncode}):\n{err[-4000:]}"}
+            else:
+                report = json.loads(out.strip().splitlines()[-1])
+                self.results[key] = {"triton": report["triton"],
+                                     "by": {(r["name"], r["cap"]): r for r in report["results"]}}
+        return self.results[key]
+
+    def stop(self):
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
 @pytest.fixture(scope="module")
-def compiled():
+def workers(request):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", *KERNEL_MODULES], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
-    return {(r["name"], r["cap"]): r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    needed: dict[tuple[str, str], list] = {}
+    for item in request.session.items:  # the selected tests of this module
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is request.module and {"version", "module", "name", "cap"} <= set(params):
+            needed.setdefault((params["version"], params["module"]), []).append([params["name"], params["cap"]])
+    w = _Workers()
+    w.start(needed)
+    yield w
+    w.stop()
 
 
 @pytest.mark.parametrize("cap", list(TARGETS), ids=lambda c: f"sm_{c}")
 @pytest.mark.parametrize("module,name", _configs(), ids=lambda v: v.split(".")[-1] if "." in v else v)
-def test_launch_config_compiles_without_spills(compiled, module, name, cap):
-    r = compiled[(name, cap)]
-    assert "error" not in r, f"{name} does not compile for sm_{cap}: {r['error']}"
+@pytest.mark.parametrize("version", list(VERSIONS), ids=lambda v: f"triton-{v}")
+def test_launch_config_compiles_without_spills(workers, version, module, name, cap):
+    if version != "installed" and side_triton_version(VERSIONS[version]) is None:
+        pytest.skip(f"no triton {version} side install at {VERSIONS[version]} (make triton36 installs it; "
+                    f"FASTFT_TRITON36 names another folder)")
+    report = workers.get(version, module)
+    assert "error" not in report, report.get("error")
+    if version != "installed":
+        assert report["triton"].startswith(version + "."), \
+            f"{VERSIONS[version]} gave triton {report['triton']}, not {version}: reinstall it (make triton36)"
+    r = report["by"][(name, cap)]
+    assert "error" not in r, f"{name} does not compile for sm_{cap} (triton {report['triton']}): {r['error']}"
     assert r["local"] == 0, f"{name} spills {r['local']} bytes to local memory on sm_{cap} ({r['regs']} registers)"
     shared = r["shared_static"] + r["shared_dynamic"]
     assert shared <= TARGETS[cap], f"{name} needs {shared} bytes of shared memory, sm_{cap} has {TARGETS[cap]}"
@@ -118,4 +209,12 @@ def test_launch_config_compiles_without_spills(compiled, module, name, cap):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    print(json.dumps(_worker(sys.argv[2:])))
+    import triton
+
+    argv = sys.argv[2:]
+    wanted = None
+    if "--wanted" in argv:
+        i = argv.index("--wanted")
+        wanted = {(name, cap) for name, cap in json.loads(argv[i + 1])}
+        argv = argv[:i] + argv[i + 2:]
+    print(json.dumps({"triton": triton.__version__, "results": _worker(argv, wanted)}))

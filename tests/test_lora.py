@@ -9,9 +9,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-
-from support import assert_close
 from fastft.kernels import lora, nf4
+from support import assert_close
 
 # One tolerance per dtype, relative to the largest reference magnitude: fp32 differs from the
 # reference only in summation order; fp16/bf16 round the output, x·Aᵀ and dY·B once each.
@@ -112,7 +111,7 @@ def _run_fused(x, weight, a, b, s, bias, quant_state, dy):
 
 
 def _run_reference_fp32(x, w_dense, a, b, s, bias, dy):
-    x = x.float().requires_grad_()
+    x = x.detach().float().clone().requires_grad_()  # a copy even for fp32: the caller's x stays a plain input
     a = a.clone().requires_grad_()
     b = b.clone().requires_grad_()
     y = lora.lora_linear_reference(x, w_dense.float(), a, b, s, None if bias is None else bias.float())
@@ -121,12 +120,15 @@ def _run_reference_fp32(x, w_dense, a, b, s, bias, dy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("base", ["16bit", "nf4", "nf4_in_kernel"])
 @pytest.mark.parametrize("M,K,N,r,bias", SHAPES, ids=lambda v: str(v))
-def test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype):
+def test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype, monkeypatch):
+    """Both NF4 paths ("nf4": the default, dequantize + torch.matmul; "nf4_in_kernel": W decoded inside
+    the Triton matmul) and a 16-bit base, forward and every gradient, against fp32 torch."""
     x, w, a, b, bvec = _inputs(M, K, N, r, bias, dtype)
     s = lora.lora_scaling(16, r, rslora=(r == 16))
-    if base == "nf4":
+    monkeypatch.setattr(lora, "NF4_PATH", "in_kernel" if base == "nf4_in_kernel" else "dequantize")
+    if base.startswith("nf4"):
         weight, qs, w_dense = _nf4(w)
         # the reference dequant equals bitsandbytes' bit for bit, so both sides see the same W
         assert torch.equal(nf4.dequantize_nf4_reference(nf4.NF4Weight.from_quant_state(weight, qs), dtype=dtype),
@@ -154,17 +156,42 @@ def test_batched_input_and_nf4_without_double_quant():
         _check(g, w_, torch.float32, name)
 
 
-def test_nf4_through_fastft_dequant_kernel_matches(monkeypatch):
-    """NF4_PATH="dequantize": fastft.kernels.nf4 writes the dense W, then the 16-bit kernel runs."""
-    pytest.importorskip("fastft.kernels.nf4")
-    monkeypatch.setattr(lora, "NF4_PATH", "dequantize")
+def test_default_nf4_path_dequantizes_into_scratch_and_saves_no_dense_weight():
+    """The default NF4 path: W is dequantized by fastft's kernel into the shared per-shape scratch buffer
+    twice per step (forward, and again in the backward for dX), and the autograd graph keeps no dense
+    [N, K] copy of it between the two."""
+    assert lora.NF4_PATHS[0] == "dequantize"
     x, w, a, b, bvec = _inputs(21, 70, 45, 8, True, torch.float16)
     weight, qs, w_dense = _nf4(w)
     dy = _dy(21, 45, torch.float16)
-    got = _run_fused(x, weight, a, b, 2.0, bvec, qs, dy)
+    saved, outs = [], []
+    real = lora.dequantize_nf4
+
+    def dequantize(*args, **kw):
+        outs.append(kw.get("out"))
+        return real(*args, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lora, "NF4_PATH", "dequantize")
+    mp.setattr(lora, "dequantize_nf4", dequantize)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            got = _run_fused(x, weight, a, b, 2.0, bvec, qs, dy)
+    finally:
+        mp.undo()
+    assert len(outs) == 2 and outs[0] is outs[1] is nf4.dequant_scratch((45, 70), torch.float16, x.device)
+    assert (45, 70) not in saved and (70, 45) not in saved, saved
     want = _run_reference_fp32(x, w_dense, a, b, 2.0, bvec, dy)
     for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
         _check(g, w_, torch.float16, name)
+
+
+def test_unknown_nf4_path_is_a_clear_error(monkeypatch):
+    x, w, a, b, _ = _inputs(4, 64, 8, 4, False, torch.float32)
+    weight, qs, _ = _nf4(w)
+    monkeypatch.setattr(lora, "NF4_PATH", "cublas")
+    with pytest.raises(ValueError, match="FASTFT_LORA_NF4"):
+        lora.lora_linear(x, weight, a, b, 1.0, None, qs)
 
 
 def test_backward_takes_the_nf4_path_its_forward_took(monkeypatch):
@@ -189,31 +216,75 @@ def test_backward_takes_the_nf4_path_its_forward_took(monkeypatch):
             _check(g, w_, torch.float32, f"forward {forward_path} {name}")
 
 
-def test_nf4_in_float_storage_matches_uint8_storage():
-    """A packed weight stored as bf16 (bnb_4bit_quant_storage, for FSDP) holds the same bytes: the fused
-    kernel reads it as uint8 and gives exactly the uint8 storage's result."""
-    x, w, a, b, _ = _inputs(9, 64, 40, 8, False, torch.float32)
-    weight, qs, _ = _nf4(w)
-    as_bf16 = weight.reshape(-1).view(torch.bfloat16)
-    dy = _dy(9, 40, torch.float32)
-    want = _run_fused(x, weight, a, b, 0.5, None, qs, dy)
-    got = _run_fused(x, as_bf16, a, b, 0.5, None, qs, dy)
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("path", ["dequantize", "in_kernel"])
+def test_linear4bit_with_float_quant_storage(storage, path, monkeypatch):
+    """bitsandbytes Linear4bit with bnb_4bit_quant_storage bf16 / fp32 (what FSDP-QLoRA uses): the packed
+    Params4bit is a float tensor holding the same bytes; the fused layer reads it as bytes on both NF4
+    paths, matches the reference forward and backward, and equals the uint8-stored weight bit for bit."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(lora, "NF4_PATH", path)
+    K, N, r, M = 72, 40, 8, 9
+    x, w, a, b, bvec = _inputs(M, K, N, r, True, torch.float32)
+    lin = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                            compress_statistics=True, quant_storage=storage)
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                   quant_storage=storage).to(DEVICE)  # quantizes
+    packed, qs = lin.weight.data, lin.weight.quant_state
+    assert packed.dtype == storage
+    u8 = packed.reshape(-1).view(torch.uint8)
+    # the oracle: bitsandbytes' portable dequantizer on the bytes (K = 72 avoids its CPU C++ layout bug)
+    import bitsandbytes.functional as bnbf
+
+    w_dense = bnbf.dequantize_4bit(u8.reshape(-1, 1), qs)
+    assert torch.equal(w_dense, nf4.dequantize_nf4_reference(u8, qs, dtype=torch.float32))
+    dy = _dy(M, N, torch.float32)
+    got = _run_fused(x, lin.weight, a, b, 0.5, bvec, qs, dy)
+    want = _run_reference_fp32(x, w_dense, a, b, 0.5, bvec, dy)
     for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
-        assert torch.equal(g, w_), f"bf16 storage {name}"
+        _check(g, w_, torch.float32, f"{storage} storage {path} {name}")
+    as_bytes = _run_fused(x, u8, a, b, 0.5, bvec, qs, dy)
+    for g, w_, name in zip(got, as_bytes, ("y", "dX", "dA", "dB")):
+        assert torch.equal(g, w_), f"{storage} storage vs uint8 {name}"
 
 
-def test_fused_nf4_reads_no_value_on_the_host(monkeypatch):
-    """The nested offset reaches the kernel by pointer: a fused NF4 forward + backward calls no
-    Tensor.item() (a host sync per call on a GPU)."""
+@pytest.mark.parametrize("path", ["dequantize", "in_kernel"])
+def test_fused_nf4_reads_no_value_on_the_host(path, monkeypatch):
+    """No device-to-host sync on the hot path: with Tensor.item / tolist / __bool__ raising, a fused NF4
+    forward + backward (nested quant state: the offset reaches the kernels by pointer) still runs,
+    after its first call parsed the quant state (cached on it, so later calls do not parse again).
+    The interpreter's own launch machinery is exempt (on a GPU it does not run)."""
+    import sys
+
+    monkeypatch.setattr(lora, "NF4_PATH", path)
     x, w, a, b, _ = _inputs(9, 64, 40, 8, False, torch.float32)
-    weight, qs, _ = _nf4(w)
+    weight, qs, w_dense = _nf4(w, nested=True)
     dy = _dy(9, 40, torch.float32)
+    _run_fused(x, weight, a, b, 0.5, None, qs, dy)  # parses and caches the quant state
+    parses = []
+    real_parse = nf4.NF4Weight.from_quant_state
+    monkeypatch.setattr(nf4.NF4Weight, "from_quant_state",
+                        classmethod(lambda cls, *args: parses.append(1) or real_parse(*args)))
 
-    def item(self):
-        raise AssertionError("Tensor.item() in the fused NF4 path")
+    def guard(name, real):
+        def method(self, *args, **kw):
+            f = sys._getframe(1)
+            while f is not None:
+                if f.f_code.co_filename.replace("\\", "/").endswith("triton/runtime/interpreter.py"):
+                    return real(self, *args, **kw)
+                f = f.f_back
+            raise AssertionError(f"Tensor.{name}() on the fused NF4 path (a host sync per call on a GPU)")
+        return method
 
-    monkeypatch.setattr(torch.Tensor, "item", item)
-    _run_fused(x, weight, a, b, 0.5, None, qs, dy)
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    got = _run_fused(x, weight, a, b, 0.5, None, qs, dy)
+    monkeypatch.undo()
+    assert not parses
+    want = _run_reference_fp32(x, w_dense, a, b, 0.5, None, dy)
+    for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
+        _check(g, w_, torch.float32, f"{path} {name}")
 
 
 def test_fp4_base_runs_the_reference_path():
@@ -226,6 +297,101 @@ def test_fp4_base_runs_the_reference_path():
     y = lora.lora_linear(x, packed, a, b, 2.0, quant_state=qs)
     want = lora.lora_linear_reference(x, bnbf.dequantize_4bit(packed, qs), a, b, 2.0)
     assert torch.equal(y, want)
+
+
+def test_index_times_stride_products_are_64_bit():
+    """Address arithmetic past 2**31 elements (a 128256 x 4096 lm_head is 2**29 elements, 16384 tokens x
+    14336 features 2**27.8; a bigger operand or a large stride passes 2**31). What this proves on a CPU:
+    (1) `_offsets`, run by the interpreter with int32 indices and strides, returns the exact 64-bit
+    products where int32 arithmetic would wrap; (2) every `* stride_` product in the matmul kernel's
+    source goes through `_offsets` or an explicit int64 cast. It does not run a > 2**31-element operand
+    (gigabytes, too slow for the interpreter); the NF4 tile decoder's byte and block indices derive
+    from the int64 flat index it is given."""
+    import inspect
+    import re
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def offsets_kernel(a_ptr, b_ptr, out_ptr, stride_a, stride_b, A: tl.constexpr, B: tl.constexpr):
+        offs = lora._offsets(tl.load(a_ptr + tl.arange(0, A)), stride_a, tl.load(b_ptr + tl.arange(0, B)), stride_b)
+        tl.store(out_ptr + tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :], offs)
+
+    oa = torch.tensor([0, 1, 70_000, 128_255], dtype=torch.int32, device=DEVICE)
+    ob = torch.tensor([0, 3, 4_095, 100_000], dtype=torch.int32, device=DEVICE)
+    stride_a, stride_b = 40_000, 30_000  # int32 arguments; the products reach 5.1e9
+    out = torch.empty(4, 4, dtype=torch.int64, device=DEVICE)
+    offsets_kernel[(1,)](oa, ob, out, stride_a, stride_b, A=4, B=4)
+    want = oa.long()[:, None] * stride_a + ob.long()[None, :] * stride_b
+    assert want.max() > 2 ** 32 and torch.equal(out, want)
+
+    source = inspect.getsource(lora._lora_matmul_kernel.fn if hasattr(lora._lora_matmul_kernel, "fn")
+                               else lora._lora_matmul_kernel)
+    products = re.findall(r"(\S+) \* (stride_\w+)", source)
+    assert products, "the kernel multiplies by no stride at all?"
+    for operand, stride in products:
+        assert "int64" in operand, f"{operand} * {stride} in _lora_matmul_kernel is not a 64-bit product"
+    assert source.count("_offsets(") == 5  # P, Q, L, R and C tiles
+
+
+def test_thin_and_reduction_splits_fill_the_gpu():
+    """At M = 4096 tokens on a 132-SM GPU (H100/H200) the thin products x·Aᵀ (K = 4096) and dY·B (K = N:
+    1024, 4096, 14336) launch at least two waves of programs, the token-split dA / dB at least as many
+    as the old rule; without an SM count (CPU) nothing splits."""
+    bm = lora.CONFIGS["thin_64xRx64_w4_s3"][0]  # what _pick_config("thin", ...) ships on a GPU
+    tiles = -(-4096 // bm)
+    for K in (1024, 4096, 14336):
+        split = lora.split_count(tiles, K, lora.THIN_MIN_K, 132)
+        assert tiles * split >= 2 * 132, (K, tiles, split)
+        assert K // split >= lora.THIN_MIN_K
+    assert lora.split_count(tiles, 4096, lora.THIN_MIN_K, None) == 1
+    assert lora.split_count(10_000, 4096, lora.THIN_MIN_K, 132) == 1  # enough tiles: no split
+    # dA over K = 4096 features (32 column tiles of 128), 4096 tokens: 8 splits of 512 tokens
+    assert lora.split_count(32, 4096, lora.RED_MIN_K, 132) == 8
+
+
+@pytest.mark.parametrize("base,dtype", [("16bit", torch.float32), ("16bit", torch.bfloat16), ("nf4", torch.float16)],
+                         ids=["16bit-float32", "16bit-bfloat16", "nf4-float16"])
+def test_split_launches_are_exact(base, dtype, monkeypatch):
+    """The split thin and reduction launches through lora_linear (an SM count forced on the CPU so they
+    split): on integer-valued data every sum is exact in fp32, so the split and unsplit runs are equal
+    bit for bit, and equal to torch."""
+    M, K, N, r = 40, 96, 48, 8
+    g = torch.Generator().manual_seed(7)
+
+    def ints(*shape):
+        return torch.randint(-3, 4, shape, generator=g).float()
+
+    x, a, b = ints(M, K).to(DEVICE, dtype), ints(r, K).to(DEVICE), ints(N, r).to(DEVICE)
+    dy = ints(M, N).to(DEVICE, dtype)
+    if base == "nf4":  # an NF4 weight whose dense values are small integers: absmax 7, codes ±1 and 0
+        w = ints(N, K).clamp(-1, 1) * 7
+        weight, qs, w_dense = _nf4(w.to(DEVICE), nested=False)
+        w_dense = w_dense.to(dtype)
+        assert torch.equal(w_dense.float(), w.to(DEVICE))
+    else:
+        weight = w_dense = ints(N, K).to(DEVICE, dtype)
+        qs = None
+    runs = {}
+    for forced in (None, 8):
+        launches = []
+        real = lora.lora_matmul
+        monkeypatch.setattr(lora, "lora_matmul", lambda *a_, launches=launches, real=real, **k:
+                            launches.append(k.get("split_k", 1)) or real(*a_, **k))
+        monkeypatch.setattr(lora, "_device_sms", lambda device, forced=forced: forced)
+        monkeypatch.setattr(lora, "THIN_MIN_K", 32)
+        monkeypatch.setattr(lora, "RED_MIN_K", 8)
+        runs[forced] = _run_fused(x, weight, a, b, 0.5, None, qs, dy)
+        monkeypatch.undo()
+        assert (max(launches) > 1) == (forced is not None), launches
+    want = _run_reference_fp32(x, w_dense, a, b, 0.5, None, dy)
+    for one, split, w_, name in zip(runs[None], runs[8], want, ("y", "dX", "dA", "dB")):
+        assert torch.equal(split, one), f"split vs one pass: {name}"
+        if split.dtype == torch.bfloat16:  # y, dX: sums are exact but bf16 rounds them (the interpreter
+            _check(split, w_, dtype, name)  # truncates its fp32 -> bf16 casts), so compare within tolerance
+        else:
+            assert torch.equal(split.float(), w_.float()), f"split vs torch: {name}"
 
 
 def test_split_k_reduction_equals_one_pass():
@@ -320,11 +486,11 @@ def test_patched_peft_layer_matches_peft(base, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the shipped launch configs)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("base", ["16bit", "nf4"])
+@pytest.mark.parametrize("base", ["16bit", "nf4", "nf4_in_kernel"])
 @pytest.mark.parametrize("M,K,N,r,bias", SHAPES + [(300, 520, 270, 64, True)], ids=lambda v: str(v))
-def test_odd_shapes_on_gpu(M, K, N, r, bias, base, dtype):
+def test_odd_shapes_on_gpu(M, K, N, r, bias, base, dtype, monkeypatch):
     """The odd-shape cases with CUDA tensors: the shipped configs (not the interpreter's) and real bf16."""
-    test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype)
+    test_forward_and_gradients_match_reference(M, K, N, r, bias, base, dtype, monkeypatch)
 
 
 @pytest.mark.gpu
@@ -343,3 +509,89 @@ def test_llama3_8b_layer_shapes_bf16_on_gpu(K, N, base):
     want = _run_reference_fp32(x, w_dense, a, b, 1.0, None, dy)
     for g, w_, name in zip(got, want, ("y", "dX", "dA", "dB")):
         _check(g, w_, torch.bfloat16, f"{base} {K}->{N} {name}")
+
+
+@pytest.mark.parametrize("module", ["fastft.kernels.lora", "fastft.kernels.nf4"])
+def test_compile_specs_are_what_the_jit_specializes(module):
+    """tests/kernel_specs.py derives each compile spec from the launcher's real argument list; here the
+    same arguments go through the argument binder Triton's JIT builds for the kernel (the function
+    that decides, at every launch, which compiled variant runs: constexpr 1s, 16-divisibility, types),
+    built for an sm_90 CUDA backend, and the spec must match it exactly."""
+    import importlib
+    import inspect
+
+    import kernel_specs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    specs = {s["name"]: s for s in kernel_specs.COMPILE_CONFIGS[module]}
+    if module.endswith("lora"):
+        kernel = lora._lora_matmul_kernel
+        launches = [(f"lora_matmul-{name}", args, kwargs) for name, args, kwargs in kernel_specs.lora_launches()]
+    else:
+        kernel = nf4._dequantize_4bit_kernel
+        launches = kernel_specs.nf4_launches()
+    assert {name for name, _, _ in launches} == set(specs)
+    fn = getattr(kernel, "fn", kernel)  # the interpreter wraps the Python function; the JIT wraps it anew
+    assert inspect.getmodule(fn) is importlib.import_module(module)
+    jit = JITFunction(fn)
+    binder = create_function_from_signature(jit.signature, jit.params, CUDABackend(GPUTarget("cuda", 90, 32)))
+    for name, args, kwargs in launches:
+        _, specialization, options = binder(*args, **kwargs)
+        signature, constexprs, divisible = {}, {}, []
+        for arg, (ty, key) in zip(jit.arg_names, specialization):
+            if ty == "constexpr":
+                constexprs[arg] = key
+            else:
+                signature[arg] = ty
+                if key == "D":
+                    divisible.append(arg)
+        spec = specs[name]
+        assert spec["signature"] == signature, name
+        assert spec["constexprs"] == constexprs, name
+        assert spec["divisible_by_16"] == divisible, name
+        assert {k: v for k, v in spec["options"].items() if k in options} == options, name
+
+
+@pytest.mark.parametrize("tiles,blocksize,dtype", [
+    ((16, 32, 32, 2, 4, 1), 64, torch.float32),   # K step 32 < blocksize: one scale per row and K step
+    ((16, 32, 128, 2, 4, 1), 64, torch.bfloat16),  # K step 128: two blocks per row and K step
+    ((16, 64, 64, 2, 4, 1), 32, torch.float16),    # blocksize 32, forward and dX tiles both span 2 blocks
+], ids=["bk32-bs64-fp32", "bk128-bs64-bf16", "bk64-bs32-fp16"])
+def test_in_kernel_decode_by_rows_equals_elementwise_decode(tiles, blocksize, dtype, monkeypatch):
+    """The in_kernel path's row decoder (`nf4.nf4_rows`: contiguous packed bytes per row, one scale per
+    absmax block, codes looked up in registers) gives bit for bit what the element-wise decoder
+    (`nf4.nf4_tile`) gives, forward and every gradient, and matches the reference."""
+    import bitsandbytes.functional as bnbf
+
+    monkeypatch.setattr(lora, "NF4_PATH", "in_kernel")
+    monkeypatch.setitem(lora.INTERPRETER_CONFIGS, "interp_mm", tiles)
+    M, K, N, r = 9, 128, 40, 8  # K % blocksize == 0: rows of W start on block boundaries
+    x, w, a, b, bvec = _inputs(M, K, N, r, True, dtype)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    w_dense = nf4.dequantize_nf4_reference(packed, qs, dtype=dtype)
+    dy = _dy(M, N, dtype)
+    runs = {}
+    for by_rows in (True, False):
+        monkeypatch.setattr(lora, "NF4_BY_ROWS", by_rows)
+        runs[by_rows] = _run_fused(x, packed, a, b, 0.5, bvec, qs, dy)
+    want = _run_reference_fp32(x, w_dense, a, b, 0.5, bvec, dy)
+    for rows, elementwise, w_, name in zip(runs[True], runs[False], want, ("y", "dX", "dA", "dB")):
+        assert torch.equal(rows, elementwise), f"rows vs element-wise decode: {name}"
+        _check(rows, w_, dtype, name)
+
+
+def test_register_code_table_is_the_nf4_table():
+    """`_nf4_code`'s literal constants are NF4_TABLE's fp32 values, code by code."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def codes_kernel(out_ptr):
+        q = tl.arange(0, 16)
+        tl.store(out_ptr + q, nf4._nf4_code(q))
+
+    out = torch.empty(16, dtype=torch.float32, device=DEVICE)
+    codes_kernel[(1,)](out)
+    assert torch.equal(out.cpu(), torch.tensor(nf4.NF4_TABLE, dtype=torch.float32))

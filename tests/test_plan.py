@@ -271,16 +271,17 @@ def test_peaks_match_measured_on_cpu(tiny_qlora, gc):
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_recipe_plans(path):
     text = path.read_text()
-    m = re.search(r"fastft plan\s+\S+\s+--target\s+(\S+)", text)
-    target = m.group(1) if m else "rtx4090"
-    p = plan.plan(recipe.load(path), target)
+    m = re.search(r"fastft plan\s+\S+(?:\s+--gpus\s+(\d+)\s+--strategy\s+(\S+))?\s+--target\s+(\S+)", text)
+    gpus, strategy, target = (int(m.group(1) or 1), m.group(2), m.group(3)) if m else (1, None, "rtx4090")
+    p = plan.plan(recipe.load(path), target, gpus=gpus, strategy=strategy)
     assert p.fits, plan.format_plan(p)
-    stated = re.search(r"Peak VRAM, planned by `fastft plan --target (\S+)` \(not measured yet\): ([0-9.]+) GiB", text)
+    stated = re.search(r"Peak VRAM(?: per rank)?, planned by `fastft plan (?:--gpus \d+ --strategy \S+ )?--target "
+                       r"(\S+)` \(not measured yet\): ([0-9.]+) GiB", text)
     if path.name.startswith("llama3-"):
         assert stated, f"{path.name}: the header must state its planned peak"
         assert stated.group(1) == target and float(stated.group(2)) == round(p.total_bytes / GiB, 2), (
             f"{path.name}: header says {stated.group(2)} GiB, the planner says {p.total_bytes / GiB:.2f}")
-        assert p.shapes.total_params == 8_030_261_248
+        assert p.shapes.total_params == (70_553_706_496 if "-70b-" in path.name else 8_030_261_248)
 
 
 def test_long_context_recipe_is_near_the_longest_that_fits():
@@ -356,3 +357,71 @@ def test_eval_batch_size_reaches_the_trainer(tmp_path, eval_batch_size, expected
     config = train._sft_config(r, tmp_path, info, "adamw_torch", True, train.World(), (2, 4))
     assert config.per_device_eval_batch_size == expected
     assert plan.plan(r, "rtx4090", search=False).eval[0].note.startswith(f"batch {expected} x")
+
+
+# --- several GPUs: fastft plan --gpus N --strategy fsdp -------------------------------------------
+
+FSDP_70B = ROOT / "recipes" / "llama3-70b-qlora-fsdp-2x4090.yaml"
+
+
+def test_fsdp_plan_shards_by_hand():
+    """One rank's terms for Llama-3-70B over 2 and 4 GPUs against the single-GPU plan: sharded terms
+    are 1/N, the NF4 quantization state stays whole, two gathered decoder layers and the LM head are
+    added (bf16), the activation terms are those of the per-device batch."""
+    H, I, kv, V, L = 8192, 28672, 1024, 128256, 80
+    r = recipe.load(FSDP_70B, ["distributed.cpu_offload=false"])
+    one = plan.plan(r, "rtx4090", search=False)
+    assert one.shapes.total_params == 70_553_706_496 and not one.fits
+    terms1 = {t.name: t for t in one.static}
+    for n in (2, 4):
+        p = plan.plan(r, "rtx4090", search=False, gpus=n, strategy="fsdp")
+        assert (p.gpus, p.strategy, p.backend, p.batch_size) == (n, "fsdp", "hf", 1)
+        t = {x.name: x for x in p.static}
+        packed = t[f"base weights, 4-bit NF4, 1/{n}"].bytes * n
+        assert packed == pytest.approx(L * (2 * H * H + 2 * H * kv + 3 * H * I) / 2, rel=1e-6)
+        assert packed + t["NF4 quantization state, whole"].bytes == terms1["base weights, 4-bit NF4"].bytes
+        for name in ("embeddings, LM head, norms", "LoRA parameters", "LoRA gradients",
+                     "optimizer states (adamw_torch)"):
+            assert t[f"{name}, 1/{n}"].bytes == terms1[name].bytes / n
+        layer = (2 * H * H + 2 * H * kv + 3 * H * I) / 2 + 2 * H * 2 + 16 * (2 * (H + H) + 2 * (H + kv) + 3 * (H + I)) * 2
+        assert t["gathered decoder layers (2)"].bytes == pytest.approx(2 * layer, rel=1e-3)
+        assert t["gathered LM head"].bytes == V * H * 2
+        assert [x.bytes for x in p.train] == [x.bytes for x in one.train]  # batch 1 either way
+    two = plan.plan(r, "rtx4090", search=False, gpus=2, strategy="fsdp")
+    four = plan.plan(r, "rtx4090", search=False, gpus=4, strategy="fsdp")
+    assert one.total_bytes > two.total_bytes > four.total_bytes
+
+
+def test_llama3_70b_at_2048_on_2_and_4_rtx4090():
+    """The issue's question: Llama-3-70B QLoRA, seq 2048, RTX 4090s. Two fit only with the shards
+    and the optimizer step offloaded to host RAM (the recipe's setting); four fit without."""
+    fits = {}
+    for n, offload in ((2, False), (2, True), (4, False)):
+        r = recipe.load(FSDP_70B, [f"distributed.cpu_offload={str(offload).lower()}"])
+        p = plan.plan(r, "rtx4090", search=False, gpus=n, strategy="fsdp")
+        assert p.max_seq_length == 2048
+        fits[(n, offload)] = p.fits
+    assert fits == {(2, False): False, (2, True): True, (4, False): True}
+
+
+def test_ddp_plan_is_the_single_gpu_plan_at_the_per_device_batch():
+    r = recipe.load(RTX)  # batch 4 x grad accum 2: two GPUs take the accumulation
+    p1 = plan.plan(r, "rtx4090", search=False)
+    p2 = plan.plan(r, "rtx4090", search=False, gpus=2, strategy="ddp")
+    assert p2.batch_size == 4 and p2.strategy == "ddp" and p2.backend == "hf"
+    p8 = plan.plan(r, "rtx4090", search=False, gpus=8)  # the recipe's strategy: auto -> ddp
+    assert p8.batch_size == 1 and p8.strategy == "ddp" and p8.train_bytes < p1.train_bytes
+    with pytest.raises(plan.PlanError, match=r"cannot be split evenly over 3 GPUs; make it a multiple of 3"):
+        plan.plan(r, "rtx4090", search=False, gpus=3)
+
+
+def test_cli_plan_fsdp(capsys):
+    assert cli.main(["plan", str(FSDP_70B), "--gpus", "2", "--strategy", "fsdp", "--target", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    for word in ("per rank, 2 GPUs, fsdp", "base weights, 4-bit NF4, 1/2", "NF4 quantization state, whole",
+                 "gathered decoder layers (2)", "gathered LM head", "host RAM (cpu_offload)", "FITS on rtx4090"):
+        assert word in out, word
+    rc = cli.main(["plan", str(FSDP_70B), "--gpus", "2", "--strategy", "fsdp", "--json",
+                   "--set", "distributed.cpu_offload=false"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 1 and doc["gpus"] == 2 and doc["strategy"] == "fsdp" and not doc["fits"]

@@ -37,7 +37,7 @@ def test_defaults_fill_in():
     (_with(lora__dropout=1.0), "lora.dropout: must be < 1.0, got 1.0"),
     (_with(backend="unsloht"), "backend: must be one of 'auto', 'unsloth', 'hf', got 'unsloht' (did you mean 'unsloth'?)"),
     (_with(kernels="triton"), "kernels: must be one of 'auto', 'fastft', 'unsloth', 'none', got 'triton'"),
-    (_with(data__format="sharegpt"), "data.format: must be one of 'alpaca', 'messages', 'text', got 'sharegpt'"),
+    (_with(data__format="chatml"), "data.format: must be one of 'alpaca', 'messages', 'text', 'preference', 'sharegpt', got 'chatml'"),
     (_with(model__load_in_4bit="yes"), "model.load_in_4bit: expected true or false, got a string 'yes'"),
     (_with(train__optim="adamw8bit"), "(did you mean 'adamw_8bit'?)"),
     (_with(lora__target_modules="q_proj"), "lora.target_modules: a string must be 'all-linear'"),

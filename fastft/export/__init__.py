@@ -48,6 +48,7 @@ from pathlib import Path
 from .. import generate
 from ..errors import EXIT_GATE
 from ..files import file_sha256
+from ..progress import progress
 from ..rundir import RunDir
 from .checks import check_metadata, read_metadata, stop_token_ids
 from .llamacpp import converter, convert, quantize
@@ -114,7 +115,7 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
 
         # 3. convert / quantize each type, check the file, rename it into place, verify it
         f16_file = None
-        for quant in quants:
+        for quant in progress(quants, desc="export: GGUF files (convert / quantize, check, verify)", unit="files"):
             dst = paths[quant]
             seconds: dict = {}
             meta, f16_file = _write(quant, dst, merged_dir, f16_file, work, logs, conv, tokenizer, stop_ids,
@@ -156,6 +157,9 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
     report["versions"] = backends.versions()
     if record:
         _record(run, report)
+        from ..report import refresh
+
+        refresh(run, log)  # the run's report.html shows the exports and their verification
     log(format_table(report))
     return report
 
@@ -200,7 +204,8 @@ def _reference(r, merged_dir: Path, dtype: str, tokenizer, stop_ids: list[int], 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=getattr(torch, dtype),
                                                  device_map={"": device}).eval()
-    answers = generate.greedy(model, tokenizer, prompts, max_new, stop_ids=stop_ids, batch_size=16)
+    with progress(total=len(prompts), desc="export: reference answers (merged model)", unit="prompts") as bar:
+        answers = generate.greedy(model, tokenizer, prompts, max_new, stop_ids=stop_ids, batch_size=16, progress=bar)
     summary = {"model": f"merged ({dtype}, transformers on {device})", "prompts": len(rows),
                "held_out": sum(row["reference"] is not None for row in rows), "max_new_tokens": max_new,
                "stop_ids": stop_ids, "metric": r.eval.metric,

@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from ..progress import progress
 from .options import llama_cpp
 
 GENERAL_PROMPTS = [
@@ -85,7 +86,8 @@ def verify_llama_cpp(path: Path, quant: str, rows: list[dict], prompts: list[lis
                        verbose=False)
     per, gen_tokens, gen_seconds = [], 0, 0.0
     try:
-        for row, ids, text, ref in zip(rows, prompts, texts, merged):
+        for row, ids, text, ref in progress(list(zip(rows, prompts, texts, merged)), desc=f"export: verify {path.name}",
+                                            unit="prompts"):
             ll_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
             t0 = time.perf_counter()
             res = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0, repeat_penalty=1.0)
@@ -149,7 +151,7 @@ def verify_transformers(path: Path, quant: str, merged_model, prompts: list[list
     gguf_model.eval()
     max_diff, scale, agree, total = 0.0, 1.0, 0, 0
     with torch.no_grad():
-        for ids, ans in zip(prompts, merged):
+        for ids, ans in progress(list(zip(prompts, merged)), desc=f"export: verify {path.name}", unit="prompts"):
             seq = torch.tensor([ids + ans["ids"]], device=first.device)
             ref = merged_model(input_ids=seq).logits.float()[0]
             got = gguf_model(input_ids=seq).logits.float()[0]

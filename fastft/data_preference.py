@@ -1,0 +1,195 @@
+"""Datasets for the methods past SFT: preference pairs (dpo, orpo) and prompts with references (grpo).
+
+    from fastft import data_preference
+    md = data_preference.build(recipe, tokenizer)
+    md.train[0]            # dpo/orpo: {"prompt": [messages], "chosen": [assistant turn], "rejected": [...]}
+                           # grpo:     {"prompt": [messages], "reference": "...", "slice": ...}
+    md.held_out            # a fastft.data.DataBundle for the evaluation at the end (prompt + reference rows)
+
+``data.format: preference`` rows (.jsonl/.json/.csv/.parquet, read by ``fastft.data.read_rows``):
+- ``prompt``: text (one user turn) or a list of ``{role, content}`` messages ending with a user turn;
+- ``chosen`` / ``rejected``: the preferred and the dispreferred answer, text (or one assistant message);
+- optional ``slice`` (per-slice scores in the evaluation), other columns are ignored.
+GRPO takes the task's usual alpaca / messages rows: the prompt is every turn before the last, the
+reference is the last (assistant) turn, which the reward compares the sampled answers with.
+
+The held-out rows (``data.eval`` or ``data.eval_fraction`` of the training file, split by
+``train.seed`` as SFT splits) are scored after training by fastft.evaluate as an SFT run's are:
+the prompt, and the chosen answer (preference) or the reference (grpo) as the reference answer.
+For dpo / orpo, ``data.eval`` may also be the task's usual alpaca / messages file: its rows are
+evaluated the same way, and only preference rows add a held-out DPO / ORPO loss.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import data
+from .data import DataError
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class MethodData:
+    """What a dpo / orpo / grpo run trains and evaluates on."""
+
+    train: Any  # datasets.Dataset in TRL's conversational form
+    trl_eval: Any | None  # the held-out rows in the same form (dpo/orpo: held-out DPO/ORPO loss), or None
+    held_out: Any  # fastft.data.DataBundle: eval rows with labels + (prompt, reference) pairs for evaluate
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def data_hash(self) -> str:
+        return self.held_out.data_hash
+
+
+# --- one row -----------------------------------------------------------------------------------
+
+def _answer(value, col: str, where: str) -> str:
+    """chosen / rejected as text: a string, or one assistant message (as a dict or a one-item list)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role") != "assistant" or not isinstance(value.get("content"), str):
+            raise DataError(f"{where}: column {col!r} as a message must be {{role: assistant, content: text}}")
+        value = value["content"]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {col!r} must be text (the answer), got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: empty {col!r} answer")
+    return value.strip()
+
+
+def _prompt(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: empty 'prompt'")
+        return [{"role": "user", "content": value.strip()}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: 'prompt' must be text or a non-empty list of {{role, content}} messages, "
+                        f"got {type(value).__name__}")
+    msgs = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in data.ROLES:
+            raise DataError(f"{where}: prompt[{i}] must be {{role: system | user | assistant, content: text}}")
+        msgs.append({"role": m["role"], "content": m["content"]})
+    if msgs[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt's last message must be the user's (the answers follow it), "
+                        f"got {msgs[-1]['role']!r}")
+    return msgs
+
+
+def preference_row(row: dict, where: str) -> dict:
+    """One ``data.format: preference`` row as TRL's conversational preference example (+ its slice)."""
+    missing = [c for c in PREFERENCE_COLUMNS if row.get(c) is None]
+    if missing:
+        found = ", ".join(sorted(row)) or "none"
+        raise DataError(f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                        f"(data.format preference needs prompt, chosen and rejected; found {found})")
+    prompt = _prompt(row["prompt"], where)
+    chosen, rejected = _answer(row["chosen"], "chosen", where), _answer(row["rejected"], "rejected", where)
+    if " ".join(chosen.split()) == " ".join(rejected.split()):
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same answer (nothing to prefer); fix or remove the row")
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "slice": None if row.get("slice") is None else str(row["slice"])}
+
+
+def reference_row(row: dict, fmt: str, where: str, text_field: str = "text") -> dict:
+    """One alpaca / messages row as a GRPO prompt with its reference answer (+ its slice)."""
+    if fmt == "alpaca" and (row.get("output") is None or (isinstance(row["output"], str) and not row["output"].strip())):
+        raise DataError(f"{where}: no reference answer ('output' is missing or empty): train.method grpo scores "
+                        "sampled answers against each row's reference; give every row an output")
+    msgs = data.to_messages(row, fmt, where, text_field)
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's reference answer: train.method grpo "
+                        "scores sampled answers against it")
+    if msgs[-2:-1] == [] or msgs[-2]["role"] != "user":
+        raise DataError(f"{where}: the reference answer must follow a user turn (the prompt)")
+    return {"prompt": msgs[:-1], "reference": msgs[-1]["content"],
+            "slice": None if row.get("slice") is None else str(row["slice"])}
+
+
+# --- the whole set -----------------------------------------------------------------------------
+
+def read(d, method: str, source: str, what: str, skipped: list[str] | None) -> list[dict]:
+    """Every row of ``source`` as an example for ``method``; bad rows raise (or go to ``skipped``)."""
+    rows = data.read_rows(source, d.split, skipped)
+    if not rows:
+        raise DataError(f"{source}: no rows ({what} is empty)")
+    if d.max_examples and what == "data.train":
+        rows = rows[: d.max_examples]
+    out = []
+    for i, r in enumerate(rows, 1):
+        where = f"{source} row {i}"
+        try:
+            if method == "grpo":
+                out.append(reference_row(r, d.format, where, d.text_field))
+            elif what == "data.eval" and r.get("chosen") is None and ("instruction" in r or "messages" in r):
+                # a held-out file of the task's usual rows: evaluated (prompt vs reference), no pair loss
+                ex = reference_row(r, "messages" if "messages" in r else "alpaca", where, d.text_field)
+                out.append({"prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": ex["reference"]}],
+                            "rejected": None, "slice": ex["slice"]})
+            else:
+                out.append(preference_row(r, where))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    if not out:
+        raise DataError(f"{source}: every row is invalid ({what}); first problem: {skipped[0]}")
+    return out
+
+
+def build(recipe, tokenizer, log=print) -> MethodData:
+    """Read, validate and split the recipe's data for ``train.method`` dpo / orpo / grpo."""
+    import datasets
+
+    d, method = recipe.data, recipe.train.method
+    if method not in ("dpo", "orpo", "grpo"):
+        raise ValueError(f"data_preference.build is for dpo / orpo / grpo, not {method}")
+    skipped: list[str] | None = [] if d.skip_bad_rows else None
+    examples = read(d, method, d.train, "data.train", skipped)
+    if d.eval:
+        train_ex, eval_ex = examples, read(d, method, d.eval, "data.eval", skipped)
+    elif d.eval_fraction > 0:
+        order = list(range(len(examples)))
+        random.Random(recipe.train.seed).shuffle(order)
+        n_eval = max(1, round(len(examples) * d.eval_fraction))
+        if n_eval >= len(examples):
+            raise DataError(f"{d.train}: {len(examples)} rows leave none for training after holding out "
+                            f"data.eval_fraction={d.eval_fraction}; add rows or lower the fraction")
+        held = set(order[:n_eval])
+        eval_ex = [examples[i] for i in order[:n_eval]]
+        train_ex = [examples[i] for i in range(len(examples)) if i not in held]
+    else:
+        train_ex, eval_ex = examples, []
+    if skipped:
+        log(f"data: skipped {len(skipped)} bad rows (data.skip_bad_rows: true); first: {skipped[0]}")
+
+    pairs = [(ex["prompt"], ex["reference"] if method == "grpo" else ex["chosen"][0]["content"]) for ex in eval_ex]
+    rows = []
+    for i, (prompt, answer) in enumerate(pairs, 1):
+        t = data.tokenize(prompt + [{"role": "assistant", "content": answer}], tokenizer, True, f"eval example {i}")
+        rows.append({k: v[: recipe.model.max_seq_length] for k, v in t.items()})
+    columns = ("prompt", "chosen", "rejected") if method != "grpo" else ("prompt", "reference")
+
+    def to_ds(exs):
+        return datasets.Dataset.from_list([{c: ex[c] for c in columns} for ex in exs])
+
+    stats = {"train_examples": len(train_ex), "eval_examples": len(eval_ex), "format": d.format,
+             "method": method, "source": d.train, "skipped_rows": len(skipped or [])}
+    # (train tokens: counted by the trainer's meter, real tokens per step, in metrics.train)
+    held_out = data.DataBundle(
+        train=None,
+        eval=datasets.Dataset.from_list(rows) if rows else None,
+        eval_pairs=pairs,
+        data_hash=data.content_hash(examples + (eval_ex if d.eval else [])),
+        stats=stats,
+        eval_slices=[ex["slice"] for ex in eval_ex],
+    )
+    pairs_held_out = [ex for ex in eval_ex if method != "grpo" and ex["rejected"] is not None]
+    return MethodData(train=to_ds(train_ex), trl_eval=to_ds(pairs_held_out) if pairs_held_out else None,
+                      held_out=held_out, stats=stats)

@@ -1,0 +1,265 @@
+"""train.method dpo / orpo / grpo: recipe checks, data, rewards and the planner (fast), then real
+4-bit runs of the tiny model on CPU (DPO fresh, GRPO chained from the DPO run's adapter)."""
+import json
+
+import pytest
+from support import tiny_recipe_dict
+
+from fastft import data_preference, recipe, rewards
+from fastft.data import DataError
+from fastft.recipe import RecipeError
+
+
+def _recipe(tmp_path, **sections):
+    return recipe.from_dict(tiny_recipe_dict(tmp_path / "out", **sections))
+
+
+def _problems(tmp_path, **sections) -> str:
+    with pytest.raises(RecipeError) as e:
+        _recipe(tmp_path, **sections)
+    return str(e.value)
+
+
+# --- recipe ------------------------------------------------------------------------------------
+
+def test_recipe_method_errors_name_the_fix(tmp_path):
+    msg = _problems(tmp_path, train={"method": "dpo"})
+    assert "train.method: dpo trains on preference pairs; set data.format: preference" in msg
+    msg = _problems(tmp_path, data={"format": "preference"})
+    assert "data.format: preference rows train with train.method dpo or orpo, not sft" in msg
+    msg = _problems(tmp_path, train={"method": "grpo", "reward": "json_macth"})
+    assert "train.reward: unknown metric 'json_macth' (did you mean 'json_match'?)" in msg
+    msg = _problems(tmp_path, train={"method": "grpo", "num_generations": 3})
+    assert "train.num_generations: 3 answers per prompt must divide train.batch_size x train.grad_accum = 8" in msg
+    msg = _problems(tmp_path, train={"method": "grpo", "reward": "my rewards:score"})
+    assert "train.reward: 'my rewards:score' is not module:function" in msg
+    msg = _problems(tmp_path, train={"method": "grpo", "reward_fields": ["city"]})
+    assert "train.reward_fields: only used by the json_match reward (the reward is exact_match)" in msg
+    msg = _problems(tmp_path, train={"num_generations": 8})
+    assert "train.num_generations: only used by train.method: grpo (method is sft)" in msg
+    msg = _problems(tmp_path, train={"method": "orpo"}, data={"format": "preference", "mix": [{"name": "general", "fraction": 0.1}]})
+    assert "data.mix: mixes supervised rows into SFT; with train.method orpo set data.mix: null" in msg
+    r = _recipe(tmp_path, train={"method": "grpo", "reward": "my_rewards:score"})
+    assert (r.train.method, r.train.reward, r.train.num_generations) == ("grpo", "my_rewards:score", 4)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def test_preference_rows_validate_and_normalize():
+    row = data_preference.preference_row(
+        {"prompt": "Capital of France?", "chosen": "Paris", "rejected": [{"role": "assistant", "content": "Lyon"}],
+         "slice": "geo"}, "f row 1")
+    assert row == {"prompt": [{"role": "user", "content": "Capital of France?"}],
+                   "chosen": [{"role": "assistant", "content": "Paris"}],
+                   "rejected": [{"role": "assistant", "content": "Lyon"}], "slice": "geo"}
+    with pytest.raises(DataError, match=r"f row 2: missing column 'rejected' \(data.format preference needs prompt, "
+                                        r"chosen and rejected; found chosen, prompt\)"):
+        data_preference.preference_row({"prompt": "q", "chosen": "a"}, "f row 2")
+    with pytest.raises(DataError, match="'chosen' and 'rejected' are the same answer"):
+        data_preference.preference_row({"prompt": "q", "chosen": "a  b", "rejected": "a b"}, "f row 3")
+    with pytest.raises(DataError, match="the prompt's last message must be the user's"):
+        data_preference.preference_row({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a",
+                                        "rejected": "b"}, "f row 4")
+
+
+def test_grpo_rows_need_a_reference():
+    row = data_preference.reference_row({"instruction": "Sum?", "input": "2 3", "output": "5"}, "alpaca", "f row 1")
+    assert row["prompt"] == [{"role": "user", "content": "Sum?\n\n2 3"}] and row["reference"] == "5"
+    with pytest.raises(DataError, match="no reference answer .*train.method grpo scores sampled answers"):
+        data_preference.reference_row({"instruction": "Sum?"}, "alpaca", "f row 2")
+    with pytest.raises(DataError, match="last message must be the assistant's reference answer"):
+        data_preference.reference_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                       "content": "x"}, {"role": "user", "content": "?"}]}, "messages", "f row 3")
+
+
+# --- rewards -----------------------------------------------------------------------------------
+
+REF = '{"name": "Ana Silva", "city": "Porto", "quantity": 12}'
+
+
+@pytest.mark.parametrize("answer, fields, expected", [
+    (REF, None, 1.0),
+    ('{"name": "Ana Silva", "city": "Lyon", "quantity": 12}', None, 2 / 3),  # wrong city
+    ('{"name": "Ana Silva", "city": "Porto", "quantity": 21}', ["city", "quantity"], 0.5),  # wrong quantity
+    ("Ana Silva ordered 12 from Porto.", None, 0.0),  # prose does not parse
+    ('```json\n{"city": "Porto"}\n```', ["city"], 1.0),
+])
+def test_json_match_reward_gives_partial_credit_per_field(answer, fields, expected):
+    assert rewards.task_score(answer, REF, "json_match", fields) == pytest.approx(expected)
+
+
+def test_reward_from_recipe_weights_format_and_length(tmp_path):
+    r = _recipe(tmp_path, train={"method": "grpo", "reward": "json_match", "reward_format": 0.5,
+                                 "reward_length_penalty": 0.1})
+    funcs, weights, described = rewards.from_recipe(r, [REF])
+    assert [f.__name__ for f in funcs] == ["json_match", "format", "length_penalty"] and weights == [1.0, 0.5, 0.1]
+    completions = [[{"role": "assistant", "content": REF}], [{"role": "assistant", "content": "Porto " * 12}]]
+    scores = [f(prompts=[None] * 2, completions=completions, reference=[REF] * 2) for f in funcs]
+    assert scores[0] == [1.0, 0.0] and scores[1] == [1.0, 0.0]
+    assert scores[2][0] == 0.0 and scores[2][1] == -5.0  # 12 words vs the reference's 7
+    assert described == {"task": "json_match", "kind": "metric", "fields": None, "partial_credit": True,
+                         "format_weight": 0.5, "length_penalty": 0.1}
+
+
+def test_reward_errors_name_the_field_and_the_module(tmp_path):
+    r = _recipe(tmp_path, train={"method": "grpo", "reward": "json_match", "reward_fields": ["name", "citty"]})
+    with pytest.raises(rewards.RewardError, match=r"train.reward_fields: unknown field 'citty': not in the reference "
+                                                  r"of data.train row 1 \(its fields: name, city, quantity\)"):
+        rewards.from_recipe(r, [REF])
+    r = _recipe(tmp_path, train={"method": "grpo", "reward": "json_match"})
+    with pytest.raises(rewards.RewardError, match="row 2: the reference is not JSON"):
+        rewards.from_recipe(r, [REF, "vehicle"])
+    r = _recipe(tmp_path, train={"method": "grpo", "reward": "no_such_module_h19:score"})
+    with pytest.raises(rewards.RewardError, match="cannot import module 'no_such_module_h19'"):
+        rewards.from_recipe(r, [REF])
+
+
+# --- planner -----------------------------------------------------------------------------------
+
+def test_plan_counts_each_methods_extra_memory(tmp_path):
+    import shutil
+
+    from fastft import plan
+    from fastft.recipe import ASSETS
+
+    (tmp_path / "tiny").mkdir()
+    shutil.copy(ASSETS / "tiny-llama" / "config.json", tmp_path / "tiny" / "config.json")  # shapes from the config
+
+    def total(**train):
+        method = train.get("method", "sft")
+        data = {"format": "preference"} if method in ("dpo", "orpo") else {}
+        r = _recipe(tmp_path, model={"name": str(tmp_path / "tiny")},
+                    train={"gradient_checkpointing": True, **train}, data=data)
+        p = plan.plan(r, "rtx4090", search=False)
+        return p, p.train_bytes
+
+    _, sft_b = total()
+    dpo, dpo_b = total(method="dpo")
+    grpo, grpo_b = total(method="grpo", max_completion_length=64)
+    assert dpo_b > 1.5 * sft_b  # chosen and rejected: two rows per pair
+    assert grpo_b > sft_b
+    names = [t.name for t in grpo.train]
+    assert "GRPO generation KV cache" in names and "GRPO reference (KL)" in names
+    ref = next(t for t in dpo.train if t.name == "DPO reference")
+    assert ref.bytes == 0 and "adapter disabled" in ref.note
+
+
+# --- real runs (tiny model, 4-bit, CPU) ----------------------------------------------------------
+
+def _pairs(path, n=48):
+    """Preference rows from the shipped word-categories set: the right category vs another one."""
+    from fastft.recipe import ASSETS
+
+    rows = [json.loads(line) for line in (ASSETS / "data/word-categories.jsonl").read_text().splitlines()[:n]]
+    cats = sorted({r["output"] for r in rows})
+    with open(path, "w") as f:
+        for r in rows:
+            wrong = cats[(cats.index(r["output"]) + 1) % len(cats)]
+            f.write(json.dumps({"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
+                                "chosen": r["output"], "rejected": wrong}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    from fastft import train
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    r = recipe.from_dict(tiny_recipe_dict(
+        tmp / "out", model={"max_seq_length": 48},
+        data={"train": _pairs(tmp / "pairs.jsonl"), "format": "preference", "max_examples": None,
+              "eval_fraction": 0.1},
+        train={"method": "dpo", "max_steps": 3, "batch_size": 4, "logging_every": 1},
+        eval={"max_examples": 3, "max_new_tokens": 4, "gates": {"task.loss": "<= 1000"}}))
+    return r, train.run(r, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_dpo_run_records_method_margins_and_a_plain_adapter(dpo_run):
+    _, result = dpo_run
+    info = json.loads((result.out_dir / "fastft.json").read_text())
+    assert info["method"] == {"name": "dpo", "beta": 0.1, "reference": "base (adapter disabled)", "start_from": None}
+    figures = info["metrics"]["method"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(figures)
+    assert info["metrics"]["steps"] == 3 and info["metrics"]["train"]["train_tokens"] > 0
+    # held-out DPO loss: log(2) before training (the adapter starts at zero), measured again after
+    assert info["metrics"]["before"]["eval_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert info["metrics"]["after"]["eval_loss"] != info["metrics"]["before"]["eval_loss"]
+    # the same evaluation and gates as SFT: prompts answered against the chosen answer
+    assert info["eval"]["task"]["n"] == 3 and info["status"] == "accepted"
+    adapter = result.out_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
+    assert list(result.model.peft_config) == ["default"]
+
+
+@pytest.mark.slow
+def test_grpo_starts_from_the_previous_runs_adapter_and_records_its_reward(dpo_run, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from fastft import methods, train
+
+    _, prev_result = dpo_run
+    (tmp_path / "short_rewards.py").write_text(
+        "def short(prompts, completions, reference, **kw):\n"
+        "    return [1.0 / (1 + len(c[0]['content'])) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    d = tiny_recipe_dict(tmp_path / "out", model={"max_seq_length": 48, "adapter": str(prev_result.out_dir)},
+                         data={"max_examples": 24},
+                         train={"method": "grpo", "reward": "short_rewards:short", "max_steps": 2, "batch_size": 4,
+                                "num_generations": 4, "max_completion_length": 4, "logging_every": 1},
+                         eval={"max_examples": 2, "max_new_tokens": 4})
+    r = recipe.from_dict(d)
+    # start_from puts the DPO run's weights into the fresh adapter
+    from fastft import backends
+
+    model, _, _ = backends.load(r)
+    methods.start_from(model, r, log=lambda m: None)
+    saved = load_file(str(prev_result.out_dir / "adapter/adapter_model.safetensors"))
+    mine = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    key = next(k for k in saved if "lora_B" in k)
+    match = [p for n, p in mine.items() if n.replace(".default", "").endswith(key.split("base_model.model.")[-1])]
+    assert match and torch.equal(match[0].detach().cpu(), saved[key])
+    del model
+
+    result = train.run(r, log=lambda m: None)
+    info = json.loads((result.out_dir / "fastft.json").read_text())
+    m = info["method"]
+    assert m["name"] == "grpo" and m["reference"] == "frozen copy of the starting adapter"
+    assert m["start_from"]["adapter"] == str(prev_result.out_dir)
+    assert m["reward"] == {"task": "short_rewards:short", "kind": "python", "format_weight": 0.0,
+                           "length_penalty": 0.0}
+    assert {"reward", "reward_std", "kl"} <= set(info["metrics"]["method"])
+    assert info["metrics"]["method"]["reward"]["mean"] > 0
+    assert not (result.out_dir / "adapter" / "ref").exists() and list(result.model.peft_config) == ["default"]
+
+
+@pytest.mark.slow
+def test_method_errors_at_run_time(tmp_path):
+    from fastft import methods, train
+
+    r = _recipe(tmp_path, model={"adapter": str(tmp_path / "nowhere")})
+    with pytest.raises(Exception, match="nowhere"):
+        train.run(r, log=lambda m: None)
+    with pytest.raises(methods.MethodError, match="on the unsloth backend needs a GPU"):
+        class Info:
+            name, device = "unsloth", "cpu"
+
+        methods.make_trainer(_recipe(tmp_path, train={"method": "grpo"}), None, None, None, None, Info(),
+                             callbacks=[], meter=None, guard=None, out_dir=tmp_path, keep_checkpoints=1)
+
+
+@pytest.mark.slow
+def test_orpo_trains_reference_free_and_counts_both_answers(tmp_path):
+    from fastft import train
+
+    r = recipe.from_dict(tiny_recipe_dict(
+        tmp_path / "out", model={"max_seq_length": 48},
+        data={"train": _pairs(tmp_path / "pairs.jsonl", n=24), "format": "preference", "max_examples": None,
+              "eval_fraction": 0.0},
+        train={"method": "orpo", "max_steps": 2, "batch_size": 4, "logging_every": 1},
+        eval={"after_training": False}))
+    info = train.run(r, log=lambda m: None).info
+    assert info["method"]["name"] == "orpo" and info["method"]["reference"] == "none (reference-free)"
+    assert {"rewards/margins", "nll_loss"} <= set(info["metrics"]["method"])
+    assert info["metrics"]["train"]["train_tokens"] > 0  # prompt+chosen and prompt+rejected rows
