@@ -232,23 +232,9 @@ def load_optimizer(optimizer, directory: str, rank: int, world: int) -> None:
 
 def save_final_adapter(model, tokenizer, out_dir: Path, state_dict: dict) -> Path:
     """Rank 0: the run's adapter/ (as fastft.rundir.save_adapter writes it) from gathered weights."""
-    import shutil
-    import tempfile
+    from .rundir import save_adapter
 
-    from .files import install_dir
-    from .rundir import RunDir
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = RunDir(out_dir).adapter
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
-        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        install_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return save_adapter(model, tokenizer, out_dir, state_dict)
 
 
 def split_batch(batch_size: int, grad_accum: int, n: int) -> tuple[int, int] | None:

@@ -58,13 +58,15 @@ class RunDir:
         return self.info.is_file()
 
 
-def save_adapter(model, tokenizer, out_dir: Path) -> Path:
-    """Save the LoRA adapter (safetensors) and tokenizer into out_dir/adapter atomically."""
+def save_adapter(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> Path:
+    """Save the LoRA adapter (safetensors) and tokenizer into out_dir/adapter atomically.
+    state_dict: the adapter weights to write instead of the model's own (FSDP: gathered on rank 0)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = RunDir(out_dir).adapter
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp))
         install_dir(tmp, final)
     except BaseException:

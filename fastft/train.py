@@ -137,14 +137,9 @@ def _per_device_batch(recipe: Recipe, world: World) -> tuple[int, int]:
     """(per-device batch, grad accum) keeping the recipe's global batch (batch_size x grad_accum)
     when N processes train data-parallel: the accumulation is split first, then the batch."""
     b, g, n = recipe.train.batch_size, recipe.train.grad_accum, world.size
-    if n == 1:
-        return b, g
-    if g % n == 0:
-        return b, g // n
-    if b % n == 0:
-        return b // n, g
-    if (b * g) % n == 0:
-        return b * g // n, 1
+    split = distributed.split_batch(b, g, n)
+    if split is not None:
+        return split
     raise TrainError(f"train.batch_size={b} x train.grad_accum={g} = {b * g} examples per step cannot be split "
                      f"evenly over {n} processes; make it a multiple of {n}")
 
