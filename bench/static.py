@@ -167,23 +167,32 @@ def load_tree(tree: Path):
     return specs.COMPILE_CONFIGS
 
 
-def compile_one(cfg: dict, cap: int) -> dict:
+def compile_spec(cfg: dict, cap: int):
+    """Compile one kernel_specs config for compute capability ``cap`` (no GPU needed): the kernel's
+    signature with its constexprs and tt.divisibility 16 on ``divisible_by_16``, as the JIT would.
+    Also the compile of tests/test_kernel_compile.py's worker."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     mod_name, attr = cfg["kernel"].split(":")
     fn = getattr(importlib.import_module(mod_name), attr)
     signature = dict(cfg["signature"])
     signature.update({k: "constexpr" for k in cfg["constexprs"]})
     divisible = cfg.get("divisible_by_16", list(cfg["signature"]))
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in divisible}
+    return triton.compile(ASTSource(fn, signature, cfg["constexprs"], attrs),
+                          target=GPUTarget("cuda", cap, 32), options=cfg["options"])
+
+
+def compile_one(cfg: dict, cap: int) -> dict:
+    import triton
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     res = {"name": cfg["name"], "cap": cap}
     t = time.perf_counter()
     try:
-        kernel = triton.compile(ASTSource(fn, signature, cfg["constexprs"], attrs),
-                                target=GPUTarget("cuda", cap, 32), options=cfg["options"])
+        kernel = compile_spec(cfg, cap)
     except Exception as e:  # noqa: BLE001  (recorded; the table shows it)
         res["error"] = f"{type(e).__name__}: {e}"[:2000]
         return res

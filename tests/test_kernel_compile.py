@@ -30,7 +30,6 @@ is absent; when it is there, every config must compile under it.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -68,20 +67,13 @@ def _configs():
 def _compile_one(cfg: dict, cap: int, cuobjdump: str) -> dict:
     import tempfile
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    if str(ROOT) not in sys.path:  # the worker runs as a script from tests/
+        sys.path.insert(0, str(ROOT))
+    from bench.static import compile_spec
 
-    mod_name, attr = cfg["kernel"].split(":")
-    fn = getattr(importlib.import_module(mod_name), attr)
-    signature = dict(cfg["signature"])
-    signature.update({k: "constexpr" for k in cfg["constexprs"]})
-    divisible = cfg.get("divisible_by_16", list(cfg["signature"]))
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in divisible}
     res = {"name": cfg["name"], "cap": cap}
     try:
-        kernel = triton.compile(ASTSource(fn, signature, cfg["constexprs"], attrs),
-                                target=GPUTarget("cuda", cap, 32), options=cfg["options"])
+        kernel = compile_spec(cfg, cap)
     except Exception as e:  # noqa: BLE001  (reported, and failed, by the test)
         res["error"] = f"{type(e).__name__}: {e}"[:2000]
         return res
