@@ -1,16 +1,19 @@
 """Run a recipe end to end and record what it measured: the result JSON of a demo.
 
-    python -m bench.demo recipes/smollm2-demo.yaml --name demo-smollm2 \\
+    python -m bench.demo recipes/smollm2-demo.yaml --name demo-smollm2 --run-dir /tmp/demo-smollm2 \\
         --out bench/results/demo-smollm2-cpu-2core-idle-f2.json
     python -m bench.demo recipes/smollm2-demo.yaml --set data.mix=null --name demo-smollm2-nomix \\
-        --out bench/results/demo-smollm2-nomix-f2.json
+        --run-dir /tmp/demo-smollm2-nomix --out bench/results/demo-smollm2-nomix-f2.json
+    python -m bench.screenshot /tmp/demo-smollm2 --out docs/img/report-smollm2.png   # its report.html
+    python -m bench.readme_table      # the README's measured rows, from the result files
 
 It runs ``fastft train RECIPE --set output.dir=... --overwrite [--set ...]`` as a child process and
-writes, from that process and that run only: the run's own fastft.json and eval.json, the child's
-wall time and peak resident set (getrusage of the finished child), the CPU model, the cores, the
-load average before and after (other work on the machine slows a run: the numbers say how busy it
-was), the exact commands, the git commit of the checkout and the time. Default output:
-bench/results/demo-<name>-<target>-<UTC time>.json. Exit status: the training command's.
+writes, from that process and that run only: the run's own fastft.json and eval.json, its stdout
+(shown live too), the child's wall time and peak resident set (getrusage of the finished child),
+the CPU model, the cores, the load average before and after (other work on the machine slows a
+run: the numbers say how busy it was), the exact commands, the git commit of the checkout and the
+time. Default output: bench/results/demo-<name>-<target>-<UTC time>.json. Exit status: the
+training command's.
 """
 from __future__ import annotations
 
@@ -55,12 +58,20 @@ def main(argv: list[str] | None = None) -> int:
            "train", args.recipe, "--set", f"output.dir={run_dir}", "--overwrite"]
     for o in args.overrides:
         cmd += ["--set", o]
-    env = dict(os.environ, FASTFT_PROGRESS_EVERY=os.environ.get("FASTFT_PROGRESS_EVERY", "60"))
+    env = dict(os.environ, FASTFT_PROGRESS_EVERY=os.environ.get("FASTFT_PROGRESS_EVERY", "60"), PYTHONUNBUFFERED="1")
     load_before = _load()
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     print(f"bench.demo: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env=env, check=False)
+    # the child's stdout (the run's log and tables) is shown live and kept in the result; stderr
+    # (progress) goes straight through
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    returncode = proc.wait()
     wall = time.perf_counter() - t0
     load_after = _load()
     rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux: the largest child
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": {**dev, "load_average_before": load_before, "load_average_after": load_after},
         "command": shlex.join([sys.executable, "-m", "bench.demo", *(argv if argv is not None else sys.argv[1:])]),
         "train_command": shlex.join(cmd),
-        "exit_code": proc.returncode,
+        "exit_code": returncode,
         "process_wall_seconds": round(wall, 2),
         "process_max_rss_kb": rss_kb,
         "git_commit": common.git_sha(),
@@ -86,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_dir": str(run_dir),
         "notes": args.note,
         "summary": summary(run, ev),
+        "train_stdout": "".join(lines),
         "run": run,
         "eval": ev,
     }
@@ -94,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(doc, indent=2, default=str) + "\n")
     print(json.dumps({"result": str(out), **doc["summary"], "wall_s": doc["process_wall_seconds"],
-                      "load_before": load_before, "exit_code": proc.returncode}))
-    return proc.returncode
+                      "load_before": load_before, "exit_code": returncode}))
+    return returncode
 
 
 def summary(run: dict | None, ev: dict | None) -> dict:

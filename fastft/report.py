@@ -231,7 +231,7 @@ th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}.muted{color
 .grid>section{flex:0 0 570px}.chart{background:#fff;border:1px solid #d0d7de;border-radius:6px}
 pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px;max-height:420px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px}
-.examples td,.forgotten td{text-align:left}.ok{background:#1a7f37}.bad{background:#d1242f}.none{background:#57606a}
+.examples td,.examples th,.forgotten td,.forgotten th{text-align:left}.ok{background:#1a7f37}.bad{background:#d1242f}.none{background:#57606a}
 """
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from fastft import evaluate, generate, progress
 from fastft.recipe import EvalConfig
 
@@ -47,6 +49,35 @@ def test_eval_progress_is_printed_before_the_first_prompt_finishes(monkeypatch, 
     assert "eval: held-out answers (adapter, then base): 10/10 prompts" in rest and "prompts/s" in rest
 
 
+def test_eval_progress_bar_on_a_terminal_is_drawn_before_the_first_prompt(monkeypatch):
+    """On a terminal the tqdm bar (0/total) is on screen before the model answers anything: the user
+    sees the evaluation start at once, not after its first batch."""
+    import io
+    import sys
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(progress, "_QUIET", False)
+    monkeypatch.setattr(sys, "stderr", tty)
+    screen_at_first_batch: list[str] = []
+
+    def fake_continue(model, tokenizer, prompts, stops, max_new_tokens, **options):
+        if not screen_at_first_batch:
+            screen_at_first_batch.append(tty.getvalue())
+        return [[5, 0] for _ in prompts]
+
+    monkeypatch.setattr(generate, "_continue", fake_continue)
+    pairs = [([{"role": "user", "content": f"question {i}"}], "yes") for i in range(3)]
+    evaluate.compare(_Model(), _Tokenizer(), evaluate.EvalSet("held-out", pairs, [None] * 3, []),
+                     EvalConfig(metric="exact_match", batch_size=8, max_new_tokens=4), log=lambda m: None)
+    first = screen_at_first_batch[0]
+    assert "eval: held-out answers (adapter, then base)" in first and "0/6" in first
+    assert "6/6" in tty.getvalue()
+
+
 def test_quiet_turns_eval_progress_off(monkeypatch, capsys):
     monkeypatch.setattr(progress, "_QUIET", True)
     monkeypatch.setattr(generate, "_continue", lambda m, t, prompts, *a, **k: [[5, 0] for _ in prompts])
@@ -78,3 +109,30 @@ def test_registry_shows_progress_hashing_and_storing_large_files(tmp_path, monke
     assert "sha256 adapter_model.safetensors: started (5,000 B)" in err
     assert "store adapter_model.safetensors: 5,000/5,000 B" in err
     assert "adapter_config.json" not in err
+
+
+@pytest.mark.slow
+def test_data_preparation_and_merge_print_progress(tmp_path, monkeypatch, capsys):
+    """A real (4-step) tiny run and its merge: each long step announces itself on stderr with its total."""
+    import json
+
+    from support import tiny_recipe_dict
+
+    from fastft import merge, recipe, train
+
+    monkeypatch.setattr(progress, "_QUIET", False)
+    rows = [{"instruction": f"classify red , blue , item {i}", "output": "color"} for i in range(40)]
+    src = tmp_path / "fresh.jsonl"  # data never seen before: no cache hit, so it is read and tokenized
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = recipe.from_dict(tiny_recipe_dict(tmp_path / "run", data={"train": str(src), "eval_fraction": 0.0,
+                                                                  "max_examples": None},
+                                          train={"max_steps": 2, "batch_size": 4},
+                                          eval={"after_training": False}))
+    train.run(r, log=lambda m: None)
+    err = capsys.readouterr().err
+    assert "data: read + tokenize fresh.jsonl: started" in err  # a JSONL's row count is known at its end
+    assert "data: read + tokenize fresh.jsonl: 40 rows" in err
+    assert "data: write train split: started (40 rows)" in err
+    merge.merge(str(tmp_path / "run"), tmp_path / "merged", dtype="fp32", log=lambda m: None)
+    err = capsys.readouterr().err
+    assert "merge: started (5 stages)" in err and "merge: 5/5 stages" in err

@@ -124,6 +124,11 @@ def test_single_run_report_has_every_section_and_the_run_numbers(tmp_path):
         assert [name, str(m["step"]), f"{m['tokens_per_second']:.1f}"] in tables["values-tokens-s"]
         assert [name, str(m["step"]), f"{m['peak_rss_gb']:.3f}"] in tables["values-peak-rss-gb"]
     assert len(tables["values-training-loss"]) == 1 + sum("loss" in m for m in metrics)
+    # the figures draw those values: one marked point per logged step, on one line per series
+    loss_svg = page.split('<section id="loss">')[1].split("</svg>")[0]
+    for m in [m for m in metrics if "loss" in m]:
+        assert f"<title>train: step {m['step']}, {m['loss']:.6g}</title>" in loss_svg
+    assert loss_svg.count("<polyline") == 2  # training loss, held-out loss
     # held-out loss: before (step 0), during (step 7), after (last step)
     for step, v in ((0, 3.5), (7, 1.25), (12, 1.2)):
         assert [name, str(step), f"{v:.4f}"] in tables["values-held-out-loss"]

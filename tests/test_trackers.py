@@ -95,3 +95,13 @@ def test_train_logs_to_tensorboard_and_writes_the_report(tmp_path, monkeypatch):
     adapter = result.info["eval"]["task"]["adapter"]["exact_match"]
     assert got["eval/task/exact_match/adapter"] == [(4, pytest.approx(adapter))]
     assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "report.md").is_file()
+    # the report of this real run shows its own numbers: every logged loss, the evaluation's figures
+    from test_report import _tables
+
+    tables = _tables((tmp_path / "run" / "report.html").read_text())
+    for step, m in logged.items():
+        assert ["run", str(step), f"{m['loss']:.4f}"] in tables["values-training-loss"]
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    overall = next(r for r in tables["eval"] if r[0] == "overall")
+    assert overall[1:4] == [str(ev["task"]["n"]), f"{100 * ev['task']['base']['exact_match']:.1f}%",
+                            f"{100 * adapter:.1f}%"]
