@@ -1,8 +1,9 @@
 """Data preparation at scale: fastft cold and cached, TRL's own SFTTrainer preparation, and the
 tokenizer-alone ceiling, on the same generated rows.
 
-    python -m bench.data --alpaca-rows 1000000 --chat-rows 200000 --trl-rows 50000 --trl-chat-rows 20000
+    python -m bench.data --alpaca-rows 1000000 --chat-rows 200000 --trl-rows 50000 --trl-chat-rows 10000
     python -m bench.data --alpaca-rows 5000 --chat-rows 2000          # a quick check
+    python -m bench.data --table bench/results/data-smollm2-....json  # the README table of a result
 
 Generates deterministic alpaca rows (~480 bytes, one user and one assistant turn) and multi-turn
 ``messages`` rows (optional system prompt, 2-4 assistant turns, some non-ASCII) into a temporary
@@ -12,14 +13,20 @@ so pages the forked workers share count once; ``peak_rss_main_gb``: the main pro
 - ``fastft-cold``: ``fastft.data.build`` into an empty cache (read, tokenize with ``data.num_proc``
   processes, split 1% held out, write the cache entry);
 - ``fastft-cached``: the same call again in a new process (a second run / resume / eval);
-- ``trl-num_proc-1`` and ``trl-num_proc-2``: TRL's ``SFTTrainer._prepare_dataset`` (what its
+- ``trl-1`` and ``trl-2`` (dataset_num_proc 1 and 2): TRL's ``SFTTrainer._prepare_dataset`` (what its
   trainer runs before training) on the same rows loaded by ``datasets``: alpaca as prompt /
   completion chats (completion-only loss, the same labels as fastft's), multi-turn as ``messages``;
-- ``ceiling``: the Rust tokenizer alone, batched (its own threads), on the rendered texts
-  (rendering not timed).
+- ``ceiling``: the Rust tokenizer alone, batched, on the rendered texts (rendering not timed),
+  with as many threads as fastft has processes (``RAYON_NUM_THREADS`` = ``--num-proc``).
+Every method is timed from after its imports (fastft, datasets, trl) to its result; tokens are
+every example's (train and held-out), as the ceiling tokenizes every row.
 ``--trl-rows`` / ``--trl-chat-rows`` run TRL on the first N rows only (a rate compares; the JSON's
 notes say so).
-Rates are rows/s and tokens/s; the result JSON goes under bench/results/.
+Rates are rows/s and tokens/s, and tokens per CPU-second (``cpu_seconds``: user + system time of
+the method's process, its workers and threads, a figure a busy machine disturbs far less than the
+wall clock); the result JSON goes under bench/results/ and records what else
+ran: the load average before and after each method, the CPU model, the cores and the git commit
+(``-dirty`` when the tree has uncommitted changes).
 """
 from __future__ import annotations
 
@@ -100,19 +107,37 @@ def _d(path: Path, kind: str, num_proc: int):
     return r
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its ended children: the pool's workers once
+    joined, the tokenizer's threads. On a shared machine it moves far less than the wall clock."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_method(method: str, path: Path, kind: str, tok_path: str, num_proc: int) -> dict:
+    res = _run_method(method, path, kind, tok_path, num_proc)
+    res["cpu_seconds"] = round(_cpu_seconds() - res.pop("cpu0"), 3)
+    return res
+
+
+def _run_method(method: str, path: Path, kind: str, tok_path: str, num_proc: int) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_path)
-    t0 = time.perf_counter()
     if method.startswith("fastft"):
-        from fastft import data
+        import datasets  # noqa: F401 - imported before the clock starts, as the other methods' imports
+
+        from fastft import data, data_build  # noqa: F401
 
         r = _d(path, kind, num_proc)
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         b = data.build(r.data, tok, seed=r.train.seed, max_length=r.model.max_seq_length, log=lambda m: None)
         seconds = time.perf_counter() - t0
-        tokens = b.stats["train_tokens"]
-        return {"seconds": seconds, "rows": b.info["rows"], "tokens": tokens, "cache_hit": b.info["cache"]["hit"],
+        eval_tokens = sum(len(x) for x in b.eval.data.column("input_ids").to_pylist()) if b.eval is not None else 0
+        return {"seconds": seconds, "cpu0": cpu0, "rows": b.info["rows"], "tokens": b.stats["train_tokens"] + eval_tokens,
+                "train_tokens": b.stats["train_tokens"], "cache_hit": b.info["cache"]["hit"],
                 "tokenizer_path": b.info["tokenizer_path"], "per_example_rows": b.info["per_example_rows"]}
     if method.startswith("trl"):
         import types
@@ -120,6 +145,7 @@ def run_method(method: str, path: Path, kind: str, tok_path: str, num_proc: int)
         import datasets
         from trl import SFTConfig, SFTTrainer
 
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         n_proc = int(method.rsplit("-", 1)[1])
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
         if kind == "alpaca":
@@ -138,7 +164,7 @@ def run_method(method: str, path: Path, kind: str, tok_path: str, num_proc: int)
             ds = SFTTrainer._prepare_dataset(fake, ds, tok, cfg, False, None, "train")
         seconds = time.perf_counter() - t0
         tokens = sum(len(x) for x in ds.data.column("input_ids").to_pylist())
-        return {"seconds": seconds, "rows": len(ds), "tokens": tokens}
+        return {"seconds": seconds, "cpu0": cpu0, "rows": len(ds), "tokens": tokens}
     if method == "ceiling":
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
         from fastft import data
@@ -149,12 +175,12 @@ def run_method(method: str, path: Path, kind: str, tok_path: str, num_proc: int)
                 r = json.loads(line)
                 ex = data.to_messages(r, "alpaca" if kind == "alpaca" else "messages", "bench")
                 texts.append(tok.apply_chat_template(ex, tokenize=False))
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         tokens = 0
         for i in range(0, len(texts), 1000):
             tokens += sum(len(e.ids) for e in tok.backend_tokenizer.encode_batch(texts[i:i + 1000],
                                                                                  add_special_tokens=False))
-        return {"seconds": time.perf_counter() - t0, "rows": len(texts), "tokens": tokens,
+        return {"seconds": time.perf_counter() - t0, "cpu0": cpu0, "rows": len(texts), "tokens": tokens,
                 "note": "tokenization only; rendering the texts is not timed"}
     raise ValueError(method)
 
@@ -211,7 +237,12 @@ def _tree_memory(pid: int) -> tuple[int, int]:
 def measure(method: str, path: Path, kind: str, tok: str, num_proc: int, cache: Path) -> dict:
     # tok: the tokenizer's folder (the children's FASTFT_CACHE is the bench's own, without the model)
     """Run one method in a child process; its result plus the peak RSS of its process tree."""
-    env = {**os.environ, "FASTFT_CACHE": str(cache), "FASTFT_QUIET": "1", "HF_DATASETS_CACHE": str(cache / "hf")}
+    # each method its own datasets cache: trl-2 would otherwise load the map results trl-1 cached
+    env = {**os.environ, "FASTFT_CACHE": str(cache), "FASTFT_QUIET": "1",
+           "HF_DATASETS_CACHE": str(cache / f"hf-{method}")}
+    if method == "ceiling":  # the tokenizer's own threads, as many as fastft's processes
+        env["RAYON_NUM_THREADS"] = str(num_proc)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     cmd = [sys.executable, "-m", "bench.data", "--one", method, str(path), kind, tok, str(num_proc)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0, 0]
@@ -226,22 +257,51 @@ def measure(method: str, path: Path, kind: str, tok: str, num_proc: int, cache: 
     th.start()
     out, err = proc.communicate()
     th.join()
+    load = {"load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()]}
     if proc.returncode != 0:
-        return {"method": method, "error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+        return {"method": method, **load,
+                "error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
     res = json.loads(out.strip().splitlines()[-1])
-    res.update(method=method, peak_rss_gb=round(peak[0] / 2**30, 3), peak_rss_main_gb=round(peak[1] / 2**30, 3),
+    res.update(method=method, **load, peak_rss_gb=round(peak[0] / 2**30, 3), peak_rss_main_gb=round(peak[1] / 2**30, 3),
                rows_per_s=round(res["rows"] / res["seconds"], 1),
-               tokens_per_s=round(res["tokens"] / res["seconds"], 1), seconds=round(res["seconds"], 2))
+               tokens_per_s=round(res["tokens"] / res["seconds"], 1), seconds=round(res["seconds"], 2),
+               tokens_per_cpu_s=round(res["tokens"] / max(res["cpu_seconds"], 1e-9), 1))
     return res
+
+
+def readme_table(doc: dict) -> str:
+    """The README's table (markdown) from a result document: every method of every set, then the
+    target ratios. Nothing is computed beyond rounding and the ratios already in the document."""
+    names = {"fastft-cold": "fastft, cold (no cache)", "fastft-cached": "fastft, cached", "trl-1": "TRL SFTTrainer, "
+             "dataset_num_proc=1", "trl-2": "TRL SFTTrainer, dataset_num_proc=2", "ceiling": "Rust tokenizer alone"}
+    out = ["| set | method | rows | seconds | rows/s | tokens/s | tokens/CPU-s | peak RSS (GB) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ratios = []
+    for kind, st in doc["metrics"].items():
+        for m in st["methods"]:
+            label = names.get(m["method"], m["method"])
+            if "error" in m:
+                out.append(f"| {kind} | {label} | error: {m['error']} | | | | | |")
+                continue
+            per_cpu = f"{m['tokens_per_cpu_s']:,.0f}" if "tokens_per_cpu_s" in m else "-"
+            out.append(f"| {kind} | {label} | {m['rows']:,} | {m['seconds']:,.1f} | {m['rows_per_s']:,.0f} | "
+                       f"{m['tokens_per_s']:,.0f} | {per_cpu} | {m['peak_rss_gb']:.2f} |")
+        for k, v in st.get("ratios", {}).items():
+            ratios.append(f"{kind}: {k} = {v}")
+    return "\n".join(out + ([""] + ratios if ratios else []))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--table":  # python -m bench.data --table bench/results/data-....json
+        print(readme_table(json.loads(Path(argv[1]).read_text())))
+        return 0
     if argv and argv[0] == "--one":
         method, path, kind, tok, num_proc = argv[1:]
         print(json.dumps(run_method(method, Path(path), kind, tok, int(num_proc))))
         return 0
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--alpaca-rows", type=int, default=1_000_000)
     p.add_argument("--chat-rows", type=int, default=200_000)
     p.add_argument("--trl-rows", type=int, default=None, help="alpaca rows for the TRL runs (default: all); fewer "
@@ -257,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from bench import common
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     tok_path = tokenizer_path(args.tokenizer)  # SmolLM2 converted once, before anything is timed
     work = Path(args.work or tempfile.mkdtemp(prefix="fastft-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -278,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"{kind}: {m} ran on the first {cap:,} of the {n:,} rows (rates compare; totals do not)")
             res = measure(m, src, kind, tok_path, args.num_proc, cache)
             print(f"{kind:7} {m:14} " + (f"{res['rows']:>9,} rows {res['seconds']:>9.2f} s {res['rows_per_s']:>10,.1f} rows/s "
-                                         f"{res['tokens_per_s']:>12,.0f} tok/s  peak RSS {res['peak_rss_gb']:.2f} GB"
+                                         f"{res['tokens_per_s']:>12,.0f} tok/s {res['cpu_seconds']:>8.1f} cpu-s  peak RSS {res['peak_rss_gb']:.2f} GB"
                                          if "error" not in res else f"ERROR {res['error']}"), file=sys.stderr)
             rows.append(res)
         sets[kind] = {"rows": n, "methods": rows, "check": check}
@@ -290,17 +351,22 @@ def main(argv: list[str] | None = None) -> int:
                 ratios["cold_vs_trl2_rows_per_s"] = round(cold["rows_per_s"] / by["trl-2"]["rows_per_s"], 2)
             if "ceiling" in by:
                 ratios["cold_vs_ceiling_tokens_per_s"] = round(cold["tokens_per_s"] / by["ceiling"]["tokens_per_s"], 3)
+                # CPU time: what a busy machine disturbs least (the wall-clock ratio above is the target's)
+                ratios["cold_vs_ceiling_tokens_per_cpu_s"] = round(
+                    cold["tokens_per_cpu_s"] / by["ceiling"]["tokens_per_cpu_s"], 3)
             sets[kind]["ratios"] = ratios
     load = os.getloadavg()
     config = {"alpaca_rows": args.alpaca_rows, "chat_rows": args.chat_rows, "trl_rows": args.trl_rows,
               "trl_chat_rows": args.trl_chat_rows,
               "num_proc": args.num_proc, "tokenizer": args.tokenizer, "eval_fraction": 0.01, "max_seq_length": 2048,
               "cpu_model": common.cpu_model(), "cores": len(os.sched_getaffinity(0)),
+              "git_commit": common.git_sha(), "load_average_start": load_start,
               "load_average": [round(x, 2) for x in load]}
     doc = common.result(kind="data", name=f"{args.tokenizer}-alpaca{args.alpaca_rows}-chat{args.chat_rows}",
                         target="cpu", config=config, metrics=sets, notes=notes)
     path = common.write(doc, args.out)
-    print(f"wrote {path}", file=sys.stderr)
+    print(readme_table(doc), file=sys.stderr)
+    print(f"wrote {path} (its README table again: python -m bench.data --table {path})", file=sys.stderr)
     print(common.dumps_line(doc))
     return 0
 

@@ -6,13 +6,17 @@ processes, split and mix on indices, write Arrow files into an on-disk cache.
 
 1. Read: a .jsonl file is read line by line (the lines go to the workers, which parse them, so an
    error names the file and the line); .csv / .parquet files and hub datasets are loaded by
-   ``datasets`` into memory-mapped Arrow and iterated in batches; a .json list is read whole (that
-   format cannot be streamed). Nothing keeps every row in Python objects.
+   ``datasets`` into memory-mapped Arrow and iterated in batches. Nothing keeps every row in Python
+   objects, except a .json list, read whole (about 3x the file's size at the peak; ``datasets``' json
+   loader parses such a file whole too; docs/data.md says to convert big ones to .jsonl).
 2. Tokenize (``data.num_proc`` processes, default: the cores available): each chunk of rows is
    validated (``fastft.data.to_messages``), rendered once by the chat template, and tokenized with
    the Rust tokenizer in one batch, with character offsets. Each assistant turn's labelled span is
    found in characters from the template's prefix renderings (the conversation up to the turn with
-   the generation prompt, and up to the end of the turn); the tokens inside it are labelled. That is
+   the generation prompt, and up to the end of the turn); the tokens inside it are labelled. The
+   prefixes are rendered once per conversation shape (its roles) with placeholder contents
+   (``_shape``); an example uses them when the shape with its contents put back is its own
+   rendering, checked each time, and renders its prefixes itself otherwise. That is
    exact when both ends of the span fall on token boundaries of the whole rendering, which is
    checked for every example; an example where it does not hold goes through the per-example
    method (``fastft.data.tokenize``). The template as a whole is checked too: probe conversations
@@ -28,7 +32,8 @@ processes, split and mix on indices, write Arrow files into an on-disk cache.
    (tokenizer.json and chat template), the recipe's data section, ``max_seq_length`` and the seed.
    An entry is built in a temporary folder and moved into place whole; one whose manifest is
    missing or does not match is rebuilt, never loaded. A file lock makes concurrent builders (DDP
-   ranks, a train and an eval at once) wait for the first one and load its result.
+   ranks, a train and an eval at once) wait for the first one and load its result; under torchrun
+   the other ranks first let the node's rank 0 take the lock, so rank 0 builds and logs.
 """
 from __future__ import annotations
 
@@ -129,6 +134,7 @@ def _render(ex, gen: bool = False) -> str:
 
 def _compile(tokenizer) -> None:
     _W.pop("compiled", None)
+    _W["shapes"] = {}  # _shape's renderings belong to one template
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str):
         return
@@ -156,6 +162,103 @@ def _boundary(offsets, n: int, c: int) -> int | None:
     return lo
 
 
+def _token_at(enc, n: int, c: int) -> int | None:
+    """``_boundary`` of the encoding's offsets without building the offsets list (a list of tuples
+    per token costs about a tenth of the tokenization): the token holding character ``c`` and the
+    one before it are asked for their spans, which decides the common case; anything else (no
+    token holds ``c``, tokens sharing characters) asks ``_boundary``."""
+    t = enc.char_to_token(c)
+    if t is not None and enc.token_to_chars(t)[0] == c:
+        if t == 0:
+            return 0
+        a, b = enc.token_to_chars(t - 1)
+        if a < c and b <= c:  # starts ascend, so token t is the first that starts at or after c
+            return t
+    return _boundary(enc.offsets, n, c)
+
+
+_SLOT = "\ue000{}\ue001"  # a placeholder content: private-use characters around the message's index
+
+
+def _shape(roles: tuple) -> tuple | None:
+    """The template's rendering of a conversation with these roles and placeholder contents: (the
+    full rendering as pieces, a str for template text and an int for message k's content; per
+    assistant turn, the template characters and the contents before the end of its head (the
+    conversation before it, with the generation prompt) and of its end (the conversation up to
+    it)). None when the template renders the placeholders in a way the pieces cannot describe."""
+    import re
+
+    ex = [{"role": r, "content": _SLOT.format(k)} for k, r in enumerate(roles)]
+
+    def pieces(text: str) -> list | None:
+        out = []
+        for k, part in enumerate(re.split("\ue000(\\d+)\ue001", text)):
+            if k % 2:
+                out.append(int(part))
+            elif "\ue000" in part or "\ue001" in part:
+                return None  # a placeholder the template cut or changed
+            elif part:
+                out.append(part)
+        return out
+
+    def prefix(text: str, full: str) -> tuple | None:
+        if not full.startswith(text) or (p := pieces(text)) is None:
+            return None
+        return (sum(len(x) for x in p if isinstance(x, str)), tuple(x for x in p if isinstance(x, int)))
+
+    try:
+        full = _render(ex)
+        whole = pieces(full)
+        turns = []
+        for i, r in enumerate(roles):
+            if r != "assistant":
+                continue
+            head_text = _render(ex[:i], gen=True)
+            upto_text = full if i == len(ex) - 1 else _render(ex[: i + 1])
+            head, upto = prefix(head_text, full), prefix(upto_text, full)
+            if head is None or upto is None or len(head_text) > len(upto_text):
+                return None  # both are prefixes of full: the shorter one is a prefix of the longer
+            turns.append((head, upto))
+    except Exception:  # noqa: BLE001 - a shape the template rejects: each row is rendered as it is
+        return None
+    return None if whole is None else (whole, turns)
+
+
+def _spans_by_shape(ex: list, full: str) -> list | None:
+    """Each assistant turn's (start, end) characters in ``full`` from the rendering of the
+    conversation's shape (``_shape``, rendered once per shape): exact when the shape's pieces with
+    this conversation's contents put back are ``full`` itself, which is checked; None otherwise."""
+    shapes = _W.setdefault("shapes", {})
+    roles = tuple(m["role"] for m in ex)
+    shape = shapes.get(roles, False)
+    if shape is False:
+        shape = shapes[roles] = _shape(roles)
+    if shape is None:
+        return None
+    whole, turns = shape
+    contents = [m["content"] for m in ex]
+    if "".join(x if isinstance(x, str) else contents[x] for x in whole) != full:
+        return None  # the template changes a content (trims it, branches on it): render the prefixes
+    size = lambda part: part[0] + sum(len(contents[k]) for k in part[1])
+    return [(size(head), size(upto)) for head, upto in turns]
+
+
+def _spans_rendered(ex: list, full: str) -> list | None:
+    """Each assistant turn's (start, end) characters in ``full`` by rendering the conversation up to
+    it with the generation prompt (start) and up to its end (end); None when those renderings are
+    not prefixes of ``full``."""
+    sp = []
+    for i, msg in enumerate(ex):
+        if msg["role"] != "assistant":
+            continue
+        head = _render(ex[:i], gen=True)
+        upto = full if i == len(ex) - 1 else _render(ex[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(head)):
+            return None
+        sp.append((len(head), len(upto)))
+    return sp
+
+
 def _encode_fast(exs: list) -> list[tuple[list, list] | None]:
     """(input_ids, labels) per example, or None where the fast path is not exact for it."""
     tok = _W["tokenizer"]
@@ -170,39 +273,30 @@ def _encode_fast(exs: list) -> list[tuple[list, list] | None]:
             ids = ids + [eos]
             out.append((ids, list(ids)))
         return out
+    responses_only = _W["responses_only"]
     texts, spans = [], []
     for ex in exs:
         full = _render(ex)
         texts.append(full)
-        if not _W["responses_only"]:
-            spans.append(())
-            continue
-        sp = []
-        for i, msg in enumerate(ex):
-            if msg["role"] != "assistant":
-                continue
-            head = _render(ex[:i], gen=True)
-            upto = full if i == len(ex) - 1 else _render(ex[: i + 1])
-            if not (full.startswith(upto) and upto.startswith(head)):
-                sp = None
-                break
-            sp.append((len(head), len(upto)))
-        spans.append(sp)
+        if responses_only:
+            sp = _spans_by_shape(ex, full)
+            spans.append(sp if sp is not None else _spans_rendered(ex, full))
     out = []
-    for text, sp, enc in zip(texts, spans, backend.encode_batch(texts, add_special_tokens=False)):
+    for k, enc in enumerate(backend.encode_batch(texts, add_special_tokens=False)):
         ids = enc.ids
-        if not _W["responses_only"]:
+        if not responses_only:
             out.append((ids, list(ids)))
             continue
+        sp = spans[k]
         if sp is None:
             out.append(None)
             continue
-        offsets, n = enc.offsets, len(ids)
+        n, size = len(ids), len(texts[k])
         labels = [IGNORE] * n
         for a, b in sp:
-            s = _boundary(offsets, n, a)
-            e = n if b >= len(text) else _boundary(offsets, n, b)
-            if s is None or e is None:
+            s = _token_at(enc, n, a)
+            e = n if b >= size else _token_at(enc, n, b)
+            if s is None or e is None or a > b:
                 labels = None
                 break
             labels[s:e] = ids[s:e]
@@ -341,6 +435,7 @@ def template_check(tokenizer, responses_only: bool) -> str | None:
                     _render(ex[:j], gen) != tokenizer.apply_chat_template(ex[:j], tokenize=False, add_generation_prompt=gen)
                     for j in (len(ex) - 1, len(ex)) for gen in (False, True)):
                 _W.pop("compiled")  # the direct call renders differently: use apply_chat_template
+                _W["shapes"] = {}
             want = D.tokenize(ex, tokenizer, responses_only)
             got = _encode_fast([ex])[0]
         except Exception:  # noqa: BLE001 - a template that rejects a probe (no system role, ...) says nothing
@@ -658,6 +753,29 @@ def _load(entry: Path) -> tuple[DataBundle, dict]:
     return bundle, meta
 
 
+RANK_0_GRACE_S = 60.0  # how long another rank gives local rank 0 to take the lock before building itself
+
+
+def _wait_for_local_rank_0(entry: Path, lock, log) -> None:
+    """Under torchrun, ranks other than the node's rank 0 let it build: they wait until it holds the
+    lock (they then wait on the lock, and load what it wrote) or the entry is complete. The lock
+    alone would let whichever rank comes first build; this makes it rank 0, whose log the user
+    reads. After RANK_0_GRACE_S they go on (a rank 0 that builds elsewhere, or not at all)."""
+    from filelock import Timeout
+
+    if os.environ.get("LOCAL_RANK", "0") == "0" or not os.environ.get("WORLD_SIZE"):
+        return
+    end = time.monotonic() + RANK_0_GRACE_S
+    while time.monotonic() < end and check_entry(entry) is not None:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # rank 0 holds it
+            log(f"data: rank {os.environ.get('RANK', '?')} waits for rank 0 to build {entry}")
+            return
+        lock.release()
+        time.sleep(0.1)
+
+
 def build(d, tokenizer, *, seed: int, max_length: int, log=print) -> DataBundle:
     """``fastft.data.build``: the cached entry for this data, tokenizer and seed, built first when
     there is none (or it is damaged)."""
@@ -668,7 +786,9 @@ def build(d, tokenizer, *, seed: int, max_length: int, log=print) -> DataBundle:
     root = cache_dir() / "data"
     root.mkdir(parents=True, exist_ok=True)
     entry = root / key
-    with FileLock(str(entry) + ".lock"):
+    lock = FileLock(str(entry) + ".lock")
+    _wait_for_local_rank_0(entry, lock, log)
+    with lock:
         hit = False
         if entry.exists():
             problem = check_entry(entry)

@@ -108,6 +108,39 @@ def _read_json(path: Path) -> list[dict]:
 
 # --- rows -> messages --------------------------------------------------------------------------
 
+# format: (column, role key, content key, role names -> roles, allowed in the role error, no-assistant error)
+_CHAT_FORMATS = {
+    "messages": ("messages", "role", "content", {r: r for r in ROLES}, "allowed roles: " + ", ".join(ROLES),
+                 "no assistant message"),
+    "sharegpt": ("conversations", "from", "value", SHAREGPT_ROLES, "allowed: human, gpt, system (or user, assistant)",
+                 "no gpt turn"),
+}
+
+
+def _turns(row: dict, fmt: str, where: str, cols: str) -> list[dict]:
+    """A ``messages`` or ``sharegpt`` row: its list of turns -> [{role, content}]."""
+    col, role_key, content_key, roles, allowed, no_assistant = _CHAT_FORMATS[fmt]
+    turns = row.get(col)
+    if turns is None:
+        raise DataError(f"{where}: missing column {col!r} (format {fmt} needs a list of {{{role_key}, {content_key}}}; "
+                        f"found {cols})")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: {col!r} must be a non-empty list of {{{role_key}, {content_key}}}")
+    out = []
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise DataError(f"{where}: {col}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        role = roles.get(m[role_key]) if isinstance(m[role_key], str) else None
+        if role is None:
+            raise DataError(f"{where}: {col}[{i}] has {role_key} {m[role_key]!r}; {allowed}")
+        if not isinstance(m[content_key], str):
+            raise DataError(f"{where}: {col}[{i}].{content_key} must be text, got {type(m[content_key]).__name__}")
+        out.append({"role": role, "content": m[content_key]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: {no_assistant} (nothing to learn from this conversation)")
+    return out
+
+
 def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> list[dict] | str:
     """One row as chat messages (alpaca, messages) or as plain text (text). ``where`` names the row."""
     cols = ", ".join(sorted(row)) or "none"
@@ -127,46 +160,8 @@ def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> li
         if extra.strip():
             prompt = f"{prompt}\n\n{extra.strip()}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"].strip()}]
-    if fmt == "messages":
-        msgs = row.get("messages")
-        if msgs is None:
-            raise DataError(f"{where}: missing column 'messages' (format messages needs a list of "
-                            f"{{role, content}}; found {cols})")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; allowed roles: {', '.join(ROLES)}")
-            if not isinstance(m["content"], str):
-                raise DataError(f"{where}: messages[{i}].content must be text, got {type(m['content']).__name__}")
-            out.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" for m in out):
-            raise DataError(f"{where}: no assistant message (nothing to learn from this conversation)")
-        return out
-    if fmt == "sharegpt":
-        conv = row.get("conversations")
-        if conv is None:
-            raise DataError(f"{where}: missing column 'conversations' (format sharegpt needs a list of "
-                            f"{{from, value}}; found {cols})")
-        if not isinstance(conv, list) or not conv:
-            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}}")
-        out = []
-        for i, m in enumerate(conv):
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
-            role = SHAREGPT_ROLES.get(m["from"])
-            if role is None:
-                raise DataError(f"{where}: conversations[{i}] has from {m['from']!r}; allowed: human, gpt, system "
-                                "(or user, assistant)")
-            if not isinstance(m["value"], str):
-                raise DataError(f"{where}: conversations[{i}].value must be text, got {type(m['value']).__name__}")
-            out.append({"role": role, "content": m["value"]})
-        if not any(m["role"] == "assistant" for m in out):
-            raise DataError(f"{where}: no gpt turn (nothing to learn from this conversation)")
-        return out
+    if fmt in _CHAT_FORMATS:
+        return _turns(row, fmt, where, cols)
     if fmt == "text":
         text = row.get(text_field)
         if not isinstance(text, str):

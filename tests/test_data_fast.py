@@ -169,6 +169,45 @@ def test_template_the_batch_cannot_match_falls_back_per_example(tmp_path, bpe_to
         tok.chat_template = old
 
 
+CONTENT_TEMPLATES = {
+    # renders every content as it is: each conversation shape is rendered once, with placeholders
+    "verbatim": CHATML,
+    # trims contents (as Llama 3's template does): rows with surrounding spaces fail the shape check
+    "trim": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    # branches on a content: a placeholder never takes the branch, the rows that do fail the check
+    "branch": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'].startswith('the') %}[the] "
+               "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+               "{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTENT_TEMPLATES))
+def test_spans_by_shape_or_rendered_same_as_reference(tmp_path, bpe_tokenizer, monkeypatch, name):
+    """Spans come from one rendering per conversation shape where the template puts contents in
+    verbatim, from real prefix renderings where it does not; both give the reference's tokens."""
+    tok = bpe_tokenizer
+    old = tok.chat_template
+    tok.chat_template = CONTENT_TEMPLATES[name]
+    calls = []
+    real = data_build._spans_rendered
+    monkeypatch.setattr(data_build, "_spans_rendered", lambda ex, full: calls.append(1) or real(ex, full))
+    try:
+        src = _jsonl(tmp_path / "c.jsonl", multi_turn_rows(120, seed=3))
+        r = recipe.from_dict(tiny_recipe_dict(tmp_path / "o", model={"max_seq_length": 256},
+                                              data={"train": str(src), "format": "messages", "max_examples": None,
+                                                    "num_proc": 1}))
+        fast, ref = _both(r, tok)
+        _same(fast, ref)
+        assert fast.info["tokenizer_path"] == "batched"
+        if name == "verbatim":
+            assert not calls  # every row through its shape
+        else:  # the rows the shape cannot describe (nearly every row has a content ending in a space)
+            assert calls and (name == "trim" or len(calls) < fast.info["rows"])
+    finally:
+        tok.chat_template = old
+
+
 def test_template_check_failure_uses_the_per_example_method(tmp_path, tokenizer, monkeypatch):
     real = data_build._encode_fast
 
@@ -265,3 +304,61 @@ def test_cli_data_json(tmp_path, fastft_cache, capsys):
 
     train = datasets.load_from_disk(second["cache"]["path"] + "/train")
     assert len(train) == 38 and set(train.column_names) == {"input_ids", "labels"}
+
+
+RANK_WORKER = '''
+import hashlib, json, os, sys
+import torch.distributed as dist
+from transformers import AutoTokenizer
+from fastft import data, recipe
+
+dist.init_process_group("gloo")
+r = recipe.from_dict(json.loads(sys.argv[1]))
+logs = []
+b = data.build(r.data, AutoTokenizer.from_pretrained(sys.argv[2]), seed=r.train.seed,
+               max_length=r.model.max_seq_length, log=logs.append)
+h = hashlib.sha256(json.dumps([b.train["input_ids"][:], b.train["labels"][:], b.eval["input_ids"][:],
+                               b.eval["labels"][:], b.data_hash]).encode()).hexdigest()
+got = [None, None]
+dist.all_gather_object(got, {"rank": dist.get_rank(), "hit": b.info["cache"]["hit"], "digest": h, "logs": logs})
+if dist.get_rank() == 0:
+    print("RESULT " + json.dumps(got))
+dist.destroy_process_group()
+'''
+
+
+def test_two_ranks_build_once_and_load_the_same(tmp_path, tiny_path, tokenizer):
+    """Two processes as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE; gloo) build the same
+    data into one cache: rank 0 builds it, rank 1 waits for it and loads the same tokens."""
+    import hashlib
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    d = tiny_recipe_dict(tmp_path / "o", data={"train": "asset:data/word-categories.jsonl", "eval_fraction": 0.1,
+                                               "max_examples": 300, "num_proc": 1})
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FASTFT_CACHE": str(tmp_path / "cache"), "FASTFT_QUIET": "1", "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(d), str(tiny_path)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "RANK": str(k), "LOCAL_RANK": str(k)}) for k in (1, 0)]  # rank 1 first
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    got = json.loads(next(line for line in outs[1].splitlines() if line.startswith("RESULT "))[7:])
+    assert [g["hit"] for g in got] == [False, True]  # exactly one build, by rank 0
+    assert got[0]["digest"] == got[1]["digest"]
+    assert any("loaded from the cache" in m for m in got[1]["logs"])
+    assert len([p for p in (tmp_path / "cache" / "data").iterdir() if p.is_dir()]) == 1
+    # and it is the per-example method's data
+    r = recipe.from_dict(d)
+    ref = data.build_reference(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length,
+                               log=lambda m: None)
+    want = hashlib.sha256(json.dumps([ref.train["input_ids"][:], ref.train["labels"][:], ref.eval["input_ids"][:],
+                                      ref.eval["labels"][:], ref.data_hash]).encode()).hexdigest()
+    assert got[0]["digest"] == want
