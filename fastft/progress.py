@@ -25,6 +25,13 @@ def set_quiet(quiet: bool) -> None:
     """Turn progress output off (True) or back on for the rest of the process."""
     global _QUIET
     _QUIET = bool(quiet)
+    # The steps fastft hands to datasets (TRL's packing map, Arrow writes) draw datasets' own bars.
+    try:
+        import datasets
+
+        (datasets.disable_progress_bars if _QUIET else datasets.enable_progress_bars)()
+    except ImportError:
+        pass
 
 
 def quiet() -> bool:

@@ -87,6 +87,19 @@ def test_quiet_turns_eval_progress_off(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_quiet_also_silences_datasets_bars(monkeypatch):
+    """TRL packs through datasets.map, which draws its own bar: --quiet turns that off too."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(progress, "_QUIET", False)
+    try:
+        progress.set_quiet(True)
+        assert not datasets.is_progress_bar_enabled()
+        progress.set_quiet(False)
+        assert datasets.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
+
+
 def test_cli_quiet_sets_progress_off(monkeypatch, capsys):
     from fastft import cli
 
