@@ -16,6 +16,7 @@ Unsloth must be imported before transformers/peft/trl to patch them, so ``choose
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -172,9 +173,24 @@ def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo, f
         kwargs["quantization_config"] = nf4_config(dtype, float_storage=fsdp)
         if fsdp:
             info.notes.append(f"NF4 packed weights stored as {info.dtype} for FSDP, loaded into host memory")
+    # fsdp, 4-bit: rank 0 alone reads the checkpoint; the other ranks build the same model on the
+    # meta device and receive their shards from rank 0 once it is sharded (fastft.distributed).
+    # (16-bit: every rank reads it; the trainer would move a meta model to the device.)
+    from_rank0 = (fsdp and recipe.model.load_in_4bit
+                  and os.environ.get("FASTFT_FSDP_LOAD", "rank0") != "every-rank")
+    if from_rank0:
+        from . import distributed
+
+        distributed.init_process_group(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if from_rank0 and int(os.environ.get("RANK", 0)) != 0:
+            model = distributed.receive_skeleton(dtype)
+            info.notes.append("built on the meta device; its shards come from rank 0")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if from_rank0:
+                distributed.send_skeleton(model)
     except OSError as e:
         raise BackendError(_not_found(recipe.model.name, e)) from e
     gc = bool(recipe.train.gradient_checkpointing)

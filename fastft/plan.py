@@ -397,8 +397,10 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
                        f"(global batch {recipe.train.batch_size} x {recipe.train.grad_accum} split over the ranks)")
     if dist[1] == "fsdp":
         whole = sum(nf4_bytes(i * o) for _, i, o in sh.linears) if q4 else 0
-        p.notes.append(f"host RAM while loading: each rank reads the whole {'4-bit ' if q4 else ''}model "
-                       f"(~{(whole + sh.embed_params * 4 + sh.lm_head_params * 4) / GiB:.1f} GiB) before "
+        size = (whole + sh.embed_params * 4 + sh.lm_head_params * 4) / GiB
+        p.notes.append(f"host RAM while loading: rank 0 reads the whole 4-bit model (~{size:.1f} GiB) once and sends "
+                       "each rank its shard; the other ranks hold only their shards" if q4 else
+                       f"host RAM while loading: each rank reads the whole 16-bit model (~{size:.1f} GiB) before "
                        f"sharding, so a node needs ~{dist[0]} x that")
     if recipe.kernels == "fastft":
         p.notes.append("kernels: fastft: the activation terms are the backend's own LoRA path's; fastft's fused "
