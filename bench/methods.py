@@ -4,6 +4,8 @@
     python -m bench.methods pairs --sft outputs/smollm2-demo --n 160
     # the demo: the SFT run's adapter vs DPO started from it, same held-out set, same regression set
     python -m bench.methods demo --sft outputs/smollm2-demo [--set train.max_steps=20]
+    # a further try of the same SFT adapter: reuse the SFT side of an earlier result (checked)
+    python -m bench.methods demo --sft outputs/smollm2-demo --set train.method=orpo --sft-from bench/results/methods-dpo-...json
 
 ``pairs`` answers the first ``--n`` training prompts of the order-extraction task with the SFT run's
 adapter (greedy, as the evaluation answers) and writes fastft/assets/data/order-preference.jsonl:
@@ -104,6 +106,21 @@ def _side(ev: dict) -> dict:
             "regression_accuracy": (reg.get("adapter") or {}).get("accuracy"), "regression_n": reg.get("n")}
 
 
+def reused_sft_side(path: str, r) -> tuple[dict, float]:
+    """The SFT side of an earlier demo result, refused unless it evaluated the same adapter on the
+    same held-out file with the same eval settings (answers are greedy, so it would measure the same)."""
+    doc = json.loads(Path(path).read_text())
+    cfg, mine = doc.get("config") or {}, r.to_dict()
+    same = {"model.adapter": (cfg.get("model", {}).get("adapter"), mine["model"]["adapter"]),
+            "data.eval": (cfg.get("data", {}).get("eval"), mine["data"]["eval"]),
+            "eval": (cfg.get("eval"), mine["eval"]), "model.name": (cfg.get("model", {}).get("name"), mine["model"]["name"])}
+    differ = [k for k, (a, b) in same.items() if a != b]
+    if doc.get("kind") != "methods" or differ:
+        raise SystemExit(f"--sft-from {path}: not a methods demo of the same SFT side (differs: "
+                         f"{', '.join(differ) or 'kind'}); run without --sft-from to measure it")
+    return doc["metrics"]["sft"], doc["metrics"]["sft_eval_seconds"]
+
+
 def demo(args) -> int:
     import gc
 
@@ -113,16 +130,19 @@ def demo(args) -> int:
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="fastft-methods-demo-")
     r = recipe.load(args.recipe, [f"model.adapter={args.sft}", f"output.dir={run_dir}", *args.overrides])
     t0 = time.perf_counter()
-    model, tok, _, _ = evaluate.load_run(args.sft, log=lambda m: print(m, file=sys.stderr))
-    task = evaluate.eval_set_from_file(r.data.eval, tok, None, r.model.max_seq_length)
-    sft_eval = evaluate.evaluate(model, tok, r, task, log=lambda m: print(m, file=sys.stderr))
-    sft_seconds = time.perf_counter() - t0
-    del model
-    gc.collect()
+    if args.sft_from:  # the SFT side measured by an earlier demo of the same adapter and evaluation
+        sft, sft_seconds = reused_sft_side(args.sft_from, r)
+    else:
+        model, tok, _, _ = evaluate.load_run(args.sft, log=lambda m: print(m, file=sys.stderr))
+        task = evaluate.eval_set_from_file(r.data.eval, tok, None, r.model.max_seq_length)
+        sft = _side(evaluate.evaluate(model, tok, r, task, log=lambda m: print(m, file=sys.stderr)))
+        sft_seconds = time.perf_counter() - t0
+        del model
+        gc.collect()
     t1 = time.perf_counter()
     result = train.run(r, log=lambda m: print(m, file=sys.stderr), overwrite=True)
     dpo_seconds = time.perf_counter() - t1
-    sft, dpo = _side(sft_eval), _side(result.info["eval"])
+    dpo = _side(result.info["eval"])
     gain = dpo["score"] - sft["score"]
     forgot_delta = (dpo["forgotten"] or 0.0) - (sft["forgotten"] or 0.0)
     metrics = {
@@ -132,7 +152,7 @@ def demo(args) -> int:
         "method_figures": result.info["metrics"]["method"], "steps": result.info["metrics"]["steps"],
         "held_out_pair_loss": {"before": result.info["metrics"]["before"].get("eval_loss"),
                                "after": result.info["metrics"]["after"].get("eval_loss")},
-        "sft_eval_seconds": sft_seconds, "method_run_seconds": dpo_seconds,
+        "sft_eval_seconds": sft_seconds, "sft_side_from": args.sft_from, "method_run_seconds": dpo_seconds,
         "method_train_tokens_per_second": result.info["metrics"]["train"]["tokens_per_second"],
         "peak_rss_gb": result.info["metrics"]["train"].get("peak_rss_gb"),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -140,6 +160,9 @@ def demo(args) -> int:
     notes = [(f"the SFT side is {args.sft} (its adapter evaluated with the {r.train.method} recipe's eval section); "
              f"the {r.train.method} run started from that adapter and wrote {run_dir}"),
              "forgotten: share of the regression items the base model answers right that the adapter gets wrong"]
+    if args.sft_from:
+        notes.append(f"the SFT side was measured by {args.sft_from} (same adapter, held-out set, regression set "
+                     "and eval settings, checked; greedy decoding), not again by this command")
     doc = common.result(kind="methods", name=f"{r.train.method}-{Path(r.model.name).name}", target="cpu", config=r.to_dict(),
                         metrics=metrics, notes=notes)
     path = common.write(doc, args.out_dir)
@@ -162,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sft", required=True, help="the SFT run directory (or registry NAME@vN)")
     b.add_argument("--recipe", default=str(ROOT / "recipes/smollm2-dpo.yaml"))
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--sft-from", metavar="RESULT_JSON",
+                   help="take the SFT side from an earlier demo result of the same adapter (checked) instead of "
+                        "evaluating it again (~4 min on 2 cores)")
     b.add_argument("--run-dir", help="output.dir of the method's run (default: a temporary folder, kept)")
     b.add_argument("--out-dir", help="folder for the result JSON (default bench/results)")
     args = p.parse_args(argv)

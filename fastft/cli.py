@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="base model vs adapter on held-out and regression sets; writes eval.json")
     e.add_argument("run", help="a run directory (output.dir of a finished run: fastft.json + adapter/) "
                    "or a registry reference NAME@vN / NAME@production")
-    e.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
+    e.add_argument("--data", help="held-out file to score instead of the run's own held-out split "
+                   "(dpo / orpo runs: preference rows too, scored against the chosen answer)")
     e.add_argument("--regression", help="regression set (general prompts with answers) instead of eval.regression")
     e.add_argument("--no-gate-exit", action="store_true", help="report failed gates but exit 0 (default: exit 3)")
     _base_args(e)

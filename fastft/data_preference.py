@@ -5,6 +5,7 @@
     md.train[0]            # dpo/orpo: {"prompt": [messages], "chosen": [assistant turn], "rejected": [...]}
                            # grpo:     {"prompt": [messages], "reference": "...", "slice": ...}
     md.held_out            # a fastft.data.DataBundle for the evaluation at the end (prompt + reference rows)
+    data_preference.eval_file(recipe, tokenizer, "held.jsonl")   # fastft eval RUN --data FILE: the same, from a file
 
 ``data.format: preference`` rows (.jsonl/.json/.csv/.parquet, read by ``fastft.data.read_rows``):
 - ``prompt``: text (one user turn) or a list of ``{role, content}`` messages ending with a user turn;
@@ -63,6 +64,8 @@ def _answer(value, col: str, where: str) -> str:
 
 
 def _prompt(value, where: str) -> list[dict]:
+    """The prompt as messages: text (one user turn) or a list of messages ending with a user turn,
+    each message checked as ``data.to_messages`` checks a messages row."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: empty 'prompt'")
@@ -70,11 +73,9 @@ def _prompt(value, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: 'prompt' must be text or a non-empty list of {{role, content}} messages, "
                         f"got {type(value).__name__}")
-    msgs = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in data.ROLES:
-            raise DataError(f"{where}: prompt[{i}] must be {{role: system | user | assistant, content: text}}")
-        msgs.append({"role": m["role"], "content": m["content"]})
+    # to_messages wants a conversation with an answer: check the prompt as one, then drop the answer
+    answered = value + [{"role": "assistant", "content": ""}]
+    msgs = data.to_messages({"messages": answered}, "messages", f"{where} (prompt)")[:-1]
     if msgs[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt's last message must be the user's (the answers follow it), "
                         f"got {msgs[-1]['role']!r}")
@@ -114,33 +115,75 @@ def reference_row(row: dict, fmt: str, where: str, text_field: str = "text") -> 
 
 # --- the whole set -----------------------------------------------------------------------------
 
+def _example(r: dict, method: str, d, what: str, where: str) -> dict:
+    if method == "grpo":
+        return reference_row(r, d.format, where, d.text_field)
+    if what == "data.eval" and r.get("chosen") is None and ("instruction" in r or "messages" in r):
+        # a held-out file of the task's usual rows: evaluated (prompt vs reference), no pair loss
+        ex = reference_row(r, "messages" if "messages" in r else "alpaca", where, d.text_field)
+        return {"prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": ex["reference"]}],
+                "rejected": None, "slice": ex["slice"]}
+    return preference_row(r, where)
+
+
+def _or_skipped(make, skipped: list[str] | None):
+    """``make()``, or None with its DataError kept in ``skipped`` (data.skip_bad_rows)."""
+    try:
+        return make()
+    except DataError as e:
+        if skipped is None:
+            raise
+        skipped.append(str(e))
+        return None
+
+
 def read(d, method: str, source: str, what: str, skipped: list[str] | None) -> list[dict]:
     """Every row of ``source`` as an example for ``method``; bad rows raise (or go to ``skipped``)."""
     rows = data.read_rows(source, d.split, skipped)
-    if not rows:
-        raise DataError(f"{source}: no rows ({what} is empty)")
     if d.max_examples and what == "data.train":
         rows = rows[: d.max_examples]
-    out = []
-    for i, r in enumerate(rows, 1):
-        where = f"{source} row {i}"
-        try:
-            if method == "grpo":
-                out.append(reference_row(r, d.format, where, d.text_field))
-            elif what == "data.eval" and r.get("chosen") is None and ("instruction" in r or "messages" in r):
-                # a held-out file of the task's usual rows: evaluated (prompt vs reference), no pair loss
-                ex = reference_row(r, "messages" if "messages" in r else "alpaca", where, d.text_field)
-                out.append({"prompt": ex["prompt"], "chosen": [{"role": "assistant", "content": ex["reference"]}],
-                            "rejected": None, "slice": ex["slice"]})
-            else:
-                out.append(preference_row(r, where))
-        except DataError as e:
-            if skipped is None:
-                raise
-            skipped.append(str(e))
+    made = (_or_skipped(lambda: _example(r, method, d, what, f"{source} row {i}"), skipped)
+            for i, r in enumerate(rows, 1))
+    out = [ex for ex in made if ex is not None]
     if not out:
-        raise DataError(f"{source}: every row is invalid ({what}); first problem: {skipped[0]}")
+        raise DataError(f"{source}: every row is invalid ({what}); first problem: {skipped[0]}" if rows else
+                        f"{source}: no rows ({what} is empty)")
     return out
+
+
+def held_out_split(n: int, fraction: float, seed: int, source: str) -> list[int]:
+    """The indices held out of ``n`` training rows for ``data.eval_fraction`` (SFT's rule: a seeded
+    shuffle, at least one row, at least one left to train on)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise DataError(f"{source}: {n} rows leave none for training after holding out "
+                        f"data.eval_fraction={fraction}; add rows or lower the fraction")
+    return order[:n_eval]
+
+
+def _held_out(method: str, eval_ex: list[dict], tokenizer, max_len: int, data_hash: str, stats: dict):
+    """The held-out examples as a fastft.data.DataBundle for fastft.evaluate: (prompt, reference)
+    pairs, their slices, and tokenized rows (the reference as the labelled answer) for the loss."""
+    import datasets
+
+    pairs = [(ex["prompt"], ex["reference"] if method == "grpo" else ex["chosen"][0]["content"]) for ex in eval_ex]
+    rows = []
+    for i, (prompt, answer) in enumerate(pairs, 1):
+        t = data.tokenize(prompt + [{"role": "assistant", "content": answer}], tokenizer, True, f"eval example {i}")
+        rows.append({k: v[:max_len] for k, v in t.items()})
+    return data.DataBundle(train=None, eval=datasets.Dataset.from_list(rows) if rows else None, eval_pairs=pairs,
+                           data_hash=data_hash, stats=stats, eval_slices=[ex["slice"] for ex in eval_ex])
+
+
+def eval_file(recipe, tokenizer, source: str):
+    """A held-out file for a dpo / orpo / grpo run (``fastft eval RUN --data FILE``): preference rows
+    (prompt vs chosen) or the task's alpaca / messages rows (prompt vs reference), as a DataBundle."""
+    method = "grpo" if recipe.train.method == "grpo" else "dpo"
+    examples = read(recipe.data, method, source, "data.eval", None)
+    return _held_out(method, examples, tokenizer, recipe.model.max_seq_length, data.content_hash(examples),
+                     {"eval_examples": len(examples), "source": source})
 
 
 def build(recipe, tokenizer, log=print) -> MethodData:
@@ -155,25 +198,14 @@ def build(recipe, tokenizer, log=print) -> MethodData:
     if d.eval:
         train_ex, eval_ex = examples, read(d, method, d.eval, "data.eval", skipped)
     elif d.eval_fraction > 0:
-        order = list(range(len(examples)))
-        random.Random(recipe.train.seed).shuffle(order)
-        n_eval = max(1, round(len(examples) * d.eval_fraction))
-        if n_eval >= len(examples):
-            raise DataError(f"{d.train}: {len(examples)} rows leave none for training after holding out "
-                            f"data.eval_fraction={d.eval_fraction}; add rows or lower the fraction")
-        held = set(order[:n_eval])
-        eval_ex = [examples[i] for i in order[:n_eval]]
-        train_ex = [examples[i] for i in range(len(examples)) if i not in held]
+        held = held_out_split(len(examples), d.eval_fraction, recipe.train.seed, d.train)
+        eval_ex, kept = [examples[i] for i in held], set(range(len(examples))) - set(held)
+        train_ex = [ex for i, ex in enumerate(examples) if i in kept]
     else:
         train_ex, eval_ex = examples, []
     if skipped:
         log(f"data: skipped {len(skipped)} bad rows (data.skip_bad_rows: true); first: {skipped[0]}")
 
-    pairs = [(ex["prompt"], ex["reference"] if method == "grpo" else ex["chosen"][0]["content"]) for ex in eval_ex]
-    rows = []
-    for i, (prompt, answer) in enumerate(pairs, 1):
-        t = data.tokenize(prompt + [{"role": "assistant", "content": answer}], tokenizer, True, f"eval example {i}")
-        rows.append({k: v[: recipe.model.max_seq_length] for k, v in t.items()})
     columns = ("prompt", "chosen", "rejected") if method != "grpo" else ("prompt", "reference")
 
     def to_ds(exs):
@@ -182,14 +214,8 @@ def build(recipe, tokenizer, log=print) -> MethodData:
     stats = {"train_examples": len(train_ex), "eval_examples": len(eval_ex), "format": d.format,
              "method": method, "source": d.train, "skipped_rows": len(skipped or [])}
     # (train tokens: counted by the trainer's meter, real tokens per step, in metrics.train)
-    held_out = data.DataBundle(
-        train=None,
-        eval=datasets.Dataset.from_list(rows) if rows else None,
-        eval_pairs=pairs,
-        data_hash=data.content_hash(examples + (eval_ex if d.eval else [])),
-        stats=stats,
-        eval_slices=[ex["slice"] for ex in eval_ex],
-    )
+    held_out = _held_out(method, eval_ex, tokenizer, recipe.model.max_seq_length,
+                         data.content_hash(examples + (eval_ex if d.eval else [])), stats)
     pairs_held_out = [ex for ex in eval_ex if method != "grpo" and ex["rejected"] is not None]
     return MethodData(train=to_ds(train_ex), trl_eval=to_ds(pairs_held_out) if pairs_held_out else None,
                       held_out=held_out, stats=stats)

@@ -392,7 +392,9 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
     from . import data
 
     model, tokenizer, r, _ = load_run(run_dir, base, force, log)
-    if data_file:
+    if r.train.method != "sft":  # dpo / orpo / grpo: the held-out rows the run evaluated at its end
+        task = _method_eval_set(r, tokenizer, data_file, log)
+    elif data_file:
         task = eval_set_from_file(data_file, tokenizer, r.data.format if r.data.format != "text" else None,
                                   r.model.max_seq_length, r.data.text_field)
     else:
@@ -411,3 +413,21 @@ def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str 
 
     refresh(run_dir, log)  # the run's report.html follows the new eval.json
     return result
+
+
+def _method_eval_set(r, tokenizer, data_file: str | None, log) -> EvalSet:
+    """A dpo / orpo / grpo run's held-out set, built as its training built it (fastft.data_preference):
+    its prompts with the chosen answer (preference rows) or the reference (alpaca / messages rows)."""
+    from . import data, data_preference
+
+    if data_file:
+        return eval_set_from_bundle(data_preference.eval_file(r, tokenizer, data_file), data_file)
+    try:
+        bundle = data_preference.build(r, tokenizer, log=lambda m: log(f"fastft: {m}")).held_out
+    except data.DataError as e:
+        raise data.DataError(f"{e}\n(fastft eval rebuilds the {r.train.method} run's held-out rows from its "
+                             "recipe's data; give the held-out file with --data FILE)") from None
+    if not bundle.eval_pairs:
+        log(f"fastft: eval: the {r.train.method} run held out no rows (data.eval unset, data.eval_fraction 0); "
+            "give a held-out file with --data FILE (preference, alpaca or messages rows)")
+    return eval_set_from_bundle(bundle, "held-out rows of " + (r.data.eval or r.data.train))

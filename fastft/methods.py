@@ -10,6 +10,7 @@ QLoRA throughout, one base in memory: the reference policy of DPO and GRPO's KL 
 model with the adapter disabled when the run starts from a fresh adapter (TRL's "ref" adapter is
 removed), and a frozen copy of the starting adapter (LoRA weights only, a few MB) when it starts
 from ``model.adapter``, so the run is anchored to the SFT model it improves. ORPO needs no reference.
+DPO with ``train.sft_weight`` > 0 adds that weight x the chosen answers' cross-entropy to its loss.
 
 Metrics (metrics.jsonl and fastft.json ``metrics.method``): DPO/ORPO ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``; GRPO ``reward``, ``reward_std``,
@@ -146,6 +147,8 @@ def config(recipe, sft_args, info, has_eval: bool):
     beta = DEFAULT_BETA[m] if t.beta is None else t.beta
     if m == "dpo":
         kwargs.update(beta=beta, max_length=recipe.model.max_seq_length, precompute_ref_log_probs=False)
+        if t.sft_weight:  # DPO + cross-entropy on the chosen answers, so DPO cannot push them down too
+            kwargs.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, t.sft_weight])
     elif m == "orpo":
         kwargs.update(beta=beta, max_length=recipe.model.max_seq_length)
     else:
@@ -162,9 +165,9 @@ def make_trainer(recipe, model, tokenizer, md, sft_args, info, *, callbacks, met
     """The method's trainer over ``md`` (fastft.data_preference.MethodData), built from the run's
     SFT arguments (fastft.train's SFTConfig); returns (trainer, reward description or None)."""
     method = recipe.train.method
-    if info.name == "unsloth" and info.device == "cpu":
-        raise MethodError(f"train.method: {method} on the unsloth backend needs a GPU (Unsloth's CPU fallback "
-                          "trains SFTTrainer only); set backend: hf on CPU")
+    # backend unsloth: on CPU, Unsloth's CPU backend leaves TRL's DPO / ORPO / GRPO trainers stock (its
+    # chunked loss turns on for SFT steps only) and they run as under hf (tests/test_methods.py, the
+    # .venv-unsloth matrix entry); on a GPU they are the trainers Unsloth patched as it was imported
     cls = _trainer_classes(method)[0]
     args = config(recipe, sft_args, info, md.trl_eval is not None)
     kw = {"model": model, "args": args, "train_dataset": md.train, "processing_class": tokenizer,
@@ -214,6 +217,8 @@ def describe(recipe, start: dict | None, reward: dict | None) -> dict:
     if m == "sft":
         return {**out, "start_from": start}
     out["beta"] = DEFAULT_BETA[m] if t.beta is None else t.beta
+    if m == "dpo" and t.sft_weight:
+        out["sft_weight"] = t.sft_weight
     out["reference"] = ("none (reference-free)" if m == "orpo" else
                         "frozen copy of the starting adapter" if start else "base (adapter disabled)")
     out["start_from"] = start

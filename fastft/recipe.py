@@ -109,6 +109,7 @@ class TrainConfig:
     # see docs/methods.md
     method: Literal["sft", "dpo", "orpo", "grpo"] = "sft"
     beta: float | None = field(default=None, metadata=_range(0.0, None))  # None: dpo 0.1 (KL strength), orpo 0.1 (odds-ratio weight), grpo 0.04 (KL weight)
+    sft_weight: float = field(default=0.0, metadata=_range(0.0, None))  # dpo: + this x the chosen answers' cross-entropy (keeps their likelihood up)
     reward: str | None = None  # grpo: exact_match | contains | json_match (None: eval.metric), or module:function
     reward_fields: list[str] | None = None  # json_match reward: fields scored, partial credit each (None: eval.json_fields)
     reward_format: float = field(default=0.0, metadata=_range(0.0, None))  # grpo: weight of a reward for the reference's form (JSON that parses)
@@ -486,6 +487,9 @@ def _check_method(r: Recipe, problems: list[str]) -> None:
     if m != "sft" and r.data.packing:
         problems.append(f"data.packing: only train.method sft packs examples; set it to false for {m}")
     defaults = TrainConfig()
+    if m != "dpo" and t.sft_weight != defaults.sft_weight:
+        problems.append(f"train.sft_weight: only used by train.method: dpo (method is {m}); remove it"
+                        + (" (orpo has its own SFT term)" if m == "orpo" else ""))
     if m != "grpo":
         for key in GRPO_ONLY:
             if getattr(t, key) != getattr(defaults, key):

@@ -198,9 +198,6 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     previous, ckpt = _prepare_output(recipe, out_dir, resume, overwrite, world, say)
     batch = _per_device_batch(recipe, world)
     fsdp = distributed.strategy(recipe, world.size) == "fsdp"
-    if fsdp and recipe.train.eval_every:
-        raise TrainError("train.eval_every is not supported with distributed.strategy: fsdp yet (the best-adapter "
-                         "copy is not gathered from the shards); unset train.eval_every, or use strategy: ddp")
 
     # 1. load (the backend imports Unsloth first when it runs: it patches the HF stack and TRL as
     #    they are imported, so fastft's trainer and callbacks are imported after it)
@@ -236,11 +233,13 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     signals = callbacks.StopOnSignal(say)
     guard = callbacks.NonFiniteGuard(recipe.train.max_nonfinite_steps, say)
     extra, best = [], None
+    if world.size > 1:  # every rank stops at the same step boundary, whichever got the signal
+        extra.append(distributed.stop_together(signals))
     if recipe.train.early_stopping_patience and bundle.eval is not None:
         extra.append(callbacks.EarlyStop(recipe.train.early_stopping_patience, say))
     if recipe.train.eval_every and bundle.eval is not None:
-        best = callbacks.BestAdapter(model, checkpoints.checkpoint_root(out_dir) / "best-adapter.safetensors",
-                                     world.main, say)
+        best = (distributed.best_adapter if fsdp else callbacks.BestAdapter)(
+            model, checkpoints.checkpoint_root(out_dir) / "best-adapter.safetensors", world.main, say)
         extra.append(best)
     config = _sft_config(recipe, out_dir, info, _optimizer(recipe, info.device, say), bundle.eval is not None,
                          world, batch)
@@ -267,7 +266,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     else:
         before = _score(trainer, bundle)
         _forget_eval_preparation(trainer, model)
-    say(f"fastft: before training: {_fmt_scores(before)}")
+    say(f"fastft: before training: {_fmt_scores(before, bundle, recipe.train.method)}")
     if world.main:
         checkpoints.write_run_state(out_dir, {"status": "running", "recipe": recipe.to_dict(),
                                               "recipe_source": recipe.source, "before": before,
@@ -286,7 +285,7 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     if best is not None and best.restore_if_better(after["eval_loss"]):
         adapter_step = best.step
         after = _score(trainer, bundle)
-    say(f"fastft: after training:  {_fmt_scores(after)}")
+    say(f"fastft: after training:  {_fmt_scores(after, bundle, recipe.train.method)}")
     if md is not None:
         methods.finish(model)  # drop the frozen reference adapter: adapter/ holds the trained one alone
 
@@ -298,11 +297,10 @@ def run(recipe: Recipe, log=print, resume: bool = False, overwrite: bool = False
     if bad:
         raise TrainError(f"the trained adapter has non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                          "nothing was saved. Lower train.lr or check the data.")
-    if fsdp and recipe.eval.after_training:
-        say("fastft: the base-vs-adapter evaluation is skipped under fsdp (rank 0 holds only its shard); run "
-            "fastft eval on the saved adapter where the model fits")
-    verdict = (evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say)
-               if world.main and not fsdp else {})
+    if fsdp:  # every rank runs the sharded forwards on the same rows; rank 0's result is written
+        verdict = _evaluate_sharded(model, tokenizer, recipe, bundle, out_dir, world, say)
+    else:
+        verdict = evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say) if world.main else {}
     summary = {
         "train": meter.summary(),
         "steps": trainer.state.global_step,
@@ -392,18 +390,41 @@ def _save(model, tokenizer, out_dir: Path, run_info: dict, state_dict: dict | No
 def _shard(model, recipe: Recipe, info, say) -> dict:
     """distributed.strategy: fsdp: shard the model over the processes (fastft.distributed) and
     record each rank's share of the frozen base."""
+    import resource
+
     import torch
     import torch.distributed as dist
 
     full = distributed.local_bytes(model)
+    # what loading left in this process's memory: rank 0 the whole model, the others (meta) none
+    loaded = [None] * dist.get_world_size()
+    dist.all_gather_object(loaded, {"host_bytes": distributed.materialized_bytes(model),
+                                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     done = distributed.shard(model, getattr(torch, info.dtype), info.device, recipe.distributed.cpu_offload)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, distributed.local_bytes(model))
-    done.update(base_bytes_unsharded=full, base_bytes_per_rank=per_rank)
+    done.update(base_bytes_unsharded=full, base_bytes_per_rank=per_rank,
+                loaded_host_bytes_per_rank=[r["host_bytes"] for r in loaded],
+                peak_rss_after_load_per_rank=[r["peak_rss_bytes"] for r in loaded])
     say(f"fastft: FSDP over {done['processes']} processes, {done['units']} units ({done['decoder_layers']} "
         f"decoder layers); frozen base {full / 2**20:.1f} MiB, per rank " + " / ".join(f"{b / 2**20:.1f}" for b in per_rank) + " MiB"
-        + ("; parameter shards offloaded to CPU" if done["cpu_offload"] else ""))
+        + ("; parameter shards offloaded to CPU" if done["cpu_offload"] else "")
+        + f"; loaded by {done['loaded_by']}, host memory after loading per rank "
+        + " / ".join(f"{r['host_bytes'] / 2**20:.1f}" for r in loaded) + " MiB")
     return done
+
+
+def _evaluate_sharded(model, tokenizer, recipe: Recipe, bundle, out_dir: Path, world: World, say) -> dict:
+    """The base-vs-adapter evaluation on an FSDP model: a collective (each forward gathers the
+    layers from every rank), so every rank evaluates the same rows; the others write their copy
+    of eval.json into a scratch directory that is then removed."""
+    import tempfile
+
+    if world.main:
+        return evaluate.after_training(model, tokenizer, recipe, bundle, out_dir, log=say)
+    with tempfile.TemporaryDirectory(prefix=f"fastft-eval-rank{world.rank}-") as scratch:
+        evaluate.after_training(model, tokenizer, recipe, bundle, Path(scratch), log=lambda m: None)
+    return {}
 
 
 def _forget_eval_preparation(trainer, model) -> None:
@@ -458,9 +479,13 @@ def _score(trainer, bundle) -> dict:
     return {"eval_loss": trainer.evaluate()["eval_loss"]} if bundle.eval is not None and trainer.eval_dataset is not None else {}
 
 
-def _fmt_scores(s: dict) -> str:
+def _fmt_scores(s: dict, bundle=None, method: str = "sft") -> str:
     if "eval_loss" in s:
         return f"held-out loss {s['eval_loss']:.4f}"
+    if method != "sft" and bundle is not None and bundle.eval_pairs:  # held-out prompts, but no pair loss
+        why = "grpo has no loss on fixed answers" if method == "grpo" else "the held-out rows are not preference pairs"
+        return (f"no held-out {method} loss ({why}); its {len(bundle.eval_pairs)} held-out prompts are "
+                "evaluated after training")
     return "no held-out data (data.eval_fraction 0 and no data.eval)"
 
 

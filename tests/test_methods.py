@@ -1,6 +1,9 @@
 """train.method dpo / orpo / grpo: recipe checks, data, rewards and the planner (fast), then real
-4-bit runs of the tiny model on CPU (DPO fresh, GRPO chained from the DPO run's adapter)."""
+4-bit runs of the tiny model on CPU (DPO fresh, GRPO chained from the DPO run's adapter, `fastft eval` on
+the DPO run; DPO and GRPO on the unsloth backend in .venv-unsloth)."""
+import importlib.util
 import json
+import math
 
 import pytest
 from support import tiny_recipe_dict
@@ -41,6 +44,25 @@ def test_recipe_method_errors_name_the_fix(tmp_path):
     assert "data.mix: mixes supervised rows into SFT; with train.method orpo set data.mix: null" in msg
     r = _recipe(tmp_path, train={"method": "grpo", "reward": "my_rewards:score"})
     assert (r.train.method, r.train.reward, r.train.num_generations) == ("grpo", "my_rewards:score", 4)
+
+
+def test_dpo_sft_weight_adds_the_chosen_answers_cross_entropy(tmp_path):
+    from fastft import methods
+
+    class SFTArgs:  # the shared arguments fastft.train's SFTConfig would carry
+        def to_dict(self):
+            return {"output_dir": str(tmp_path / "out"), "learning_rate": 1e-4, "max_steps": 2, "report_to": [],
+                    "use_cpu": True, "bf16": False}
+
+    r = _recipe(tmp_path, train={"method": "dpo", "sft_weight": 0.5}, data={"format": "preference"})
+    cfg = methods.config(r, SFTArgs(), None, has_eval=False)
+    assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.learning_rate) == (["sigmoid", "sft"], [1.0, 0.5], 0.1, 1e-4)
+    assert methods.describe(r, None, None)["sft_weight"] == 0.5
+    plain = methods.config(_recipe(tmp_path, train={"method": "dpo"}, data={"format": "preference"}), SFTArgs(), None,
+                           has_eval=False)
+    assert plain.loss_type == ["sigmoid"]
+    msg = _problems(tmp_path, train={"method": "orpo", "sft_weight": 1.0}, data={"format": "preference"})
+    assert "train.sft_weight: only used by train.method: dpo (method is orpo); remove it (orpo has its own SFT term)" in msg
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -144,6 +166,22 @@ def test_plan_counts_each_methods_extra_memory(tmp_path):
     assert ref.bytes == 0 and "adapter disabled" in ref.note
 
 
+def test_methods_bench_names_mistakes_and_reuses_only_the_same_sft_side(tmp_path):
+    from bench import methods as bench_methods
+
+    ref = '{"name": "Ana Li", "city": "Lyon", "quantity": 3}'
+    assert bench_methods.mistake_kind(ref, ref) is None
+    assert bench_methods.mistake_kind('{"name": "Ana Li", "city": "Nice", "quantity": 3}', ref) == "wrong city"
+    assert bench_methods.mistake_kind("Ana Li from Lyon wants 3.", ref) == "prose"
+    r = _recipe(tmp_path)
+    prev = tmp_path / "prev.json"
+    prev.write_text(json.dumps({"kind": "methods", "config": r.to_dict(),
+                                "metrics": {"sft": {"score": 0.5}, "sft_eval_seconds": 12.0}}))
+    assert bench_methods.reused_sft_side(str(prev), r) == ({"score": 0.5}, 12.0)
+    with pytest.raises(SystemExit, match=r"not a methods demo of the same SFT side \(differs: eval\)"):
+        bench_methods.reused_sft_side(str(prev), _recipe(tmp_path, eval={"max_new_tokens": 8}))
+
+
 # --- real runs (tiny model, 4-bit, CPU) ----------------------------------------------------------
 
 def _pairs(path, n=48):
@@ -193,6 +231,45 @@ def test_dpo_run_records_method_margins_and_a_plain_adapter(dpo_run):
 
 
 @pytest.mark.slow
+def test_eval_on_a_dpo_run_repeats_its_end_of_training_evaluation(dpo_run, tmp_path):
+    from fastft import evaluate
+
+    r, result = dpo_run
+    recorded = json.loads((result.out_dir / "fastft.json").read_text())["eval"]["task"]
+    logs = []
+    ev = evaluate.eval_run(result.out_dir, log=logs.append)["task"]
+    # the same held-out rows (the recipe's eval_fraction split of the pairs), prompts vs chosen answers
+    assert ev["n"] == recorded["n"] == 3 and ev["source"] == f"held-out rows of {r.data.train}"
+    assert ev["adapter"]["exact_match"] == recorded["adapter"]["exact_match"]
+    assert ev["adapter"]["loss"] == pytest.approx(recorded["adapter"]["loss"], rel=1e-3)
+    assert not any("no held-out" in m for m in logs)
+    # --data: the task's alpaca rows (prompt vs reference) or preference rows (prompt vs chosen)
+    alpaca = tmp_path / "held.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": "Classify: red, blue", "input": "", "output": "colors",
+                                          "slice": "s"}) + "\n" for _ in range(2)))
+    ev = evaluate.eval_run(result.out_dir, data_file=str(alpaca), log=logs.append)["task"]
+    assert ev["n"] == 2 and ev["source"] == str(alpaca) and set(ev["adapter"]["slices"]) == {"s"}
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Classify: red", "chosen": "colors", "rejected": "animals"}) + "\n")
+    assert evaluate.eval_run(result.out_dir, data_file=str(prefs), log=logs.append)["task"]["n"] == 1
+    prefs.write_text(json.dumps({"prompt": "Classify: red", "chosen": "colors"}) + "\n")
+    with pytest.raises(DataError, match="missing column 'rejected'"):
+        evaluate.eval_run(result.out_dir, data_file=str(prefs), log=logs.append)
+
+
+def test_method_runs_say_why_there_is_no_held_out_loss():
+    from fastft import train
+    from fastft.data import DataBundle
+
+    held = DataBundle(train=None, eval=None, eval_pairs=[([{"role": "user", "content": "q"}], "a")] * 30,
+                      data_hash="x", stats={})
+    assert train._fmt_scores({}, held, "dpo") == ("no held-out dpo loss (the held-out rows are not preference "
+                                                  "pairs); its 30 held-out prompts are evaluated after training")
+    assert "grpo has no loss on fixed answers" in train._fmt_scores({}, held, "grpo")
+    assert train._fmt_scores({}, None, "sft").startswith("no held-out data")
+
+
+@pytest.mark.slow
 def test_grpo_starts_from_the_previous_runs_adapter_and_records_its_reward(dpo_run, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
@@ -236,17 +313,11 @@ def test_grpo_starts_from_the_previous_runs_adapter_and_records_its_reward(dpo_r
 
 @pytest.mark.slow
 def test_method_errors_at_run_time(tmp_path):
-    from fastft import methods, train
+    from fastft import train
 
     r = _recipe(tmp_path, model={"adapter": str(tmp_path / "nowhere")})
     with pytest.raises(Exception, match="nowhere"):
         train.run(r, log=lambda m: None)
-    with pytest.raises(methods.MethodError, match="on the unsloth backend needs a GPU"):
-        class Info:
-            name, device = "unsloth", "cpu"
-
-        methods.make_trainer(_recipe(tmp_path, train={"method": "grpo"}), None, None, None, None, Info(),
-                             callbacks=[], meter=None, guard=None, out_dir=tmp_path, keep_checkpoints=1)
 
 
 @pytest.mark.slow
@@ -263,3 +334,31 @@ def test_orpo_trains_reference_free_and_counts_both_answers(tmp_path):
     assert info["method"]["name"] == "orpo" and info["method"]["reference"] == "none (reference-free)"
     assert {"rewards/margins", "nll_loss"} <= set(info["metrics"]["method"])
     assert info["metrics"]["train"]["train_tokens"] > 0  # prompt+chosen and prompt+rejected rows
+
+
+@pytest.mark.slow
+@pytest.mark.unsloth
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,
+                    reason="unsloth not installed here; `make test` runs these in .venv-unsloth")
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_methods_run_on_the_unsloth_backend(tmp_path, method):
+    """Unsloth's CPU backend keeps TRL's preference and GRPO trainers stock: they train as under hf."""
+    from fastft import train
+
+    if method == "dpo":
+        data = {"train": _pairs(tmp_path / "pairs.jsonl", n=16), "format": "preference", "max_examples": None,
+                "eval_fraction": 0.0}
+        extra = {}
+    else:
+        data = {"max_examples": 16}
+        extra = {"reward": "exact_match", "num_generations": 4, "max_completion_length": 4}
+    r = recipe.from_dict(tiny_recipe_dict(
+        tmp_path / "out", backend="unsloth", model={"max_seq_length": 48}, data=data,
+        train={"method": method, "max_steps": 2, "batch_size": 4, "logging_every": 1, **extra},
+        eval={"after_training": False}))
+    info = train.run(r, log=lambda m: None).info
+    assert info["backend"]["name"] == "unsloth" and info["method"]["name"] == method
+    assert info["metrics"]["steps"] == 2 and all(math.isfinite(x) for x in info["metrics"]["losses"])
+    wanted = {"rewards/margins"} if method == "dpo" else {"reward", "kl"}
+    assert wanted <= set(info["metrics"]["method"])
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
