@@ -198,6 +198,18 @@ def test_sharded_best_adapter_keeps_and_restores_the_gathered_weights(tmp_path):
 
 # --- two processes -----------------------------------------------------------------------------
 
+def _torchrun_until_checkpoint(path, out, port: int):
+    """Start the 2-process run and return it once its first checkpoint (step 10) is complete."""
+    proc = _torchrun(path, port)
+    marker = out / "checkpoints" / "checkpoint-10" / checkpoints.MARKER
+    t0 = time.time()
+    while not marker.is_file():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.time() - t0 < 600, "no checkpoint appeared"
+        time.sleep(0.02)
+    return proc
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_after_kill_9(tmp_path, tiny_path, reference, one_torch_thread):
     """One run covers the issue's checks, to keep the suite short: the FSDP run (2 x 4) is killed
@@ -205,13 +217,7 @@ def test_fsdp_two_processes_match_one_and_resume_after_kill_9(tmp_path, tiny_pat
     curve (steps before and after the kill), evaluations and adapter (loaded by plain PEFT) are
     compared with one process; each rank holds about half of the base, and only rank 0 loaded it."""
     path, out = _recipe_file(tmp_path, "fsdp")
-    proc = _torchrun(path, 29547)
-    marker = out / "checkpoints" / "checkpoint-10" / checkpoints.MARKER
-    t0 = time.time()
-    while not marker.is_file():
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.time() - t0 < 600, "no checkpoint appeared"
-        time.sleep(0.02)
+    proc = _torchrun_until_checkpoint(path, out, 29547)
     victim = _rank_pid(proc.pid, 1)
     assert victim is not None, "rank 1 not found among torchrun's workers"
     os.kill(victim, signal.SIGKILL)
@@ -248,13 +254,7 @@ def test_fsdp_sigterm_checkpoints_at_the_step_boundary_and_resumes(tmp_path, tin
     rank finishes its step, writes a checkpoint at the same step and exits 143; the same command
     resumes to the single-process result."""
     path, out = _recipe_file(tmp_path, "term")
-    proc = _torchrun(path, 29550)
-    marker = out / "checkpoints" / "checkpoint-10" / checkpoints.MARKER
-    t0 = time.time()
-    while not marker.is_file():
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.time() - t0 < 600, "no checkpoint appeared"
-        time.sleep(0.02)
+    proc = _torchrun_until_checkpoint(path, out, 29550)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, log[-4000:]
