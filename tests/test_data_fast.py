@@ -278,6 +278,60 @@ def test_bad_rows_name_line_and_skip_counts_match(tmp_path, tokenizer):
         data.build(r.data, tokenizer, seed=1, max_length=64, log=lambda m: None)
 
 
+def _rows_files(tmp_path, sizes: list[list[int]]) -> tuple[data_build._Rows, list]:
+    """_Rows over one Arrow stream file per entry of ``sizes`` (each: the lengths of its batches);
+    row k holds input_ids [k, k+1, ...] of length 1 + k % 5. Returns it and the rows as lists."""
+    import pyarrow as pa
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("ex", pa.string())])
+    rows, k, parts = [], 0, []
+    for f, batches in enumerate(sizes):
+        path = tmp_path / f"src-{f}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+            for n in batches:
+                ids = [list(range(j, j + 1 + j % 5)) for j in range(k, k + n)]
+                labs = [[-100] + x[1:] for x in ids]
+                w.write_batch(pa.record_batch([pa.array(ids, pa.list_(pa.int32())), pa.array(labs, pa.list_(pa.int32())),
+                                               pa.array([f"row {j}" for j in range(k, k + n)])], schema=schema))
+                rows += [(i, l, f"row {j}") for j, i, l in zip(range(k, k + n), ids, labs)]
+                k += n
+        parts.append(data_build._Rows.open(path))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    assert len(out) == len(rows)
+    return out, rows
+
+
+def test_rows_gather_any_order_and_write_split_loads(tmp_path, monkeypatch):
+    """Rows gathered batch by batch in any order (repeats too, as data.mix repeats a small source),
+    across files and batch boundaries, and written in chunks smaller than the split, come back from
+    datasets.load_from_disk exactly, in order."""
+    import datasets
+    import numpy as np
+
+    rows, want = _rows_files(tmp_path, [[7, 1, 13], [5], [9, 2]])
+    rng = np.random.default_rng(0)
+    for idx in ([], [0], [36], list(range(37))[::-1], rng.integers(0, 37, 60).tolist(), rng.permutation(37).tolist()):
+        got = rows.gather(idx, ["input_ids", "ex"])
+        assert got.column_names == ["input_ids", "ex"] and got.column("input_ids").num_chunks <= 1
+        assert got.column("input_ids").to_pylist() == [want[i][0] for i in idx]
+        assert got.column("ex").to_pylist() == [want[i][2] for i in idx]
+        rows.release()  # the pages come back on the next read
+    with pytest.raises(IndexError):
+        rows.gather([37], ["ex"])
+    monkeypatch.setattr(data_build, "SPLIT_ROWS", 4)
+    idx = rng.permutation(37)[:23]
+    seen = []
+    data_build.write_split(rows, idx, tmp_path / "train", "0123456789abcdef", seen.append)
+    assert seen == [4, 4, 4, 4, 4, 3]
+    ds = datasets.load_from_disk(str(tmp_path / "train"))
+    assert ds.column_names == ["input_ids", "labels"] and len(ds) == 23
+    assert ds["input_ids"][:] == [want[i][0] for i in idx] and ds["labels"][:] == [want[i][1] for i in idx]
+    assert ds.features["input_ids"] == datasets.List(datasets.Value("int32"))
+    assert json.loads((tmp_path / "train" / "state.json").read_text())["_fingerprint"] == "0123456789abcdef"
+
+
 def test_cli_data_json(tmp_path, fastft_cache, capsys):
     src = _jsonl(tmp_path / "d.jsonl", [{"instruction": f"classify red , blue {i}", "output": "color"}
                                         for i in range(40)])
