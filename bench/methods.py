@@ -1,7 +1,7 @@
 """Does preference training pay after SFT? The shipped pairs, and the measured SFT -> DPO demo.
 
     # the pairs: the SFT adapter's own wrong answers on training prompts as the rejected answers
-    python -m bench.methods pairs --sft outputs/smollm2-demo --n 160
+    python -m bench.methods pairs --sft outputs/smollm2-demo --n 160 [--general 80]
     # the demo: the SFT run's adapter vs DPO started from it, same held-out set, same regression set
     python -m bench.methods demo --sft outputs/smollm2-demo [--set train.max_steps=20]
     # a further try of the same SFT adapter: reuse the SFT side of an earlier result (checked)
@@ -11,7 +11,9 @@
 adapter (greedy, as the evaluation answers) and writes fastft/assets/data/order-preference.jsonl:
 chosen = the reference, rejected = the adapter's answer where it is wrong (``source: sft``, with
 the kind of mistake: wrong city / quantity / name, or prose that is not JSON); where the adapter is
-right, a made-up mistake of the same three kinds (``source: synthetic``), so every prompt has a pair.
+right, a made-up mistake (``source: synthetic``), so every prompt has a pair: every other one a
+misspelled first name (the adapter's one kind of mistake on the held-out orders), the rest a wrong
+city, a wrong quantity or prose.
 
 ``demo`` scores the SFT adapter on the DPO recipe's held-out set and regression set (json_match on
 name, city, quantity; forgetting), trains recipes/smollm2-dpo.yaml from that adapter, and writes
@@ -33,6 +35,7 @@ from bench import common
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "fastft/assets/data/order-extraction.jsonl"
 PAIRS = ROOT / "fastft/assets/data/order-preference.jsonl"
+GENERAL = ROOT / "fastft/assets/data/general-instructions.jsonl"  # the SFT demo's data.mix: general
 FIELDS = ["name", "city", "quantity"]
 
 
@@ -55,10 +58,38 @@ def mistake_kind(answer: str, reference: str) -> str | None:
     return None
 
 
+def misspelled(name: str, i: int) -> str:
+    """``name`` with its first name garbled as the SFT adapter garbles the names it has not seen
+    ("Amen Tanaka" for "Ahmed Tanaka", "Dígos Kowalski" for "Diego Kowalski"): a letter dropped,
+    two swapped, a vowel changed or an ending added, by ``i``; never the name itself."""
+    orig, _, rest = name.partition(" ")
+    first = orig if len(orig) >= 3 else orig + "a"
+    k = 1 + i % (len(first) - 2)  # never the first letter
+    how = i % 4
+    if how == 0:
+        new = first[:k] + first[k + 1:]
+    elif how == 1:
+        new = first[:k] + first[k + 1] + first[k] + first[k + 2:]
+    elif how == 2:
+        vowels = "aeiou"
+        j = next((j for j in range(k, len(first)) if first[j].lower() in vowels), k)
+        c = first[j].lower()
+        new = first[:j] + (vowels[(vowels.index(c) + 1) % 5] if c in vowels else "i") + first[j + 1:]
+    else:
+        new = first + ("o", "as", "ina")[i % 3]
+    if new == orig:
+        new = orig + "o"
+    return f"{new} {rest}".strip()
+
+
 def made_up(i: int, reference: str, cities: list[str]) -> tuple[str, str]:
-    """A deterministic mistake of the SFT adapter's kinds for row ``i``: wrong city, quantity, prose."""
+    """A deterministic mistake of the SFT adapter's kinds for row ``i``. Every other one is a
+    misspelled name (its only kind of mistake on the held-out orders, whose names it never saw);
+    the rest rotate through wrong city, wrong quantity and prose."""
     want = json.loads(reference)
-    kind = ("wrong city", "wrong quantity", "prose")[i % 3]
+    if i % 2 == 0:
+        return "wrong name", json.dumps({**want, "name": misspelled(want["name"], i // 2)})
+    kind = ("wrong city", "wrong quantity", "prose")[(i // 2) % 3]
     if kind == "wrong city":
         others = [c for c in cities if c != want["city"]]
         return kind, json.dumps({**want, "city": others[(i * 7) % len(others)]})
@@ -91,6 +122,20 @@ def pairs(args) -> int:
         kinds[f"{source}: {kind}"] = kinds.get(f"{source}: {kind}", 0) + 1
         out.append({"prompt": _prompt(r), "chosen": r["output"], "rejected": rejected, "slice": r.get("slice"),
                     "mistake": kind, "source": source})
+    if args.general:  # general prompts: the reference answer over the adapter's own, where they differ
+        from fastft.evaluate import normalize
+
+        gen_rows = [json.loads(line) for line in GENERAL.read_text().splitlines() if line.strip()][: args.general]
+        if not args.sft:
+            raise SystemExit("--general needs --sft: its pairs reject the SFT adapter's own general answers")
+        prompts = [[{"role": "user", "content": _prompt(r)}] for r in gen_rows]
+        answers = evaluate.generate_answers(model, tok, prompts, max_new_tokens=64, batch_size=32)
+        for r, a in zip(gen_rows, answers):
+            if normalize(a) == normalize(r["output"]):
+                continue
+            kinds["general: differs"] = kinds.get("general: differs", 0) + 1
+            out.append({"prompt": _prompt(r), "chosen": r["output"], "rejected": a.strip(), "slice": "general",
+                        "mistake": "differs from the general answer", "source": "general"})
     atomic_write_text(Path(args.out), "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in out))
     print(f"wrote {len(out)} pairs to {args.out}: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     return 0
@@ -180,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("pairs", help="build the shipped preference pairs")
     a.add_argument("--sft", help="a finished SFT run whose wrong answers become the rejected ones")
     a.add_argument("--n", type=int, default=160, help="training prompts used (default 160)")
+    a.add_argument("--general", type=int, default=0, metavar="N",
+                   help="also the first N general instructions (the SFT demo's mix set): chosen = its answer, "
+                        "rejected = the SFT adapter's where they differ (keeps general answers in place)")
     a.add_argument("--out", default=str(PAIRS))
     b = sub.add_parser("demo", help="SFT adapter vs the method started from it; writes the result JSON")
     b.add_argument("--sft", required=True, help="the SFT run directory (or registry NAME@vN)")

@@ -173,6 +173,13 @@ def test_methods_bench_names_mistakes_and_reuses_only_the_same_sft_side(tmp_path
     assert bench_methods.mistake_kind(ref, ref) is None
     assert bench_methods.mistake_kind('{"name": "Ana Li", "city": "Nice", "quantity": 3}', ref) == "wrong city"
     assert bench_methods.mistake_kind("Ana Li from Lyon wants 3.", ref) == "prose"
+    for name in ("Ahmed Tanaka", "Li Wu", "Noor Lopez", "Bo"):
+        spelled = {bench_methods.misspelled(name, i) for i in range(12)}
+        assert name not in spelled and len(spelled) >= 3
+        assert all(s.split(" ")[1:] == name.split(" ")[1:] for s in spelled)  # the surname is kept
+    kinds = [bench_methods.made_up(i, ref, ["Lyon", "Nice"]) for i in range(12)]
+    assert [k for k, _ in kinds].count("wrong name") == 6
+    assert all(bench_methods.mistake_kind(a, ref) == k for k, a in kinds)
     r = _recipe(tmp_path)
     prev = tmp_path / "prev.json"
     prev.write_text(json.dumps({"kind": "methods", "config": r.to_dict(),
@@ -180,6 +187,36 @@ def test_methods_bench_names_mistakes_and_reuses_only_the_same_sft_side(tmp_path
     assert bench_methods.reused_sft_side(str(prev), r) == ({"score": 0.5}, 12.0)
     with pytest.raises(SystemExit, match=r"not a methods demo of the same SFT side \(differs: eval\)"):
         bench_methods.reused_sft_side(str(prev), _recipe(tmp_path, eval={"max_new_tokens": 8}))
+
+
+def test_methods_bench_pairs_keep_the_adapters_mistakes_and_its_differing_general_answers(tmp_path, monkeypatch):
+    """``bench.methods pairs``: a wrong answer of the adapter becomes the rejected one (source sft), a right
+    one gets a made-up mistake (synthetic); with --general, a general prompt gives a pair only where the
+    adapter's answer differs from the reference. The adapter is replaced by canned answers."""
+    import argparse
+
+    from bench import methods as bench_methods
+    from fastft import evaluate
+
+    orders = [json.loads(line) for line in bench_methods.TRAIN.read_text().splitlines()[:4]]
+    general = [json.loads(line) for line in bench_methods.GENERAL.read_text().splitlines()[:3]]
+    wrong = json.dumps({**json.loads(orders[1]["output"]), "city": "Atlantis"})
+    canned = {"orders": [orders[0]["output"], wrong, orders[2]["output"], "no idea"],
+              "general": [general[0]["output"], "Something else.", "  " + general[2]["output"].upper() + " "]}
+    monkeypatch.setattr(evaluate, "load_run", lambda run, log=None: ("model", "tok", None, None))
+    monkeypatch.setattr(evaluate, "generate_answers",
+                        lambda m, t, prompts, **k: canned["orders" if len(prompts) == 4 else "general"])
+    out = tmp_path / "pairs.jsonl"
+    bench_methods.pairs(argparse.Namespace(sft="RUN", n=4, general=3, out=str(out)))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["source"], r["mistake"]) for r in rows] == [
+        ("synthetic", "wrong name"), ("sft", "wrong city"), ("synthetic", "wrong name"), ("sft", "prose"),
+        ("general", "differs from the general answer")]
+    assert rows[1]["rejected"] == wrong and rows[3]["rejected"] == "no idea"
+    assert all(r["chosen"] == o["output"] for r, o in zip(rows, orders))
+    assert rows[4]["chosen"] == general[1]["output"] and rows[4]["rejected"] == "Something else."
+    with pytest.raises(SystemExit, match="--general needs --sft"):
+        bench_methods.pairs(argparse.Namespace(sft=None, n=4, general=3, out=str(out)))
 
 
 # --- real runs (tiny model, 4-bit, CPU) ----------------------------------------------------------
