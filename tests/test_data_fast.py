@@ -312,7 +312,8 @@ def test_rows_gather_any_order_and_write_split_loads(tmp_path, monkeypatch):
 
     rows, want = _rows_files(tmp_path, [[7, 1, 13], [5], [9, 2]])
     rng = np.random.default_rng(0)
-    for idx in ([], [0], [36], list(range(37))[::-1], rng.integers(0, 37, 60).tolist(), rng.permutation(37).tolist()):
+    for idx in ([], [0], [36], list(range(37)), list(range(37))[::-1], sorted(rng.integers(0, 37, 60).tolist()),
+                rng.integers(0, 37, 60).tolist(), rng.permutation(37).tolist()):
         got = rows.gather(idx, ["input_ids", "ex"])
         assert got.column_names == ["input_ids", "ex"] and got.column("input_ids").num_chunks <= 1
         assert got.column("input_ids").to_pylist() == [want[i][0] for i in idx]
