@@ -19,6 +19,8 @@ CORE_PINS   := transformers==5.17.0 peft==0.21.2 datasets==4.8.5 bitsandbytes==0
                accelerate==1.15.0 triton==3.9.0 gguf==0.19.0 sentencepiece==0.2.3 tensorboard==2.21.0
 # the test extra's plugins for bench/gpu.sh's GPU tests (pytest-xdist, a per-test timeout)
 CORE_PINS   += pytest-xdist==3.8.0 pytest-timeout==2.4.0
+# and pytest-cov for python -m bench.coverage (its subprocess measurement is coverage's own, >= 7.10)
+CORE_PINS   += pytest-cov==7.1.0
 GGUF_PINS   := llama-cpp-python==0.3.36 diskcache==5.6.3
 # The GPU machine's triton (beside its torch 2.11), installed without dependencies into a folder that
 # tests/test_kernel_compile.py puts first on its compile worker's PYTHONPATH (torch 2.13 imports with it).
@@ -37,11 +39,14 @@ demo: .venv/.done
 demo-tiny: .venv/.done
 	.venv/bin/fastft train recipes/tiny-demo.yaml --overwrite
 
+# Both suites run even when the first fails (one failure must not hide the other half); the target
+# fails if either did, after printing which.
 test: .venv/.done .venv/triton36/.done $(if $(HAS_GPU),,.venv-unsloth/.done)
-	.venv/bin/python -m pytest
-ifeq ($(HAS_GPU),)
-	.venv-unsloth/bin/python -m pytest -m unsloth -p no:cacheprovider
-endif
+	@core=0; .venv/bin/python -m pytest || core=$$?; \
+	unsloth=skipped; \
+	if [ -z "$(HAS_GPU)" ]; then unsloth=0; .venv-unsloth/bin/python -m pytest -m unsloth -p no:cacheprovider || unsloth=$$?; fi; \
+	echo "make test: core suite exit $$core, unsloth suite exit $$unsloth (skipped with a GPU: the core venv has unsloth)"; \
+	[ "$$core" = 0 ] && { [ "$$unsloth" = 0 ] || [ "$$unsloth" = skipped ]; }
 
 setup: .venv/.done
 

@@ -286,122 +286,247 @@ def _splits(ranks) -> list[tuple[int, int]]:
 # Autograd
 # --------------------------------------------------------------------------------------------------
 
-class LoRAProjectionsFunction(torch.autograd.Function):
-    """Projections sharing one input (Q, K, V): outputs Y_i, gradients for x and every A_i, B_i."""
+# On the GPU machine Unsloth compiles every decoder block, so these ops run inside Dynamo. Each fused
+# op is a torch.library custom op (forward, and backward as a second op) with a fake implementation
+# and a registered autograd formula: one opaque node for Dynamo and AOTAutograd, no graph break.
+# Custom ops take tensors and plain values, so projections travel flattened (`_op_args`): base
+# weights (an NF4 weight as its bytes), A's, B's, biases, the NF4 fields and metadata, scalings.
 
-    @staticmethod
-    def forward(ctx, x, projs, *factors):
-        n = len(projs)
-        x2 = _rows(x)
-        dtype = x2.dtype
-        a_cat = torch.cat([a.to(dtype) for a in factors[:n]])  # [Σr, K]
-        xa = x2 @ a_cat.t()  # [M, Σr]: one thin product for all adapters
-        outs = []
-        for p, b, (lo, hi) in zip(projs, factors[n:], _splits(p.rank for p in projs)):
-            y = _base_product(x2, p)
-            y.addmm_(xa[:, lo:hi], b.to(dtype).t(), alpha=p.scaling)
-            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, xa, *factors)
-        ctx.projs, ctx.in_shape = projs, x.shape
-        ctx.set_materialize_grads(False)  # an output outside the loss arrives as None: skipped
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *dys):
-        x2, xa, *factors = ctx.saved_tensors
-        projs = ctx.projs
-        n = len(projs)
-        As, Bs = factors[:n], factors[n:]
-        dtype, M = x2.dtype, x2.shape[0]
-        need_x = ctx.needs_input_grad[0]
-        need_a = ctx.needs_input_grad[2:2 + n]
-        need_b = ctx.needs_input_grad[2 + n:]
-        dx, parts, da, db = None, [], [None] * n, [None] * n
-        for i, (p, (lo, hi)) in enumerate(zip(projs, _splits(p.rank for p in projs))):
-            dy = dys[i]
-            if dy is None:  # an output that took no part in the loss: no dB, a zero block in G
-                parts.append(torch.zeros((M, p.rank), dtype=dtype, device=x2.device))
-                continue
-            dy2 = _rows(dy.to(dtype))
-            parts.append((dy2 @ Bs[i].to(dtype)).mul_(p.scaling))  # s_i·dY_i·B_i
-            if need_b[i]:
-                db[i] = (dy2.t() @ xa[:, lo:hi]).mul_(p.scaling).to(Bs[i].dtype)
-            if need_x:  # W re-dequantized into the shared buffer, never saved
-                w = p.dense(dtype)
-                dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
-        g = torch.cat(parts, 1)  # [M, Σr]
-        if need_x:
-            a_cat = torch.cat([a.to(dtype) for a in As])
-            dx = g @ a_cat if dx is None else dx.addmm_(g, a_cat)
-            dx = dx.reshape(ctx.in_shape)
-        if any(need_a):
-            da_cat = g.t() @ x2  # [Σr, K]: one product, split by rows
-            for i, (lo, hi) in enumerate(_splits(p.rank for p in projs)):
-                if need_a[i]:
-                    da[i] = da_cat[lo:hi].to(As[i].dtype)
-        return (dx, None, *da, *db)
+_META = 8  # ints per projection in the flattened metadata: NF4 or not, then NF4Weight.op_args' seven
 
 
-class LoRAMLPFunction(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)) with LoRA on all three; gradients for x and the six factors."""
+def _op_args(projs) -> dict:
+    weights, nf4_tensors, meta = [], [], []
+    for p in projs:
+        if p.nf4 is not None:
+            tensors, m = p.nf4.op_args()
+            weights.append(p.nf4.packed)
+            nf4_tensors += tensors
+            meta += [1, *m]
+        else:
+            weights.append(p.weight)
+            meta += [0] * _META
+    return dict(weights=weights, lora_as=[p.lora_a for p in projs], lora_bs=[p.lora_b for p in projs],
+                biases=[p.bias for p in projs], nf4_tensors=nf4_tensors, meta=meta,
+                scalings=[p.scaling for p in projs])
 
-    @staticmethod
-    def forward(ctx, x, projs, a_g, a_u, a_d, b_g, b_u, b_d):
-        gate, up, down = projs
-        x2 = _rows(x)
-        dtype = x2.dtype
-        a_gu = torch.cat([a_g.to(dtype), a_u.to(dtype)])
-        xa = x2 @ a_gu.t()  # [M, r_g + r_u]: one thin product for gate and up
-        (g_lo, g_hi), (u_lo, u_hi) = _splits((gate.rank, up.rank))
-        g = _base_product(x2, gate).addmm_(xa[:, g_lo:g_hi], b_g.to(dtype).t(), alpha=gate.scaling)
-        u = _base_product(x2, up).addmm_(xa[:, u_lo:u_hi], b_u.to(dtype).t(), alpha=up.scaling)
-        h = swiglu_forward(g, u)
-        ha = h @ a_d.to(dtype).t()  # [M, r_d]
-        y = _base_product(h, down).addmm_(ha, b_d.to(dtype).t(), alpha=down.scaling)
-        ctx.save_for_backward(x2, xa, g, u, ha, a_g, a_u, a_d, b_g, b_u, b_d)  # h is recomputed
-        ctx.projs, ctx.in_shape, ctx.backward_done = projs, x.shape, False
-        return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, xa, g, u, ha, a_g, a_u, a_d, b_g, b_u, b_d = ctx.saved_tensors
-        gate, up, down = ctx.projs
-        dtype = x2.dtype
-        need_x, _, *need = ctx.needs_input_grad
+def _projections(weights, lora_as, lora_bs, biases, nf4_tensors, meta, scalings) -> list[Projection]:
+    """The Projections `_op_args` flattened (their checks ran when they were built)."""
+    out, t = [], 0
+    for i, w in enumerate(weights):
+        m = meta[i * _META:(i + 1) * _META]
+        nf4 = None
+        if m[0]:
+            nf4 = NF4Weight.from_op_args(nf4_tensors[t:t + 5], m[1:])
+            t += 5
+        out.append(Projection(w, lora_as[i], lora_bs[i], scalings[i], quant_state=nf4, bias=biases[i]))
+    return out
+
+
+def _out_features(weights, meta, i: int) -> int:
+    return meta[i * _META + 1] if meta[i * _META] else weights[i].shape[0]
+
+
+# --- Q/K/V: projections sharing one input ---------------------------------------------------------
+
+@torch.library.custom_op("fastft::lora_projections", mutates_args=())
+def _projections_op(x2: torch.Tensor, weights: list[torch.Tensor], lora_as: list[torch.Tensor],
+                    lora_bs: list[torch.Tensor], biases: list[torch.Tensor | None], nf4_tensors: list[torch.Tensor],
+                    meta: list[int], scalings: list[float]) -> list[torch.Tensor]:
+    """[Y_1, ..., Y_n, XA] for 2-D contiguous x (XA = x·[A_1; ...]ᵀ, kept for the backward)."""
+    projs = _projections(weights, lora_as, lora_bs, biases, nf4_tensors, meta, scalings)
+    dtype = x2.dtype
+    a_cat = torch.cat([p.lora_a.to(dtype) for p in projs])  # [Σr, K]
+    xa = x2 @ a_cat.t()  # [M, Σr]: one thin product for all adapters
+    outs = []
+    for p, (lo, hi) in zip(projs, _splits(p.rank for p in projs)):
+        y = _base_product(x2, p)
+        outs.append(y.addmm_(xa[:, lo:hi], p.lora_b.to(dtype).t(), alpha=p.scaling))
+    return [*outs, xa]
+
+
+@_projections_op.register_fake
+def _projections_fake(x2, weights, lora_as, lora_bs, biases, nf4_tensors, meta, scalings):
+    M = x2.shape[0]
+    return [*(x2.new_empty((M, _out_features(weights, meta, i))) for i in range(len(weights))),
+            x2.new_empty((M, sum(a.shape[0] for a in lora_as)))]
+
+
+@torch.library.custom_op("fastft::lora_projections_backward", mutates_args=())
+def _projections_backward_op(dys: list[torch.Tensor | None], x2: torch.Tensor, xa: torch.Tensor,
+                             weights: list[torch.Tensor], lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor],
+                             nf4_tensors: list[torch.Tensor], meta: list[int], scalings: list[float],
+                             need: list[bool]) -> list[torch.Tensor]:
+    """[dX, dA_1.., dB_1..] (need: x, then each A, then each B; a gradient not needed, or the dB of an
+    output that took no part in the loss (its dY None), comes back empty)."""
+    projs = _projections(weights, lora_as, lora_bs, [None] * len(weights), nf4_tensors, meta, scalings)
+    n = len(projs)
+    dtype, M = x2.dtype, x2.shape[0]
+    need_x, need_a, need_b = need[0], need[1:1 + n], need[1 + n:]
+    dx, parts, da, db = None, [], [None] * n, [None] * n
+    for i, (p, (lo, hi)) in enumerate(zip(projs, _splits(p.rank for p in projs))):
+        dy = dys[i]
+        if dy is None:  # an output that took no part in the loss: no dB, a zero block in G
+            parts.append(torch.zeros((M, p.rank), dtype=dtype, device=x2.device))
+            continue
         dy2 = _rows(dy.to(dtype))
-        dyb = (dy2 @ b_d.to(dtype)).mul_(down.scaling)  # s_d·dY·B_d
-        dh = (dy2 @ down.dense(dtype)).addmm_(dyb, a_d.to(dtype))
-        # h over dh, dg over g, du over u: g and u are this op's own saved buffers, so a second
-        # backward through the same graph would read them overwritten; it is refused (below)
-        if ctx.backward_done:
-            raise RuntimeError("fastft.kernels.fused: the fused MLP's backward reuses its saved buffers, so it "
-                               "runs once per forward; backward through it again (retain_graph=True) is not "
-                               "supported: run the forward again, or use the per-projection path")
-        ctx.backward_done = True
-        h, dg, du = swiglu_backward(dh, g, u, inplace=True)
-        grads = [None] * 6  # a_g, a_u, a_d, b_g, b_u, b_d
-        if need[2]:
-            grads[2] = (dyb.t() @ h).to(a_d.dtype)
-        if need[5]:
-            grads[5] = (dy2.t() @ ha).mul_(down.scaling).to(b_d.dtype)
-        del h
-        (g_lo, g_hi), (u_lo, u_hi) = _splits((gate.rank, up.rank))
-        gu = torch.cat([(dg @ b_g.to(dtype)).mul_(gate.scaling), (du @ b_u.to(dtype)).mul_(up.scaling)], 1)
-        if need[3]:
-            grads[3] = (dg.t() @ xa[:, g_lo:g_hi]).mul_(gate.scaling).to(b_g.dtype)
-        if need[4]:
-            grads[4] = (du.t() @ xa[:, u_lo:u_hi]).mul_(up.scaling).to(b_u.dtype)
-        dx = None
-        if need_x:  # one buffer: dg·W_g, then += du·W_u, then += the LoRA terms of both
-            dx = dg @ gate.dense(dtype)
-            dx.addmm_(du, up.dense(dtype))
-            dx.addmm_(gu, torch.cat([a_g.to(dtype), a_u.to(dtype)]))
-            dx = dx.reshape(ctx.in_shape)
-        if need[0] or need[1]:
-            da = gu.t() @ x2  # [r_g + r_u, K]
-            grads[0] = da[g_lo:g_hi].to(a_g.dtype) if need[0] else None
-            grads[1] = da[u_lo:u_hi].to(a_u.dtype) if need[1] else None
-        return (dx, None, *grads)
+        parts.append((dy2 @ p.lora_b.to(dtype)).mul_(p.scaling))  # s_i·dY_i·B_i
+        if need_b[i]:
+            db[i] = (dy2.t() @ xa[:, lo:hi]).mul_(p.scaling).to(p.lora_b.dtype)
+        if need_x:  # W re-dequantized into the shared buffer, never saved
+            w = p.dense(dtype)
+            dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+    g = torch.cat(parts, 1)  # [M, Σr]
+    if need_x:
+        a_cat = torch.cat([p.lora_a.to(dtype) for p in projs])
+        dx = g @ a_cat if dx is None else dx.addmm_(g, a_cat)
+    if any(need_a):
+        da_cat = g.t() @ x2  # [Σr, K]: one product, split by rows
+        for i, (lo, hi) in enumerate(_splits(p.rank for p in projs)):
+            if need_a[i]:
+                da[i] = da_cat[lo:hi].to(projs[i].lora_a.dtype, copy=True)  # an op's outputs never alias
+    return [t if t is not None else x2.new_empty(0) for t in (dx, *da, *db)]
+
+
+@_projections_backward_op.register_fake
+def _projections_backward_fake(dys, x2, xa, weights, lora_as, lora_bs, nf4_tensors, meta, scalings, need):
+    n = len(weights)
+    dx = x2.new_empty(x2.shape if need[0] else (0,))
+    da = [a.new_empty(a.shape) if need[1 + i] else x2.new_empty(0) for i, a in enumerate(lora_as)]
+    db = [b.new_empty(b.shape) if need[1 + n + i] and dys[i] is not None else x2.new_empty(0)
+          for i, b in enumerate(lora_bs)]
+    return [dx, *da, *db]
+
+
+def _projections_setup(ctx, inputs, output):
+    x2, weights, lora_as, lora_bs, biases, nf4_tensors, meta, scalings = inputs
+    n = len(weights)
+    ctx.save_for_backward(x2, output[n], *weights, *lora_as, *lora_bs, *nf4_tensors)
+    ctx.n, ctx.n_nf4, ctx.meta, ctx.scalings = n, len(nf4_tensors), list(meta), list(scalings)
+    ctx.mark_non_differentiable(output[n])
+    ctx.set_materialize_grads(False)  # an output outside the loss arrives as None: skipped
+
+
+def _projections_grad(ctx, grads):
+    x2, xa, *rest = ctx.saved_tensors
+    n = ctx.n
+    weights, lora_as, lora_bs, nf4_tensors = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+    needs = ctx.needs_input_grad  # one entry per argument, a list of them for a list of tensors
+    need = [needs[0], *needs[2], *needs[3]]
+    got = _projections_backward_op(list(grads[:n]), x2, xa, list(weights), list(lora_as), list(lora_bs),
+                                   list(nf4_tensors), ctx.meta, ctx.scalings, need)
+    keep = [need[i] and (i <= n or grads[i - n - 1] is not None) for i in range(1 + 2 * n)]
+    out = [g if k else None for g, k in zip(got, keep)]
+    dx, da, db = out[0], out[1:1 + n], out[1 + n:]
+    # the arguments' structure: a list of tensors takes a list, an optional-tensor list or a value one None
+    return dx, [None] * n, da, db, None, [None] * ctx.n_nf4, None, None
+
+
+_projections_op.register_autograd(_projections_grad, setup_context=_projections_setup)
+
+
+# --- the SwiGLU MLP ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastft::lora_mlp_swiglu", mutates_args=())
+def _mlp_op(x2: torch.Tensor, weights: list[torch.Tensor], lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor],
+            nf4_tensors: list[torch.Tensor], meta: list[int], scalings: list[float]) -> list[torch.Tensor]:
+    """[y, XA, g, u, HA] for 2-D contiguous x: the output, then what the backward needs (h is not
+    kept: the backward recomputes it from g and u)."""
+    gate, up, down = _projections(weights, lora_as, lora_bs, [None] * 3, nf4_tensors, meta, scalings)
+    dtype = x2.dtype
+    a_gu = torch.cat([gate.lora_a.to(dtype), up.lora_a.to(dtype)])
+    xa = x2 @ a_gu.t()  # [M, r_g + r_u]: one thin product for gate and up
+    (g_lo, g_hi), (u_lo, u_hi) = _splits((gate.rank, up.rank))
+    g = _base_product(x2, gate).addmm_(xa[:, g_lo:g_hi], gate.lora_b.to(dtype).t(), alpha=gate.scaling)
+    u = _base_product(x2, up).addmm_(xa[:, u_lo:u_hi], up.lora_b.to(dtype).t(), alpha=up.scaling)
+    h = swiglu_forward(g, u)
+    ha = h @ down.lora_a.to(dtype).t()  # [M, r_d]
+    y = _base_product(h, down).addmm_(ha, down.lora_b.to(dtype).t(), alpha=down.scaling)
+    return [y, xa, g, u, ha]
+
+
+@_mlp_op.register_fake
+def _mlp_fake(x2, weights, lora_as, lora_bs, nf4_tensors, meta, scalings):
+    M = x2.shape[0]
+    n_inter = _out_features(weights, meta, 0)
+    return [x2.new_empty((M, _out_features(weights, meta, 2))),
+            x2.new_empty((M, lora_as[0].shape[0] + lora_as[1].shape[0])),
+            x2.new_empty((M, n_inter)), x2.new_empty((M, n_inter)), x2.new_empty((M, lora_as[2].shape[0]))]
+
+
+# g and u are this op's saved buffers; the backward overwrites them with dg and du (no allocation)
+@torch.library.custom_op("fastft::lora_mlp_swiglu_backward", mutates_args=("g", "u"))
+def _mlp_backward_op(dy2: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                     ha: torch.Tensor, weights: list[torch.Tensor], lora_as: list[torch.Tensor],
+                     lora_bs: list[torch.Tensor], nf4_tensors: list[torch.Tensor], meta: list[int],
+                     scalings: list[float], need: list[bool]) -> list[torch.Tensor]:
+    """[dX, dA_g, dA_u, dA_d, dB_g, dB_u, dB_d] (need in that order; one not needed comes back empty)."""
+    gate, up, down = _projections(weights, lora_as, lora_bs, [None] * 3, nf4_tensors, meta, scalings)
+    a_g, a_u, a_d = lora_as
+    b_g, b_u, b_d = lora_bs
+    dtype = x2.dtype
+    need_x, *need = need
+    dyb = (dy2 @ b_d.to(dtype)).mul_(down.scaling)  # s_d·dY·B_d
+    dh = (dy2 @ down.dense(dtype)).addmm_(dyb, a_d.to(dtype))
+    h, dg, du = swiglu_backward(dh, g, u, inplace=True)  # h over dh, dg over g, du over u
+    grads = [None] * 6  # a_g, a_u, a_d, b_g, b_u, b_d
+    if need[2]:
+        grads[2] = (dyb.t() @ h).to(a_d.dtype)
+    if need[5]:
+        grads[5] = (dy2.t() @ ha).mul_(down.scaling).to(b_d.dtype)
+    del h
+    (g_lo, g_hi), (u_lo, u_hi) = _splits((gate.rank, up.rank))
+    gu = torch.cat([(dg @ b_g.to(dtype)).mul_(gate.scaling), (du @ b_u.to(dtype)).mul_(up.scaling)], 1)
+    if need[3]:
+        grads[3] = (dg.t() @ xa[:, g_lo:g_hi]).mul_(gate.scaling).to(b_g.dtype)
+    if need[4]:
+        grads[4] = (du.t() @ xa[:, u_lo:u_hi]).mul_(up.scaling).to(b_u.dtype)
+    dx = None
+    if need_x:  # one buffer: dg·W_g, then += du·W_u, then += the LoRA terms of both
+        dx = dg @ gate.dense(dtype)
+        dx.addmm_(du, up.dense(dtype))
+        dx.addmm_(gu, torch.cat([a_g.to(dtype), a_u.to(dtype)]))
+    if need[0] or need[1]:
+        da = gu.t() @ x2  # [r_g + r_u, K]
+        grads[0] = da[g_lo:g_hi].to(a_g.dtype, copy=True) if need[0] else None  # an op's outputs never alias
+        grads[1] = da[u_lo:u_hi].to(a_u.dtype, copy=True) if need[1] else None
+    return [t if t is not None else x2.new_empty(0) for t in (dx, *grads)]
+
+
+@_mlp_backward_op.register_fake
+def _mlp_backward_fake(dy2, x2, xa, g, u, ha, weights, lora_as, lora_bs, nf4_tensors, meta, scalings, need):
+    factors = [*lora_as, *lora_bs]
+    return [x2.new_empty(x2.shape if need[0] else (0,)),
+            *(f.new_empty(f.shape) if n else x2.new_empty(0) for f, n in zip(factors, need[1:]))]
+
+
+def _mlp_setup(ctx, inputs, output):
+    x2, weights, lora_as, lora_bs, nf4_tensors, meta, scalings = inputs
+    _y, xa, g, u, ha = output
+    ctx.save_for_backward(x2, xa, g, u, ha, *weights, *lora_as, *lora_bs, *nf4_tensors)
+    ctx.n_nf4, ctx.meta, ctx.scalings, ctx.backward_done = len(nf4_tensors), list(meta), list(scalings), False
+    ctx.mark_non_differentiable(xa, g, u, ha)
+
+
+def _mlp_grad(ctx, grads):
+    if ctx.backward_done:
+        raise RuntimeError("fastft.kernels.fused: the fused MLP's backward reuses its saved buffers, so it "
+                           "runs once per forward; backward through it again (retain_graph=True) is not "
+                           "supported: run the forward again, or use the per-projection path")
+    ctx.backward_done = True
+    x2, xa, g, u, ha, *rest = ctx.saved_tensors
+    weights, lora_as, lora_bs, nf4_tensors = rest[:3], rest[3:6], rest[6:9], rest[9:]
+    needs = ctx.needs_input_grad  # one entry per argument, a list of them for a list of tensors
+    need = [needs[0], *needs[2], *needs[3]]
+    dy2 = _rows(grads[0].to(x2.dtype))
+    got = _mlp_backward_op(dy2, x2, xa, g, u, ha, list(weights), list(lora_as), list(lora_bs), list(nf4_tensors),
+                           ctx.meta, ctx.scalings, need)
+    out = [t if n else None for t, n in zip(got, need)]
+    return out[0], [None] * 3, out[1:4], out[4:7], [None] * ctx.n_nf4, None, None
+
+
+_mlp_op.register_autograd(_mlp_grad, setup_context=_mlp_setup)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,8 +553,8 @@ def lora_projections(x: torch.Tensor, *projs: Projection) -> tuple:
         raise ValueError("lora_projections: no projections given")
     _check(x, projs)
     with _no_autocast(x) as xc:
-        return LoRAProjectionsFunction.apply(xc, tuple(projs), *(p.lora_a for p in projs),
-                                             *(p.lora_b for p in projs))
+        outs = _projections_op(_rows(xc), **_op_args(projs))
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs[:-1])
 
 
 def lora_qkv(x: torch.Tensor, q: Projection, k: Projection, v: Projection) -> tuple:
@@ -448,9 +573,11 @@ def lora_mlp_swiglu(x: torch.Tensor, gate: Projection, up: Projection, down: Pro
     if any(p.bias is not None for p in (gate, up, down)):
         raise ValueError("lora_mlp_swiglu: biased gate/up/down projections are not fused; use the per-projection path")
     _check(x.new_empty(0, down.in_features), (down,))  # down's device and frozen weight
+    args = _op_args((gate, up, down))
+    del args["biases"]
     with _no_autocast(x) as xc:
-        return LoRAMLPFunction.apply(xc, (gate, up, down), gate.lora_a, up.lora_a, down.lora_a,
-                                     gate.lora_b, up.lora_b, down.lora_b)
+        y = _mlp_op(_rows(xc), **args)[0]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def projection_reference(x: torch.Tensor, p: Projection) -> torch.Tensor:

@@ -399,6 +399,11 @@ def _nf4_weight(weight, quant_state) -> NF4Weight:
     even when a state-dict round trip left it a Python float, becomes a device tensor here, once)."""
     if isinstance(quant_state, NF4Weight):
         nf4 = quant_state
+    elif torch.compiler.is_compiling():
+        # Traced once into the graph: a data_ptr key would break it, and the cache would be
+        # a guard on every layer's state; the parse is shape and dtype logic only
+        nf4 = NF4Weight.from_quant_state(weight.data if isinstance(weight, torch.nn.Parameter) else weight,
+                                         quant_state)
     else:
         packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         key = (packed.data_ptr(), packed.dtype, tuple(packed.shape), packed.device, quant_state.absmax.data_ptr())
@@ -486,38 +491,85 @@ def lora_backward(dy2, x2, xa, weight, lora_a, lora_b, scaling, nf4: NF4Weight |
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd
+# The custom ops and their autograd
 # --------------------------------------------------------------------------------------------------
 
-class LoRALinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (+ bias) with gradients for x, A and B (W and bias are frozen)."""
+# Unsloth compiles every decoder block on torch >= 2.11 + CUDA, so on the GPU these run inside Dynamo.
+# The forward and the backward are torch.library custom ops with fake (shape-only) implementations and a
+# registered autograd formula: Dynamo and AOTAutograd see one opaque node each (no graph break, no guard
+# on the launchers' Python), and Inductor schedules them among its own kernels. Their arguments are
+# tensors and plain values: an NF4 weight travels as `NF4Weight.op_args()`. The NF4 path is an argument,
+# so the backward takes the path its forward took.
 
-    @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, nf4):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        nf4_path = _nf4_path(None)  # read once: the backward takes the path this forward took
-        y, xa = lora_forward(x2, weight, lora_a, lora_b, scaling, bias, nf4, nf4_path)
-        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
-        ctx.scaling, ctx.nf4, ctx.nf4_path, ctx.in_shape = scaling, nf4, nf4_path, shape
-        return y.reshape(*shape[:-1], y.shape[-1])
+@torch.library.custom_op("fastft::lora_linear", mutates_args=())
+def _lora_linear_op(x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    bias: torch.Tensor | None, nf4_tensors: list[torch.Tensor], nf4_meta: list[int],
+                    scaling: float, nf4_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) of `lora_forward` for 2-D contiguous x; an NF4 weight as op_args (weight: its bytes)."""
+    nf4 = NF4Weight.from_op_args(nf4_tensors, nf4_meta) if nf4_tensors else None
+    return lora_forward(x2, weight, lora_a, lora_b, scaling, bias, nf4, nf4_path)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-        if dy2.dtype != x2.dtype:
-            dy2 = dy2.to(x2.dtype)
-        need_dx, _, need_da, need_db = ctx.needs_input_grad[:4]
-        dx, da, db = lora_backward(dy2, x2, xa, weight, lora_a, lora_b, ctx.scaling, ctx.nf4,
-                                   need_dx=need_dx, need_da=need_da, need_db=need_db, nf4_path=ctx.nf4_path)
-        if dx is not None:
-            dx = dx.reshape(ctx.in_shape)
-        return dx, None, da, db, None, None, None
+
+@_lora_linear_op.register_fake
+def _lora_linear_fake(x2, weight, lora_a, lora_b, bias, nf4_tensors, nf4_meta, scaling, nf4_path):
+    n = nf4_meta[0] if nf4_tensors else weight.shape[0]
+    return x2.new_empty((x2.shape[0], n)), x2.new_empty((x2.shape[0], lora_a.shape[0]))
+
+
+@torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy2: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
+                             lora_a: torch.Tensor, lora_b: torch.Tensor, nf4_tensors: list[torch.Tensor],
+                             nf4_meta: list[int], scaling: float, nf4_path: str, need_dx: bool, need_da: bool,
+                             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, dA, dB) of `lora_backward`; a gradient not needed comes back as an empty tensor (an op's
+    outputs are tensors, each its own)."""
+    nf4 = NF4Weight.from_op_args(nf4_tensors, nf4_meta) if nf4_tensors else None
+    dx, da, db = lora_backward(dy2, x2, xa, weight, lora_a, lora_b, scaling, nf4, need_dx=need_dx,
+                               need_da=need_da, need_db=need_db, nf4_path=nf4_path)
+    return tuple(g if g is not None else dy2.new_empty(0) for g in (dx, da, db))
+
+
+@_lora_linear_backward_op.register_fake
+def _lora_linear_backward_fake(dy2, x2, xa, weight, lora_a, lora_b, nf4_tensors, nf4_meta, scaling, nf4_path,
+                               need_dx, need_da, need_db):
+    return (dy2.new_empty(x2.shape if need_dx else (0,)),
+            lora_a.new_empty(lora_a.shape) if need_da else dy2.new_empty(0),
+            lora_b.new_empty(lora_b.shape) if need_db else dy2.new_empty(0))
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x2, weight, lora_a, lora_b, _bias, nf4_tensors, nf4_meta, scaling, nf4_path = inputs
+    ctx.save_for_backward(x2, output[1], weight, lora_a, lora_b, *nf4_tensors)
+    ctx.nf4_meta, ctx.scaling, ctx.nf4_path = list(nf4_meta), scaling, nf4_path
+
+
+def _lora_linear_grad(ctx, dy, _dxa):
+    x2, xa, weight, lora_a, lora_b, *nf4_tensors = ctx.saved_tensors
+    need_dx, _, need_da, need_db = ctx.needs_input_grad[:4]
+    dy2 = dy.contiguous() if dy.dtype == x2.dtype else dy.to(x2.dtype).contiguous()
+    dx, da, db = _lora_linear_backward_op(dy2, x2, xa, weight, lora_a, lora_b, nf4_tensors, ctx.nf4_meta,
+                                          ctx.scaling, ctx.nf4_path, need_dx, need_da, need_db)
+    # the inputs' structure: a list of tensors takes a list of gradients, plain values one None
+    return (dx if need_dx else None, None, da if need_da else None, db if need_db else None, None,
+            [None] * len(nf4_tensors), None, None, None)
+
+
+_lora_linear_op.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setup)
+
+
+def lora_linear_fused(x, weight, lora_a, lora_b, scaling, bias=None, nf4: NF4Weight | None = None):
+    """y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (+ bias) for x of any leading shape through the custom op, with
+    gradients for x, A and B (W and bias are frozen); no checks (`lora_linear` is the checked entry)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    # a dense weight passes meta [0]: a non-empty int list is one argument to the op's autograd (an
+    # empty one would count as a list of gradients)
+    tensors, meta = nf4.op_args() if nf4 is not None else ([], [0])
+    y, _ = _lora_linear_op(x2, nf4.packed if nf4 is not None else weight, lora_a, lora_b, bias, tensors, meta,
+                           float(scaling), _nf4_path(None))
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,8 +585,44 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias=None, quant_s
     else:
         w = weight.to(dtype)
     y = F.linear(x, w, None if bias is None else bias.to(dtype))
+    return y + _lora_branch(x, lora_a, lora_b, scaling, dropout_p, training)
+
+
+def _lora_branch(x, lora_a, lora_b, scaling, dropout_p, training):
+    """s·(dropout(x)·Aᵀ)·Bᵀ in torch, dropout on the LoRA branch's input only, as PEFT's forward."""
+    dtype = x.dtype
     xd = F.dropout(x, dropout_p, training) if dropout_p else x
-    return y + scaling * F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype))
+    return scaling * F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype))
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """x·Wᵀ (+ bias) for an NF4 W: fastft's dequant kernel writes the dense W into the shared scratch
+    buffer (`dense_weight`), torch.matmul does the product; the backward dequantizes W again for
+    dX = dY·W, so no dense copy of W lives between forward and backward (bitsandbytes' MatMul4Bit,
+    which PEFT's Linear4bit runs, does the same). W gets no gradient; a trainable bias does."""
+
+    @staticmethod
+    def forward(ctx, x, nf4, bias):
+        ctx.nf4 = nf4
+        return F.linear(x, dense_weight(nf4, x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dy.matmul(dense_weight(ctx.nf4, dy.dtype)) if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return dx, None, db
+
+
+def lora_linear_dequantized(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None, dropout_p=0.0,
+                            training=True):
+    """The unfused route for an NF4 base on CUDA (or under the interpreter): the base product by
+    `NF4LinearFunction` (Triton dequant + torch.matmul, 0.5 byte read and 2 written per element of W)
+    instead of the reference dequant, whose int64 index tensors take ~0.9 GB per 14336 x 4096
+    projection, and the LoRA branch in torch on dropout(x), as PEFT's forward. Same values as
+    `lora_linear_reference` (the dequant is bit-exact); autograd does the LoRA branch's backward."""
+    nf4 = _nf4_weight(weight, quant_state)
+    y = NF4LinearFunction.apply(x, nf4, bias)
+    return y + _lora_branch(x, lora_a, lora_b, scaling, dropout_p, training)
 
 
 _SAID: set[str] = set()
@@ -549,21 +637,42 @@ def say_once(message: str) -> None:
 
 def unfused_reason(x, weight, lora_a, lora_b, bias=None, quant_state=None, dropout_p=0.0,
                    training=True) -> str | None:
-    """Why this call cannot take the fused path (None: it can)."""
+    """Why this call cannot take the fused path, and the route it takes instead (None: it can)."""
+    why = _unfused_cause(x, weight, lora_a, lora_b, bias, quant_state, dropout_p, training)
+    return None if why is None else f"{why}: {_ROUTES[unfused_route(x, quant_state)]}"
+
+
+_ROUTES = {
+    "dequantize": "the NF4 base by dequantize_nf4 (Triton) + torch.matmul, the LoRA branch in torch as PEFT's "
+                  "forward (lora_linear_dequantized)",
+    "reference": "reference path (pure torch)",
+}
+
+
+def unfused_route(x, quant_state=None) -> str:
+    """Where an unfused call goes: "dequantize" (`lora_linear_dequantized`) for an NF4 base on CUDA
+    or under the interpreter in a dtype the Triton dequant writes, else "reference"
+    (`lora_linear_reference`: a dense base, FP4, other dtypes, CPU without the interpreter)."""
+    nf4 = quant_state is not None and getattr(quant_state, "quant_type", "nf4") == "nf4"
+    on_triton = x.device.type == "cuda" or interpreted()
+    return "dequantize" if nf4 and on_triton and x.dtype in _DTYPES else "reference"
+
+
+def _unfused_cause(x, weight, lora_a, lora_b, bias, quant_state, dropout_p, training) -> str | None:
     if x.device.type != "cuda" and not interpreted():
-        return f"tensors on {x.device.type}, not CUDA (and TRITON_INTERPRET unset): reference path"
+        return f"tensors on {x.device.type}, not CUDA (and TRITON_INTERPRET unset)"
     if dropout_p and training:
-        return f"lora_dropout={dropout_p} > 0 in training: reference path (dropout is not fused)"
+        return f"lora_dropout={dropout_p} > 0 in training (dropout is not fused)"
     if x.dtype not in _DTYPES:
-        return f"dtype {x.dtype} is not fp16/bf16/fp32: reference path"
+        return f"dtype {x.dtype} is not fp16/bf16/fp32"
     if lora_a.shape[0] > MAX_FUSED_RANK:
-        return f"r={lora_a.shape[0]} > {MAX_FUSED_RANK}: reference path"
+        return f"r={lora_a.shape[0]} > {MAX_FUSED_RANK}"
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return "trainable base weight or bias: reference path (the fused backward gives them no gradient)"
+        return "trainable base weight or bias (the fused backward gives them no gradient)"
     if quant_state is not None and getattr(quant_state, "quant_type", "nf4") != "nf4":
-        return f"4-bit type {quant_state.quant_type!r} is not NF4: reference path"
+        return f"4-bit type {quant_state.quant_type!r} is not NF4"
     if quant_state is None and weight.dtype not in _DTYPES:
-        return f"base weight dtype {weight.dtype} is neither 16-bit nor fp32 nor NF4: reference path"
+        return f"base weight dtype {weight.dtype} is neither 16-bit nor fp32 nor NF4"
     return None
 
 
@@ -576,9 +685,10 @@ def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None,
     why = unfused_reason(x, weight, lora_a, lora_b, bias, quant_state, dropout_p, training)
     if why is not None:
         say_once(why)
-        return lora_linear_reference(x, weight, lora_a, lora_b, scaling, bias, quant_state, dropout_p, training)
+        route = lora_linear_dequantized if unfused_route(x, quant_state) == "dequantize" else lora_linear_reference
+        return route(x, weight, lora_a, lora_b, scaling, bias, quant_state, dropout_p, training)
     nf4 = None if quant_state is None else _nf4_weight(weight, quant_state)
-    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scaling), nf4)
+    return lora_linear_fused(x, weight, lora_a, lora_b, scaling, bias, nf4)
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:

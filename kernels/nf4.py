@@ -351,6 +351,31 @@ class NF4Weight:
     def __post_init__(self):
         self.numel = math.prod(self.shape)
 
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The weight as a torch.library custom op's arguments (ops take tensors and plain values, not
+        objects): [packed, absmax, absmax2, code2, offset], the absmax standing in for the three nested
+        fields of a plain weight, and [rows, cols, blocksize, blocksize2, nested, quant type, dtype]
+        as indexes into TABLES and OUT_DTYPES. `from_op_args` is the inverse."""
+        if len(self.shape) != 2:
+            raise ValueError(f"NF4 weight must be 2-D for the fused ops, got shape {list(self.shape)}")
+        fill = self.absmax
+        tensors = [self.packed, self.absmax, self.absmax2 if self.nested else fill,
+                   self.code2 if self.nested else fill, self.offset if self.nested else fill]
+        dtype = OUT_DTYPES.index(self.dtype) if self.dtype in OUT_DTYPES else -1
+        return tensors, [*self.shape, self.blocksize, self.blocksize2, int(self.nested),
+                         list(TABLES).index(self.quant_type), dtype]
+
+    @classmethod
+    def from_op_args(cls, tensors, meta) -> NF4Weight:
+        """The NF4Weight `op_args` described, without the checks (it was checked when it was parsed)."""
+        packed, absmax, absmax2, code2, offset = tensors
+        rows, cols, blocksize, blocksize2, nested, quant_type, dtype = (int(v) for v in meta)
+        w = cls(packed=packed, shape=(rows, cols), dtype=OUT_DTYPES[dtype] if dtype >= 0 else torch.float32,
+                blocksize=blocksize, quant_type=list(TABLES)[quant_type], absmax=absmax, nested=bool(nested))
+        if nested:
+            w.absmax2, w.code2, w.offset, w.blocksize2 = absmax2, code2, offset, blocksize2
+        return w
+
     @property
     def table(self) -> torch.Tensor:
         """The 16-entry fp32 code table (fastft's constants: bitsandbytes' kernels ignore quant_state.code)."""
