@@ -62,11 +62,15 @@ class PatchReport:
     unsloth_paths: int = 0  # Unsloth fused paths left in place (mode unsloth)
     unsloth_fused: dict[str, int] = field(default_factory=dict)  # slot kind -> slots running fastft's ops
     unsloth_restored_why: dict[str, int] = field(default_factory=dict)  # reason -> slots put back
+    # {"regime": "compiled blocks" | "eager", "why": ...}: whether the decoder blocks, and so every
+    # LoRA path in them, run under torch.compile; the same for every kernels mode of one model
+    compile_regime: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        regime = f"; blocks {self.compile_regime['regime']}" if self.compile_regime else ""
         if self.path != "fastft":
             extra = f"; {self.unsloth_paths} Unsloth fused paths" if self.unsloth_paths else ""
-            return f"kernels {self.mode}: {self.path} LoRA path ({self.reason}){extra}"
+            return f"kernels {self.mode}: {self.path} LoRA path ({self.reason}){extra}{regime}"
         total = len(self.patched) + len(self.skipped)
         text = (f"kernels {self.mode}: fastft fused LoRA on {len(self.patched)} of {total} LoRA layers "
                 f"({self.reason}; {self.kernel})")
@@ -82,13 +86,14 @@ class PatchReport:
             for why in self.skipped.values():
                 reasons[why] = reasons.get(why, 0) + 1
             text += "; PEFT's forward kept for " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
-        return text
+        return text + regime
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "path": self.path, "reason": self.reason, "kernel": self.kernel,
                 "patched": len(self.patched), "skipped": dict(self.skipped),
                 "unsloth_paths_restored": self.unsloth_paths_restored, "unsloth_paths": self.unsloth_paths,
-                "unsloth_fused": dict(self.unsloth_fused), "unsloth_restored_why": dict(self.unsloth_restored_why)}
+                "unsloth_fused": dict(self.unsloth_fused), "unsloth_restored_why": dict(self.unsloth_restored_why),
+                "compile_regime": dict(self.compile_regime)}
 
 
 def apply(model, mode: str = "auto", log_fn=None) -> PatchReport:
@@ -105,13 +110,13 @@ def apply(model, mode: str = "auto", log_fn=None) -> PatchReport:
             path = "unsloth" if unsloth_found else "peft"
             report = PatchReport(mode, path, "auto: no CUDA device; fastft's Triton kernels need one",
                                  unsloth_paths=len(unsloth_found))
-            return _said(report, log_fn)
+            return _said(report, log_fn, model)
         if not GPU_VERIFIED:
             _unpatch_all(model)
             path = "unsloth" if unsloth_found else "peft"
             report = PatchReport(mode, path, "auto: fastft's fused kernels have not yet passed the GPU suite "
                                  "(bench/gpu.sh); kernels: fastft opts in", unsloth_paths=len(unsloth_found))
-            return _said(report, log_fn)
+            return _said(report, log_fn, model)
         mode_reason = "auto: CUDA device present"
     elif mode == "fastft":
         mode_reason = "requested"
@@ -123,12 +128,12 @@ def apply(model, mode: str = "auto", log_fn=None) -> PatchReport:
         else:
             report = PatchReport(mode, "peft", "requested, but this model has no Unsloth fused LoRA paths "
                                  "(hf backend, or Unsloth's CPU backend): stock PEFT")
-        return _said(report, log_fn)
+        return _said(report, log_fn, model)
     else:  # none
         _unpatch_all(model)
         restored = _restore_unsloth_paths(unsloth_found)
         reason = "requested" + (f"; {restored} Unsloth fused paths put back to PEFT's" if restored else "")
-        return _said(PatchReport(mode, "peft", reason), log_fn)
+        return _said(PatchReport(mode, "peft", reason), log_fn, model)
 
     report = PatchReport(mode, "fastft", mode_reason, kernel=_kernel_location())
     for name, module in model.named_modules():
@@ -142,13 +147,67 @@ def apply(model, mode: str = "auto", log_fn=None) -> PatchReport:
             _unpatch_layer(module)
             report.skipped[name] = why
     _install_fused_slots(unsloth_found, report)
-    return _said(report, log_fn)
+    return _said(report, log_fn, model)
 
 
-def _said(report: PatchReport, log_fn) -> PatchReport:
+def _said(report: PatchReport, log_fn, model) -> PatchReport:
+    report.compile_regime = compile_regime(model)
     if log_fn is not None:
         log_fn(report.summary())
     return report
+
+
+# unsloth/models/_block_compile.py marks a decoder layer class's forward it wrapped in torch.compile
+_UNSLOTH_COMPILED = "_unsloth_block_compiled"
+
+
+def _decoder_layers(model) -> list:
+    """The model's decoder layers: the modules of its first ModuleList named ``layers``/``h``/``blocks``."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            return list(module)
+    return []
+
+
+def compile_regime(model) -> dict:
+    """Whether ``model``'s decoder blocks run under torch.compile, and why. Unsloth decides it when
+    it loads the model (patch_block_compile: torch >= 2.11, a CUDA device, not switched off by its
+    environment variables), by wrapping each decoder layer class's forward; fastft compiles nothing
+    itself, so fastft's and Unsloth's LoRA paths in one model always share the regime. fastft's ops
+    are torch.library custom ops, traced into the block's graph without a break."""
+    import os
+
+    import torch
+
+    layers = _decoder_layers(model)
+    compiled = sorted({type(l).__name__ for l in layers if getattr(type(l).forward, _UNSLOTH_COMPILED, False)})
+    if compiled:
+        return {"regime": "compiled blocks",
+                "why": f"Unsloth wrapped the forward of {', '.join(compiled)} in torch.compile (torch "
+                       f"{torch.__version__.split('+')[0]} with CUDA); every LoRA path in a block runs traced"}
+    inner = getattr(getattr(model, "base_model", None), "model", model)
+    unsloth = bool(_unsloth_fused_modules(model)) or any(
+        k.startswith("_unsloth") for m in (model, inner, *layers[:1]) for k in getattr(m, "__dict__", {}))
+    if not unsloth:
+        return {"regime": "eager", "why": "not an Unsloth model (hf backend): nothing compiles its decoder blocks"}
+    if not torch.cuda.is_available():
+        return {"regime": "eager", "why": "Unsloth compiles decoder blocks only on a CUDA device (its CPU backend "
+                                          "runs them eagerly)"}
+    env = {k: os.environ[k] for k in ("UNSLOTH_BLOCK_COMPILE", "UNSLOTH_COMPILE_DISABLE", "UNSLOTH_FORCE_FLOAT32",
+                                       "UNSLOTH_BLOCK_COMPILE_LEGACY") if k in os.environ}
+    off = [f"{k}={v}" for k, v in env.items()
+           if (k == "UNSLOTH_BLOCK_COMPILE" and v == "0") or (k == "UNSLOTH_COMPILE_DISABLE" and v in ("1", "partial"))
+           or (k == "UNSLOTH_FORCE_FLOAT32" and v == "1") or (k == "UNSLOTH_BLOCK_COMPILE_LEGACY" and v == "0")]
+    if off:
+        return {"regime": "eager", "why": f"Unsloth's block compile switched off by {', '.join(off)}"}
+    from packaging.version import Version
+
+    if Version(torch.__version__.split("+")[0]) < Version("2.11") and env.get("UNSLOTH_BLOCK_COMPILE_LEGACY") != "1":
+        return {"regime": "eager", "why": f"torch {torch.__version__.split('+')[0]} < 2.11: Unsloth does not trace its "
+                                          "fused LoRA functions (TRACE_LORA_FUNCTIONS), so it compiles no blocks"}
+    return {"regime": "eager", "why": "Unsloth left the decoder blocks uncompiled (its log says why)"}
 
 
 def _kernel_location() -> str:

@@ -455,13 +455,19 @@ def _mlp_fake(x2, weights, lora_as, lora_bs, nf4_tensors, meta, scalings):
             x2.new_empty((M, n_inter)), x2.new_empty((M, n_inter)), x2.new_empty((M, lora_as[2].shape[0]))]
 
 
+_SEVEN_TENSORS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                      torch.Tensor]
+
+
 # g and u are this op's saved buffers; the backward overwrites them with dg and du (no allocation)
 @torch.library.custom_op("fastft::lora_mlp_swiglu_backward", mutates_args=("g", "u"))
 def _mlp_backward_op(dy2: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                      ha: torch.Tensor, weights: list[torch.Tensor], lora_as: list[torch.Tensor],
                      lora_bs: list[torch.Tensor], nf4_tensors: list[torch.Tensor], meta: list[int],
-                     scalings: list[float], need: list[bool]) -> list[torch.Tensor]:
-    """[dX, dA_g, dA_u, dA_d, dB_g, dB_u, dB_d] (need in that order; one not needed comes back empty)."""
+                     scalings: list[float], need: list[bool]) -> _SEVEN_TENSORS:
+    """(dX, dA_g, dA_u, dA_d, dB_g, dB_u, dB_d) (need in that order; one not needed comes back empty).
+    A fixed tuple, not a list: functionalization (AOTAutograd, Inductor) handles an op that mutates
+    its arguments only when each return is a plain Tensor."""
     gate, up, down = _projections(weights, lora_as, lora_bs, [None] * 3, nf4_tensors, meta, scalings)
     a_g, a_u, a_d = lora_as
     b_g, b_u, b_d = lora_bs
@@ -491,14 +497,14 @@ def _mlp_backward_op(dy2: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, g: t
         da = gu.t() @ x2  # [r_g + r_u, K]
         grads[0] = da[g_lo:g_hi].to(a_g.dtype, copy=True) if need[0] else None  # an op's outputs never alias
         grads[1] = da[u_lo:u_hi].to(a_u.dtype, copy=True) if need[1] else None
-    return [t if t is not None else x2.new_empty(0) for t in (dx, *grads)]
+    return tuple(t if t is not None else x2.new_empty(0) for t in (dx, *grads))
 
 
 @_mlp_backward_op.register_fake
 def _mlp_backward_fake(dy2, x2, xa, g, u, ha, weights, lora_as, lora_bs, nf4_tensors, meta, scalings, need):
     factors = [*lora_as, *lora_bs]
-    return [x2.new_empty(x2.shape if need[0] else (0,)),
-            *(f.new_empty(f.shape) if n else x2.new_empty(0) for f, n in zip(factors, need[1:]))]
+    return (x2.new_empty(x2.shape if need[0] else (0,)),
+            *(f.new_empty(f.shape) if n else x2.new_empty(0) for f, n in zip(factors, need[1:])))
 
 
 def _mlp_setup(ctx, inputs, output):

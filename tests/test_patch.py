@@ -87,7 +87,7 @@ def test_modes_auto_unsloth_none_and_errors():
     assert "forward" in fc1.__dict__
     none = patch.apply(model, "none")
     assert none.path == "peft" and "forward" not in fc1.__dict__
-    assert none.summary() == "kernels none: peft LoRA path (requested)"
+    assert none.summary() == "kernels none: peft LoRA path (requested); blocks eager"
     uns = patch.apply(model, "unsloth")
     assert uns.path == "peft" and "no Unsloth fused LoRA paths" in uns.reason
     auto = patch.apply(model, "auto")
@@ -97,9 +97,50 @@ def test_modes_auto_unsloth_none_and_errors():
         assert auto.path == "peft" and "no CUDA device" in auto.summary() and "forward" not in fc1.__dict__
     lines = []
     patch.apply(model, "none", log_fn=lines.append)
-    assert lines == ["kernels none: peft LoRA path (requested)"]
+    assert lines == ["kernels none: peft LoRA path (requested); blocks eager"]
     with pytest.raises(ValueError, match="kernels: 'fast' is not one of auto, fastft, unsloth, none"):
         patch.apply(model, "fast")
+
+
+class _DecoderLayer(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_compile_regime_is_reported_with_its_reason(monkeypatch):
+    """Every report says whether the decoder blocks run compiled (Unsloth's block compile marks the
+    layer class's forward) or eagerly, and why."""
+    model, layers = _layers_model(n_layers=2)
+    for layer in layers:
+        layer.__class__ = _DecoderLayer
+    report = patch.apply(model, "fastft")
+    assert report.compile_regime == {"regime": "eager", "why": "not an Unsloth model (hf backend): nothing "
+                                     "compiles its decoder blocks"}
+    assert report.to_dict()["compile_regime"] == report.compile_regime
+    assert report.summary().endswith("; blocks eager")
+
+    for layer in layers:  # what Unsloth's loader leaves on each decoder layer
+        layer.__dict__["_unsloth_forced_float32"] = False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "only on a CUDA device" in patch.compile_regime(model)["why"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", "1")
+    assert patch.compile_regime(model) == {"regime": "eager", "why": "Unsloth's block compile switched off by "
+                                           "UNSLOTH_COMPILE_DISABLE=1"}
+    monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE")
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
+    assert "2.10.0 < 2.11" in patch.compile_regime(model)["why"]
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu128")
+    assert "uncompiled" in patch.compile_regime(model)["why"]
+
+    def forward(self, x):  # Unsloth's wrap: the class forward replaced and marked
+        return x
+
+    forward._unsloth_block_compiled = True
+    monkeypatch.setattr(_DecoderLayer, "forward", forward)
+    regime = patch.compile_regime(model)
+    assert regime == {"regime": "compiled blocks", "why": "Unsloth wrapped the forward of _DecoderLayer in "
+                      "torch.compile (torch 2.11.0 with CUDA); every LoRA path in a block runs traced"}
 
 
 def test_kernel_location_is_reported():
