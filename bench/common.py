@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+# Exit status of a benchmark that finished inside its time budget but cut cases or runs to stay
+# there (what it measured is written; the cut ones are listed): bench/gpu.sh records the step "partial".
+EXIT_CUT = 3
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,18 +125,30 @@ def result(kind: str, name: str, target: str, config: dict, metrics: dict, comma
     }
 
 
-def write(doc: dict, out_dir: str | Path | None = None, stem: str | None = None) -> Path:
-    """Write atomically (temp file + rename) and return the path."""
+def result_path(doc: dict, out_dir: str | Path | None = None, stem: str | None = None) -> Path:
+    """Where ``write`` puts ``doc``: <out>/<kind>-<name>-<target>-<created_utc>.json, out being
+    ``out_dir``, else $FASTFT_BENCH_RESULTS, else bench/results/ (created)."""
     out = Path(out_dir or os.environ.get("FASTFT_BENCH_RESULTS") or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     stamp = doc["created_utc"].replace(":", "").replace("-", "")
-    path = out / f"{stem or '-'.join([doc['kind'], doc['name'], doc['target']])}-{stamp}.json"
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=out)
+    return out / f"{stem or '-'.join([doc['kind'], doc['name'], doc['target']])}-{stamp}.json"
+
+
+def write(doc: dict, out_dir: str | Path | None = None, stem: str | None = None) -> Path:
+    """Write atomically (temp file + rename) and return the path."""
+    path = result_path(doc, out_dir, stem)
+    write_json(path, doc)
+    return path
+
+
+def write_json(path: str | Path, doc: dict) -> None:
+    """Atomically: a reader (or a process killed mid-write) sees the old document or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2, default=str)
         f.write("\n")
     os.replace(tmp, path)
-    return path
 
 
 def dumps_line(doc: dict) -> str:

@@ -1,7 +1,7 @@
 """fastft's LoRA ops under torch.compile, as Unsloth runs them: every decoder block compiled.
 
-    python -m bench.compile                                  # CPU: interpreter kernels, eager + aot_eager
-    python -m bench.compile --backends eager,aot_eager,inductor --layers 4 --out DIR
+    python -m bench.compile                                  # CPU: interpreter kernels, eager, aot_eager, inductor
+    python -m bench.compile --backends eager,aot_eager --layers 2 --out DIR
     python -m bench.compile --device cuda --backends inductor   # the GPU machine
 
 Unsloth (torch >= 2.11 + CUDA) wraps each decoder layer class's forward in torch.compile, so on the GPU
@@ -157,7 +157,7 @@ def measure(mode: str, backend: str, n_layers: int | None = None, device: str = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--backends", default="eager,aot_eager")
+    p.add_argument("--backends", default="eager,aot_eager,inductor")
     p.add_argument("--layers", type=int, default=None, help="decoder layers to compile (default: all 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-backend", default="hf", choices=("hf", "unsloth"),
@@ -167,6 +167,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastft.kernels is imported
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # Inductor's FX graph cache keys on the graph, not on a custom op's fake implementation: a
+        # graph compiled before a change to one would be reused and hide (or fake) a failure
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastft-inductor-")
     rows = []
     for mode in args.modes.split(","):
         for backend in args.backends.split(","):

@@ -14,10 +14,12 @@ Each case builds one PEFT LoRA layer on the device (NF4 with double quantization
 compared with PEFT's and the largest relative difference is recorded. Timings are
 `triton.testing.do_bench` medians (p20, p80) of forward + backward. TFLOP/s counts the useful work,
 4·M·K·N + 6·M·r·(K+N) (forward, dX, dA, dB; W gets no gradient); "% floor" is the floor's time over
-the implementation's (100% = as fast as the bare base matmuls). fastft runs with NF4 dequantized
-inside the matmul kernel ("fastft") and through fastft's NF4 kernel then the 16-bit kernel
-("fastft_dequant": lora.NF4_PATH held at "dequantize" through forward and backward; each fastft row
-records its path for both as nf4_path); the chosen launch configs are printed per shape.
+the implementation's (100% = as fast as the bare base matmuls). Over an NF4 base fastft runs both
+of its NF4 paths, lora.NF4_PATH held at the row's path through forward and backward: "fastft" the
+in_kernel path (W dequantized tile by tile inside the fused matmul kernel), "fastft_dequant" the
+dequantize path (fastft's NF4 kernel writes W dense, then cuBLAS; the shipped default). Each fastft row
+records as nf4_path the route its forward and its backward really took, read from the kernel calls
+they made (NF4PathProbe), not from its label; the chosen launch configs are printed per shape.
 
 Output: a table, a summary against the targets (NF4 base, median over shapes: >= 1.10x
 Unsloth, >= 1.5x PEFT), then one result JSON (bench.common) and the same document as one compact JSON
@@ -114,8 +116,8 @@ def implementations(torch, layer, base, dtype, notes, cpu):
     def fastft_fwd(x):
         return patch._fused_forward(layer, x)
 
-    # "fastft" runs the default NF4 path; "fastft_dequant" forces the dequantize + matmul path: fwd_bwd
-    # holds lora.NF4_PATH at the row's path for the whole step, forward and backward (NF4_PATH_OF)
+    # over NF4 the two rows run the same layer on the two NF4 paths: fwd_bwd holds lora.NF4_PATH at the
+    # row's path (NF4_PATH_OF) for the whole step, forward and backward
     impls = {"fastft": fastft_fwd}
     if base == "nf4":
         impls["fastft_dequant"] = fastft_fwd
@@ -154,7 +156,67 @@ def unsloth_path(notes):
 
 # -- timing ---------------------------------------------------------------------------------------
 
-NF4_PATH_OF = {"fastft_dequant": "dequantize"}  # row -> the NF4 path forced for its forward and backward
+NF4_PATH_OF = {"fastft": "in_kernel", "fastft_dequant": "dequantize"}  # row -> its NF4 path, forward and backward
+
+
+class NF4PathProbe:
+    """Which route fastft's LoRA op really took for an NF4 weight, per direction, read from the calls
+    it makes: the dequantize path writes W dense through ``lora.dense_weight``; the in_kernel path
+    hands the NF4Weight itself to ``lora.lora_matmul`` (x·Wᵀ forward, dY·W backward). Each direction
+    is the op's ``lora_forward`` / ``lora_backward``; a dense W written outside them is the unfused
+    fallback (``lora_linear_dequantized``). Wraps those module functions while in use, restored after
+    (the timed runs go through the unwrapped ones)."""
+
+    def __init__(self, lora):
+        self.lora, self.phase = lora, None
+        self.seen: dict[str, list[str]] = {}
+
+    def _saw(self, route: str) -> None:
+        routes = self.seen.setdefault(self.phase or "unfused", [])
+        if route not in routes:
+            routes.append(route)
+
+    def __enter__(self):
+        lora = self.lora
+        self.saved = {n: getattr(lora, n) for n in ("lora_forward", "lora_backward", "dense_weight", "lora_matmul")}
+        fwd, bwd, dense, matmul = (self.saved[n] for n in ("lora_forward", "lora_backward", "dense_weight",
+                                                           "lora_matmul"))
+
+        def in_phase(phase, fn):
+            def run(*a, **kw):
+                outer, self.phase = self.phase, phase
+                self.seen.setdefault(phase, [])
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    self.phase = outer
+            return run
+
+        def dense_weight(*a, **kw):
+            self._saw("dequantize")
+            return dense(*a, **kw)
+
+        def lora_matmul(p, q, *a, **kw):
+            if isinstance(q, tuple) and q and isinstance(q[0], lora.NF4Weight):
+                self._saw("in_kernel")
+            return matmul(p, q, *a, **kw)
+
+        lora.lora_forward, lora.lora_backward = in_phase("forward", fwd), in_phase("backward", bwd)
+        lora.dense_weight, lora.lora_matmul = dense_weight, lora_matmul
+        return self
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(self.lora, n, fn)
+        return False
+
+    def paths(self) -> dict:
+        """{"forward": route, "backward": route}: "dequantize", "in_kernel", "not run" (the fused op was
+        not called), or both joined by "+"; with "unfused" when the fallback ran instead."""
+        out = {d: "+".join(self.seen[d]) or "neither" if d in self.seen else "not run" for d in ("forward", "backward")}
+        if "unfused" in self.seen:
+            out["unfused"] = "+".join(self.seen["unfused"])
+        return out
 
 
 def fwd_bwd(torch, fn, x, dy, params, nf4_path: str | None = None):
@@ -226,7 +288,7 @@ def main(argv=None) -> int:
     config = {"shapes": [list(s) for s in shapes], "ranks": ranks, "tokens": tokens, "bases": bases,
               "dtype": str(dtype).split(".")[-1], "nf4": "double quant, blocksize 64",
               "timer": "perf_counter x3 median" if cpu else "triton.testing.do_bench median (p20, p80)",
-              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora.CONFIGS), "nf4_path": lora.NF4_PATH,
+              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora.CONFIGS), "nf4_path_default": lora.NF4_PATH,
               "cpu_smoke": cpu}
     command = [sys.executable, "-m", "bench.kernels", "lora", *(sys.argv[2:] if argv is None else argv)]
     out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-lora-smoke-")
@@ -240,7 +302,6 @@ def main(argv=None) -> int:
         doc["created_utc"] = stamp.setdefault("utc", doc["created_utc"])  # one file, rewritten as cases finish
         return doc
 
-    default_path = lora.NF4_PATH  # the "fastft" row's path, pinned for its forward and backward
     t_start = time.monotonic()
     cut = []
     config["time_budget_s"] = args.time_budget
@@ -265,13 +326,19 @@ def main(argv=None) -> int:
                     case = {"base": base, "K": K, "N": N, "r": r, "M": M}
                     for name, fn in impls.items():
                         row = dict(case, impl=name)
-                        if name.startswith("fastft") and base == "nf4":
-                            path = NF4_PATH_OF.get(name, default_path)
-                            row["nf4_path"] = {"forward": path, "backward": path}
+                        forced = NF4_PATH_OF.get(name) if name.startswith("fastft") and base == "nf4" else None
                         try:
-                            step = fwd_bwd(torch, fn, x, dy, params + [x], NF4_PATH_OF.get(name, default_path)
-                                           if name.startswith("fastft") else None)
-                            step()
+                            step = fwd_bwd(torch, fn, x, dy, params + [x], forced)
+                            if forced:  # the checked run: its routes are read from the kernel calls
+                                row["nf4_path_requested"] = forced
+                                with NF4PathProbe(lora) as probe:
+                                    step()
+                                row["nf4_path"] = probe.paths()
+                                if {row["nf4_path"]["forward"], row["nf4_path"]["backward"]} != {forced}:
+                                    notes.append(f"{name} {base} {K}x{N} M{M}: set to the {forced} path, the "
+                                                 f"kernel calls show {row['nf4_path']}")
+                            else:
+                                step()
                             grads = [t.grad.clone() for t in [x] + params if t.grad is not None]
                             if name == "peft":
                                 ref = grads
@@ -348,26 +415,47 @@ def sweep(torch, lora, measure, layer, base, x2, dtype, case):
     return out
 
 
+def _speedups(rows, base, mine, others) -> dict:
+    """{other: [other's ms / mine's ms per case]} over the cases where both were timed."""
+    vs = {o: [] for o in others}
+    for r in rows:
+        if r["base"] != base or r["impl"] != mine or "ms" not in r:
+            continue
+        for other in vs:
+            o = next((x for x in rows if x["impl"] == other and "ms" in x
+                      and all(x[k] == r[k] for k in ("base", "K", "N", "r", "M"))), None)
+            if o:
+                vs[other].append(o["ms"] / r["ms"])
+    return vs
+
+
 def summarize(rows, cpu) -> dict:
-    """fastft over Unsloth and PEFT per case, and the medians over cases, NF4 and 16-bit base."""
+    """fastft over Unsloth and PEFT per case, and the medians over cases, NF4 and 16-bit base; over NF4
+    for both paths ("fastft": in_kernel, "fastft_dequant": dequantize, also as speedup_vs_* of its own)."""
+    from fastft.kernels import lora
+
     out = {}
     for base in sorted({r["base"] for r in rows}):
-        vs = {"unsloth": [], "peft": [], "fastft_dequant": []}
-        for r in rows:
-            if r["base"] != base or r["impl"] != "fastft" or "ms" not in r:
-                continue
-            for other in vs:
-                o = next((x for x in rows if x["impl"] == other and "ms" in x
-                          and all(x[k] == r[k] for k in ("base", "K", "N", "r", "M"))), None)
-                if o:
-                    vs[other].append(o["ms"] / r["ms"])
+        vs = _speedups(rows, base, "fastft", ("unsloth", "peft", "fastft_dequant"))
         s = {f"speedup_vs_{k}_median": round(statistics.median(v), 3) if v else None for k, v in vs.items()}
         s.update({f"speedup_vs_{k}": [round(x, 3) for x in v] for k, v in vs.items()})
+        if base == "nf4":
+            deq = _speedups(rows, base, "fastft_dequant", ("unsloth", "peft"))
+            s["fastft_dequant"] = {f"speedup_vs_{k}_median": round(statistics.median(v), 3) if v else None
+                                   for k, v in deq.items()}
+            s["nf4_paths"] = {"fastft": NF4_PATH_OF["fastft"], "fastft_dequant": NF4_PATH_OF["fastft_dequant"],
+                              "training_default": lora.NF4_PATH}
         if base == "nf4" and not cpu:
-            s["targets"] = {f">= {TARGETS['vs_unsloth']}x Unsloth (median)":
-                            (s["speedup_vs_unsloth_median"] or 0) >= TARGETS["vs_unsloth"] if vs["unsloth"] else None,
-                            f">= {TARGETS['vs_peft']}x PEFT (median)":
-                            (s["speedup_vs_peft_median"] or 0) >= TARGETS["vs_peft"] if vs["peft"] else None}
+            # the targets hold for what training runs: the row on lora.NF4_PATH
+            row = next(k for k, v in NF4_PATH_OF.items() if v == lora.NF4_PATH)
+            med = s if row == "fastft" else s["fastft_dequant"]
+            s["targets_row"] = row
+            s["targets"] = {f">= {TARGETS['vs_unsloth']}x Unsloth (median, {row})":
+                            (med["speedup_vs_unsloth_median"] or 0) >= TARGETS["vs_unsloth"]
+                            if med["speedup_vs_unsloth_median"] is not None else None,
+                            f">= {TARGETS['vs_peft']}x PEFT (median, {row})":
+                            (med["speedup_vs_peft_median"] or 0) >= TARGETS["vs_peft"]
+                            if med["speedup_vs_peft_median"] is not None else None}
         out[base] = s
     return out
 
@@ -393,6 +481,10 @@ def print_report(rows, sweeps, summary, cpu):
     for base, s in summary.items():
         print(f"  {base}: fastft vs Unsloth median {s['speedup_vs_unsloth_median']}x, vs PEFT median "
               f"{s['speedup_vs_peft_median']}x, vs fastft_dequant median {s['speedup_vs_fastft_dequant_median']}x")
+        if "fastft_dequant" in s:
+            d = s["fastft_dequant"]
+            print(f"  {base}: fastft_dequant vs Unsloth median {d['speedup_vs_unsloth_median']}x, vs PEFT median "
+                  f"{d['speedup_vs_peft_median']}x (paths: {s['nf4_paths']})")
         for k, v in s.get("targets", {}).items():
             print(f"    [{'ok' if v else ('--' if v is None else 'MISS')}] {k}")
     if cpu:

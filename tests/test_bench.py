@@ -105,7 +105,8 @@ def test_bench_train_cpu_writes_every_field(tmp_path):
     m = run["metrics"]
     assert m["tokens_per_second"] > 0 and m["measured_steps"] == 2 and m["warmup_steps"] == 1
     assert m["measured_tokens"] == 2 * 4 * 64  # 2 steps x batch 4 x every row a full 64 real tokens
-    assert len(m["per_step"]) == 3 and len(m["losses"]) == 3
+    assert len(run["steps"]) == run["steps_done"] == 3 and len(m["losses"]) == 3  # every step, as it was written
+    assert not run["cut"] and run["compile_regime"] and run["kernels_report"]
     for key in ("step_seconds_median", "step_seconds_min", "step_seconds_max", "step_seconds_stdev",
                 "step_seconds_spread_pct", "peak_rss_gb", "flops"):
         assert m[key] is not None, key
@@ -351,12 +352,15 @@ def test_bench_worker_reports_out_of_memory_as_does_not_fit(tmp_path, monkeypatc
         raise ValueError("something else")
 
     monkeypatch.setattr(train, "run", fail)
+    doc_path = tmp_path / "result.json"  # the parent writes it before the run, every run pending
+    bench_train.common.write_json(doc_path, {"metrics": {"runs": [bench_train.pending_record("hf", "auto", "cpu", 2)]}})
     spec = {"recipe": str(ROOT / "recipes/bench-tiny-cpu.yaml"), "overrides": [], "target": "cpu", "backend": "hf",
             "kernels": "auto", "steps": 1, "warmup": 1, "data": "random", "work_dir": str(tmp_path),
-            "result_path": str(tmp_path / "result.json")}
+            "doc_path": str(doc_path), "run_index": 0}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert bench_train.worker(str(tmp_path / "spec.json")) == 0
-    out = json.loads((tmp_path / "result.json").read_text())
+    out = json.loads(doc_path.read_text())["metrics"]["runs"][0]
+    assert out["final"] and not out["cut"] and out["steps"] == []
     assert out["status"] == status and "peak_rss_gb" in out["metrics"]
     assert ("traceback" in out) == (status == "error")
     doc = {"name": "x", "target": "cpu", "device": {"type": "cpu", "name": "cpu"}, "command": "c",

@@ -5,6 +5,8 @@ graph for every layer, the same loss and LoRA gradients as uncompiled), which th
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import pytest
 import torch
@@ -37,6 +39,15 @@ def test_compiled_layers_with_fastft_kernels_equal_eager(mode, backend, fastft_c
     if mode == "fastft-slots":
         assert "Unsloth's fused slots run fastft's fused ops" in row["patch"]
     _check(row)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor on CPU needs a C++ compiler")
+def test_inductor_takes_the_ops_as_their_fakes_describe_them(fastft_cache, tmp_path, monkeypatch):
+    """Inductor (what Unsloth's block compile uses) checks every real output of a custom op against
+    the size and strides its fake implementation gave; a fresh cache, so no graph compiled from an
+    older fake is reused."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    _check(bench_compile.measure("fastft-slots", "inductor", N_LAYERS, tokens=8))
 
 
 def test_stock_peft_compiles_as_the_baseline(fastft_cache):
