@@ -14,6 +14,11 @@ the loop holding the most MMA instructions (HMMA on sm_80/89, HGMMA on sm_90), e
 loop. Its static instruction count is "per K step" (one iteration's straight-line body, branches
 inside it counted once), divided by its MMA count "per MMA".
 
+LoRA configs compile at r = 16, 64 and 128 (BLOCK_R 16, 64, 128: lora.MAX_FUSED_RANK is the largest)
+in bf16 and fp32 (tests/kernel_specs.py LORA_RANKS, LORA_DTYPES). A config over a target's shared
+memory that the launcher refuses (`lora.fit_config`: it runs the next config of lora.SMALLER that
+fits) shows "over: runs <fallback>" and counts as refused, not as an overflow, for --check.
+
 Beside the compiles: bytes moved and FLOPs per call for the benchmark shapes (Llama-3-8B: NF4
 dequantization of each projection; the LoRA layer forward and backward at M=4096, r=16, NF4 base,
 for the in-kernel and the dequantize + matmul paths) and the roofline lower bound on the H200
@@ -261,6 +266,7 @@ def _list(conn, tree: str) -> None:
         import triton
 
         conn.send({"configs": {m: [c["name"] for c in cs] for m, cs in configs.items()},
+                   "refusals": {c["name"]: c["refusal"] for cs in configs.values() for c in cs if c.get("refusal")},
                    "triton": triton.__version__, "triton_file": triton.__file__})
     except Exception as e:  # noqa: BLE001  (the parent reports it)
         conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -366,6 +372,26 @@ def write_json(doc: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def mark_refusals(rows: list[dict], refusals: dict) -> None:
+    """A config over a target's shared memory whose launcher refuses it (kernel_specs "refusal": the
+    chain `lora.fit_config` walks, in order) gets "refused_for": the first spec of its chain compiled
+    for that target that fits, the one launched instead; it then counts as no overflow. Without a
+    compiled fitting fallback it keeps shared_fits False."""
+    by = {(r["name"], r["cap"]): r for r in rows if "error" not in r}
+    for r in rows:
+        refusal = refusals.get(r["name"])
+        if r.get("shared_fits") is not False or not refusal:
+            continue
+        for spec in list(refusal["chain"].values())[1:]:
+            other = by.get((spec, r["cap"]))
+            if other is None:
+                r["refused_for"] = None  # the fallback was not compiled here (--only, --first)
+                break
+            if other.get("shared_fits"):
+                r["refused_for"] = spec
+                break
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'config':58s} {'sm':>3s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'K-step':>6s} {'MMA':>4s} " \
            f"{'/MMA':>6s} {'s':>5s}"
@@ -377,9 +403,11 @@ def table(rows: list[dict]) -> str:
         s = r.get("sass") or {}
         k = s.get("k_loop") or {}
         smem = ((r.get("shared_static") or 0) + (r.get("shared_dynamic") or 0)) / 1024
+        fit = "" if r.get("shared_fits", True) else (f"  over: runs {r['refused_for'][12:]}" if r.get("refused_for")
+                                                     else "  OVER the limit")
         out.append(f"{r['name'][:58]:58s} {r['cap']:>3d} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} "
                    f"{smem:7.1f} {k.get('instructions', '-')!s:>6s} {k.get('mma', '-')!s:>4s} "
-                   f"{s.get('per_mma') or '-'!s:>6s} {r.get('compile_s', '-')!s:>5s}")
+                   f"{s.get('per_mma') or '-'!s:>6s} {r.get('compile_s', '-')!s:>5s}{fit}")
     return "\n".join(out)
 
 
@@ -461,12 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
 
     run_pool(tree, jobs, args.jobs, args.timeout, on_done)
+    mark_refusals(doc["compiles"], listing.get("refusals", {}))
     doc["complete"] = True
     doc["elapsed_s"] = round(time.monotonic() - t0, 1)
     doc["summary"] = {"compiles": len(doc["compiles"]),
                       "errors": sum(1 for r in doc["compiles"] if "error" in r),
                       "spilling": sum(1 for r in doc["compiles"] if (r.get("spill_bytes") or 0) > 0),
-                      "shared_overflow": sum(1 for r in doc["compiles"] if r.get("shared_fits") is False),
+                      # over the limit with no fitting fallback (a refused config runs its fallback)
+                      "shared_overflow": sum(1 for r in doc["compiles"]
+                                             if r.get("shared_fits") is False and not r.get("refused_for")),
+                      "refused": sum(1 for r in doc["compiles"] if r.get("refused_for")),
                       "ptx_check_failures": sum(1 for r in doc["compiles"]
                                                 if r.get("ptx_missing") or r.get("ptx_present"))}
     write_json(doc, path)
@@ -478,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w['kind']:13s} {w['shape']:14s} {w.get('path', '-'):10s} {w.get('phase', '-'):8s} "
               f"{w['bytes'] / 1e6:8.1f} {w['flops'] / 1e9:8.1f} {w['lower_bound_us']:9.1f}  {w['bound']}")
     print(f"\nbench.static: {doc['summary']} in {doc['elapsed_s']} s (triton {listing['triton']}); wrote {path}")
-    bad = doc["summary"]["errors"] or (args.check and any(v for k, v in doc["summary"].items() if k != "compiles"))
+    bad = doc["summary"]["errors"] or (args.check and any(v for k, v in doc["summary"].items()
+                                                          if k not in ("compiles", "refused")))
     return 1 if bad else 0
 
 

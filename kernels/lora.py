@@ -39,9 +39,20 @@ W by rows (`nf4_rows`: one contiguous packed load per row of W and K step, one s
 block, codes from constants in registers) when W's rows start on absmax block boundaries
 (in_features % blocksize == 0, every Llama shape), element by element (`nf4_tile`) otherwise.
 
-Not fused (the pure-torch reference runs instead and says so once): lora_dropout > 0 in training, a
-trainable base weight or bias, r > MAX_FUSED_RANK, dtypes other than fp16/bf16/fp32, non-NF4 4-bit,
-and tensors that are not on a CUDA device (unless TRITON_INTERPRET=1, the CPU interpreter).
+The layer is the torch.library custom op ``fastft::lora_linear`` (backward: ``fastft::lora_linear_backward``)
+with a registered autograd formula and a fake (shape-only) implementation, so torch.compile traces it
+as one node, without a graph break.
+
+Launch configs (CONFIGS) are picked by shape; before a CUDA launch the compiled kernel's shared memory
+is checked against the device's per-block maximum, and a config over it gives way to a smaller one
+(SMALLER, `fit_config`) or, when none fits, to a ValueError naming the need, the limit and the fix.
+
+Not fused (said once, with the route taken): lora_dropout > 0 in training, a trainable base weight or
+bias, r > MAX_FUSED_RANK, dtypes other than fp16/bf16/fp32, non-NF4 4-bit, and tensors that are not
+on a CUDA device (unless TRITON_INTERPRET=1, the CPU interpreter). An NF4 base on CUDA (or under the
+interpreter) then takes `lora_linear_dequantized`: fastft's Triton `dequantize_nf4` + torch.matmul for
+the base product and the LoRA branch in torch on dropout(x), as PEFT's forward; everything else (a
+16-bit base, FP4, other dtypes, CPU) the pure-torch `lora_linear_reference`.
 """
 from __future__ import annotations
 
@@ -108,6 +119,27 @@ CONFIGS = {
     "thin_64xRx64_w4_s3": (64, 0, 64, 8, 4, 3),       # x·Aᵀ, dY·B: N = r (BLOCK_N set to BLOCK_R), split-K
     "red_Rx128x64_w4_s3": (0, 128, 64, 1, 4, 3),      # dA, dBᵀ: M = r (BLOCK_M = BLOCK_R), split over tokens
     "red_Rx64x64_w4_s3": (0, 64, 64, 1, 4, 3),
+    # SMALLER's last resorts for the thin and red products: one K step of 32 in flight, for devices with
+    # less shared memory than the fp32 r = 128 tiles above need (96 KB on sm_80/89)
+    "thin_64xRx32_w4_s2": (64, 0, 32, 8, 4, 2),
+    "red_Rx64x32_w4_s2": (0, 64, 32, 1, 4, 2),
+}
+# Shared memory. A config's need is what its compiled kernel reports (`metadata.shared`): pipeline
+# buffers of BLOCK_K-deep P and Q tiles (triton 3.6 and 3.9 keep num_stages - 1 of them on sm_80/89,
+# num_stages on sm_90) or the epilogue's L and R tiles, whichever is larger, so it grows with BLOCK_R
+# and the operand width. Before a CUDA launch `launch_plan` compares it with the device's
+# shared_memory_per_block_optin (A100 163 KB, RTX 4090 99 KB, H100 227 KB) and, when it is over,
+# takes the next config of this chain that fits (`fit_config`; the compiled red_Rx128x64_w4_s3 needs
+# 128 KB in fp32 at r = 128 on sm_89), so an oversized config is never launched.
+# tests/test_kernel_compile.py compiles every config at r = 16, 64, 128 in bf16 and fp32 for
+# sm_80/89/90 under triton 3.6 and 3.9 and checks that each one over a target's limit has a fitting
+# fallback there.
+SMALLER = {
+    "mm_128x128x64_w8_s3": "mm_64x64x64_w4_s3",
+    "nf4_128x64x64_w4_s2": "nf4_64x64x64_w4_s2",
+    "thin_64xRx64_w4_s3": "thin_64xRx32_w4_s2",
+    "red_Rx128x64_w4_s3": "red_Rx64x64_w4_s3",
+    "red_Rx64x64_w4_s3": "red_Rx64x32_w4_s2",
 }
 # Alternatives the benchmark also times (`python -m bench.kernels lora --sweep`); not shipped, so not
 # compile-checked in CI: one that wins on a GPU moves into CONFIGS (and so into the compile test).
@@ -234,7 +266,8 @@ def _block_r(r: int) -> int:
 
 
 def _pick_config(kind: str, M: int, N: int, nf4: bool, fp32: bool = False) -> str:
-    """The launch config for one product; `kind`: "mm" (large), "thin" (N = r), "red" (M = r)."""
+    """The launch config for one product by shape; `kind`: "mm" (large), "thin" (N = r), "red" (M = r).
+    On a CUDA device `launch_plan` may swap it for a smaller one that fits its shared memory (SMALLER)."""
     if interpreted():
         return f"interp_{kind}"
     if kind == "thin":
@@ -311,10 +344,23 @@ def launch_plan(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
         raise ValueError("split_k > 1 supports neither the low-rank epilogue nor a bias")
 
     name = config or _pick_config(kind, M, N, nf4, dtype == torch.float32)
-    bm, bn, bk, group_m, num_warps, num_stages = (CONFIGS.get(name) or CANDIDATES.get(name)
-                                                   or INTERPRETER_CONFIGS[name])
     if kind in ("thin", "red") and not rank:
         raise ValueError(f"kind {kind!r} needs the rank")
+    limit = _smem_limit(p.device) if check_device else None
+    if limit is not None and M and N:
+        # the same plan for each config of the chain, without this check (it would recurse)
+        def plan(n):
+            return launch_plan(p, q, out_dtype, alpha=alpha, lora=lora, scale=scale, bias=bias, kind=kind,
+                               rank=rank, split_k=split_k, config=n, check_device=False)
+
+        key = (p.device, name, _block_r(rank) if rank else 16, dtype, out_dtype, nf4 and (w.nested, transposed, w.blocksize, w.shape[1] % w.blocksize),
+               lora is not None, bias is not None, split_k > 1)
+        if key not in _FITTED:
+            _FITTED[key] = fit_config(name, lambda n: _shared_need(*plan(n)[1:]), limit, rank=rank, dtype=dtype)
+        if _FITTED[key] != name:
+            return plan(_FITTED[key])
+    bm, bn, bk, group_m, num_warps, num_stages = (CONFIGS.get(name) or CANDIDATES.get(name)
+                                                   or INTERPRETER_CONFIGS[name])
     block_r = _block_r(rank) if rank else 16
     bm = bm or block_r
     bn = bn or block_r
@@ -358,6 +404,47 @@ def launch_plan(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     return out, grid, args, kwargs
+
+
+_FITTED: dict = {}  # (device, config, BLOCK_R, dtypes, operand kinds) -> the config that fits that device
+
+
+def fit_config(name: str, need, limit: int | None, *, rank: int, dtype: torch.dtype) -> str:
+    """`name`, or the first config after it in its SMALLER chain, whose shared memory need(config) in
+    bytes fits `limit`, the device's per-block maximum (None: no limit). A fallback is said once; when
+    no config of the chain fits, a ValueError names each config's need, the limit and the fixes."""
+    tried, n = [], name
+    while n is not None:
+        bytes_ = need(n)
+        if limit is None or bytes_ <= limit:
+            if tried:
+                say_once(f"{'; '.join(tried)}, over this GPU's {limit} bytes of shared memory per block at r={rank} "
+                         f"{dtype}: launching {n} ({bytes_} bytes) instead")
+            return n
+        tried.append(f"{n} needs {bytes_} bytes")
+        n = SMALLER.get(n)
+    raise ValueError(f"fastft.kernels.lora: no launch config fits this GPU's shared memory at r={rank} {dtype}: "
+                     f"{'; '.join(tried)}, the device has {limit} per block. Use bf16 or fp16 compute (half the "
+                     f"tile bytes of fp32) or a smaller r, or add a smaller config to lora.SMALLER (and to CONFIGS, "
+                     f"which CI compiles)")
+
+
+def _shared_need(grid, args, kwargs) -> int:
+    """Bytes of shared memory the compiled kernel of this launch needs: compiled (or taken from the
+    JIT's cache) without launching, so the launch that follows reuses the build."""
+    return int(_lora_matmul_kernel.warmup(*args, grid=grid, **kwargs).metadata.shared)
+
+
+@functools.cache
+def _smem_optin(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def _smem_limit(device: torch.device) -> int | None:
+    """The most shared memory one block may use on a CUDA device, bytes (cached); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -532,9 +619,11 @@ def _lora_linear_backward_op(dy2: torch.Tensor, x2: torch.Tensor, xa: torch.Tens
 @_lora_linear_backward_op.register_fake
 def _lora_linear_backward_fake(dy2, x2, xa, weight, lora_a, lora_b, nf4_tensors, nf4_meta, scaling, nf4_path,
                                need_dx, need_da, need_db):
+    # dB is the transpose of the [r, N] reduction `lora_backward` computes (strides (1, N)); Inductor
+    # checks each real output's strides against the fake's, so the fake has the same layout
     return (dy2.new_empty(x2.shape if need_dx else (0,)),
             lora_a.new_empty(lora_a.shape) if need_da else dy2.new_empty(0),
-            lora_b.new_empty(lora_b.shape) if need_db else dy2.new_empty(0))
+            lora_b.new_empty(lora_b.shape[::-1]).t() if need_db else dy2.new_empty(0))
 
 
 def _lora_linear_setup(ctx, inputs, output):

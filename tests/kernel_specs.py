@@ -15,9 +15,37 @@ from __future__ import annotations
 
 import importlib.util
 
-# Llama-3-8B: hidden 4096, MLP 14336, k/v projections 1024; r = 16; 4096 tokens per step (e.g. 2 x 2048);
+# Llama-3-8B: hidden 4096, MLP 14336, k/v projections 1024; 4096 tokens per step (e.g. 2 x 2048);
 # an H100 / H200 has 132 SMs (the split counts depend on it, and the split counts decide k_per_split).
-LLAMA_M, LLAMA_R, LLAMA_SMS = 4096, 16, 132
+LLAMA_M, LLAMA_SMS = 4096, 132
+# LoRA ranks compiled: BLOCK_R (the next power of two >= r, at least 16) is the one rank-dependent
+# tile size, so r = 16 stands for every r <= 16, and 128 is lora.MAX_FUSED_RANK, the largest tiles.
+LORA_RANKS = (16, 64, 128)
+# The compute dtypes each lora config family serves (`lora._pick_config`): fp32 base products take
+# f32_*, 16-bit ones mm_* (dense) and nf4_* (NF4 in_kernel); thin and red serve every dtype. bf16
+# stands for both 16-bit dtypes (fp16 tiles have the same bytes).
+LORA_DTYPES = {"mm": ("bf16",), "nf4": ("bf16",), "f32": ("fp32",), "thin": ("bf16", "fp32"), "red": ("bf16", "fp32")}
+
+
+def launch_defaults() -> dict:
+    """num_warps / num_stages as the running triton fills them in for a launch that leaves them out,
+    read from triton itself: the JIT takes the CUDA backend's `parse_options` defaults, the autotuner
+    `triton.Config`'s (fastft.kernels.nf4 launches both ways). Both are 4 warps and 3 stages in triton
+    3.6 and 3.9; a version that parts them would need the two launches compiled apart."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    jit = CUDABackend(GPUTarget("cuda", 90, 32)).parse_options({})
+    config = {k: p.default for k, p in inspect.signature(triton.Config.__init__).parameters.items()}
+    out = {k: getattr(jit, k) for k in ("num_warps", "num_stages")}
+    differ = {k: (v, config.get(k)) for k, v in out.items() if config.get(k) != v}
+    if differ:
+        raise AssertionError(f"triton {triton.__version__}: the JIT's and triton.Config's launch defaults differ "
+                             f"({differ}, JIT first): compile the nf4 kernel's autotuned and direct launches apart")
+    return out
 
 
 def _specialize(kernel, args: list, kwargs: dict) -> tuple[dict, dict, list, dict]:
@@ -42,6 +70,7 @@ def _specialize(kernel, args: list, kwargs: dict) -> tuple[dict, dict, list, dic
                 divisible.append(name)
     options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
     constexprs.update({k: v for k, v in kwargs.items() if k not in options})
+    options = {**launch_defaults(), **options}  # what the launch leaves out, triton fills in
     params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
     constexprs.update({k: p.default for k, p in params.items()  # constexpr defaults the launch leaves out
                        if k not in constexprs and k not in signature and p.default is not inspect.Parameter.empty})
@@ -87,7 +116,6 @@ def nf4_configs() -> list[dict]:
     configs = []
     for name, args, kwargs in nf4_launches():
         signature, constexprs, divisible, options = _specialize(nf4._dequantize_4bit_kernel, args, kwargs)
-        options.setdefault("num_stages", 1)
         configs.append({
             "name": name, "kernel": "fastft.kernels.nf4:_dequantize_4bit_kernel",
             "signature": signature, "constexprs": constexprs, "options": options, "divisible_by_16": divisible,
@@ -101,61 +129,64 @@ def nf4_configs() -> list[dict]:
 
 def lora_launches() -> list[tuple[str, list, dict]]:
     """Every launch config fastft.kernels.lora ships, in the launches that use it, at Llama-3-8B
-    shapes: (name, args, kwargs) exactly as `lora.launch_plan` builds them for `_lora_matmul_kernel`
-    (CPU stand-in tensors: empty, never touched; torch aligns them as it aligns CUDA ones)."""
+    shapes, for each LoRA rank in LORA_RANKS and each compute dtype the config serves (LORA_DTYPES):
+    (name, args, kwargs) exactly as
+    `lora.launch_plan` builds them for `_lora_matmul_kernel` (CPU stand-in tensors: empty, never
+    touched; torch aligns them as it aligns CUDA ones)."""
     import torch
     import triton
     from fastft.kernels import lora
     from fastft.kernels.nf4 import NF4Weight
 
-    M, r, sms = LLAMA_M, LLAMA_R, LLAMA_SMS
-    bf = torch.bfloat16
+    M, sms = LLAMA_M, LLAMA_SMS
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-    def t(*shape, dtype=bf):
+    def t(*shape, dtype):
         return torch.empty(shape, dtype=dtype)
 
     def nf4(N, K):  # bitsandbytes' Llama default: blocksize 64, double quantization (blocksize2 256)
         n = N * K
-        return NF4Weight(packed=t(n // 2, dtype=torch.uint8), shape=(N, K), dtype=bf, blocksize=64,
+        return NF4Weight(packed=t(n // 2, dtype=torch.uint8), shape=(N, K), dtype=torch.bfloat16, blocksize=64,
                          quant_type="nf4", absmax=t(n // 64, dtype=torch.uint8), nested=True,
                          offset=t(1, dtype=torch.float32), absmax2=t(n // 64 // 256, dtype=torch.float32),
                          code2=t(256, dtype=torch.float32), blocksize2=256)
 
-    def plan(name, launch, p, q, out_dtype=bf, **kw):
-        _out, _grid, args, kwargs = lora.launch_plan(p, q, out_dtype, config=name, check_device=False, **kw)
-        return (f"{name}-{launch}", args, kwargs)
+    def plan(name, launch, r, ty, p, q, out_dtype=None, **kw):
+        _out, _grid, args, kwargs = lora.launch_plan(p, q, out_dtype or p.dtype, config=name, check_device=False,
+                                                     rank=r, **kw)
+        return (f"{name}-{launch}-r{r}-{ty}", args, kwargs)
 
     K, N = 4096, 14336  # the MLP up projection: forward x·Wᵀ, backward dY·W
-    x, dy, xa, dyb = t(M, K), t(M, N), t(M, r), t(M, r)
-    a, b = t(r, K), t(N, r)  # adapters cast to the compute dtype
-    w = t(N, K)
     launches = []
     for name in lora.CONFIGS:
-        if name.startswith("mm_"):  # 16-bit base (mm_64x64 is the few-token config: 256 tokens)
-            m = M if name.startswith("mm_128") else 256
-            launches.append(plan(name, "fwd", x[:m], w.t(), lora=(xa[:m], b.t()), scale=2.0, rank=r))
-            launches.append(plan(name, "dx", dy[:m], w, lora=(dyb[:m], a), scale=2.0, rank=r))
-        elif name.startswith("nf4_"):  # NF4 base on the in_kernel path
-            m = M if name.startswith("nf4_128") else 256
-            launches.append(plan(name, "fwd", x[:m], (nf4(N, K), True), lora=(xa[:m], b.t()), scale=2.0, rank=r))
-            launches.append(plan(name, "dx", dy[:m], (nf4(N, K), False), lora=(dyb[:m], a), scale=2.0, rank=r))
-        elif name.startswith("f32_"):  # fp32 compute, NF4 base in_kernel
-            f = torch.float32
-            launches.append(plan(name, "fwd-fp32", t(M, K, dtype=f), (nf4(N, K), True), out_dtype=f,
-                                 lora=(t(M, r, dtype=f), t(N, r, dtype=f).t()), scale=2.0, rank=r))
-        elif name.startswith("thin_"):  # x·Aᵀ over K = 4096, dY·B over K = N = 14336, split as shipped
-            bm = lora.CONFIGS[name][0]
-            for launch, p, q in (("xa", x, a.t()), ("dyb", dy, b)):
-                split = lora.split_count(triton.cdiv(M, bm), p.shape[1], lora.THIN_MIN_K, sms)
-                launches.append(plan(name, launch, p, q, kind="thin", rank=r, split_k=split))
-        elif name.startswith("red_"):  # dA = s·dYBᵀ·x [r, 4096], dBᵀ = s·XAᵀ·dY [r, 1024] (k_proj)
-            for launch, p, q in (("da", dyb.t(), x), ("db", xa.t(), t(M, 1024))):
-                tiles = triton.cdiv(q.shape[1], 128)
-                split = lora.split_count(tiles, M, lora.RED_MIN_K, sms)
-                launches.append(plan(name, launch, p, q, torch.float32, alpha=2.0, kind="red", rank=r,
-                                     split_k=split))
-        else:
-            raise AssertionError(f"kernel_specs: no launch for lora config {name}; add one")
+        for r in LORA_RANKS:
+            for ty in LORA_DTYPES[name[:name.index("_")]]:
+                d = dtypes[ty]
+                x, dy, xa, dyb = t(M, K, dtype=d), t(M, N, dtype=d), t(M, r, dtype=d), t(M, r, dtype=d)
+                a, b = t(r, K, dtype=d), t(N, r, dtype=d)  # adapters cast to the compute dtype
+                # the few-token configs run at 256 tokens, the others at 4096
+                m = 256 if name.startswith(("mm_64", "nf4_64")) else M
+                if name.startswith(("mm_", "nf4_", "f32_")):  # base matmul + LoRA epilogue: forward and dX
+                    bases = {"mm_": ["dense"], "nf4_": ["nf4"], "f32_": ["nf4", "dense"]}[name[:name.index("_") + 1]]
+                    for base in bases:
+                        fwd, dx = ((nf4(N, K), True), (nf4(N, K), False)) if base == "nf4" else (t(N, K, dtype=d).t(),
+                                                                                                 t(N, K, dtype=d))
+                        tag = "" if len(bases) == 1 else f"-{base}"
+                        launches.append(plan(name, f"fwd{tag}", r, ty, x[:m], fwd, lora=(xa[:m], b.t()), scale=2.0))
+                        launches.append(plan(name, f"dx{tag}", r, ty, dy[:m], dx, lora=(dyb[:m], a), scale=2.0))
+                elif name.startswith("thin_"):  # x·Aᵀ over K = 4096, dY·B over K = N = 14336, split as shipped
+                    bm = lora.CONFIGS[name][0]
+                    for launch, p, q in (("xa", x, a.t()), ("dyb", dy, b)):
+                        split = lora.split_count(triton.cdiv(M, bm), p.shape[1], lora.THIN_MIN_K, sms)
+                        launches.append(plan(name, launch, r, ty, p, q, kind="thin", split_k=split))
+                elif name.startswith("red_"):  # dA = s·dYBᵀ·x [r, 4096], dBᵀ = s·XAᵀ·dY [r, 1024] (k_proj)
+                    for launch, p, q in (("da", dyb.t(), x), ("db", xa.t(), t(M, 1024, dtype=d))):
+                        tiles = triton.cdiv(q.shape[1], 128)  # as lora_backward counts them
+                        split = lora.split_count(tiles, M, lora.RED_MIN_K, sms)
+                        launches.append(plan(name, launch, r, ty, p, q, torch.float32, alpha=2.0, kind="red",
+                                             split_k=split))
+                else:
+                    raise AssertionError(f"kernel_specs: no launch for lora config {name}; add one")
     return launches
 
 
@@ -165,12 +196,28 @@ def lora_configs() -> list[dict]:
     every pointer, size, stride and k_per_split divisible by 16 is marked so."""
     from fastft.kernels import lora
 
+    launches = lora_launches()
+    names = {f"lora_matmul-{name}" for name, _, _ in launches}
     configs = []
-    for name, args, kwargs in lora_launches():
+    for name, args, kwargs in launches:
         signature, constexprs, divisible, options = _specialize(lora._lora_matmul_kernel, args, kwargs)
-        configs.append({"name": f"lora_matmul-{name}", "kernel": "fastft.kernels.lora:_lora_matmul_kernel",
-                            "signature": signature, "constexprs": constexprs, "options": options,
-                            "divisible_by_16": divisible})
+        spec = {"name": f"lora_matmul-{name}", "kernel": "fastft.kernels.lora:_lora_matmul_kernel",
+                "signature": signature, "constexprs": constexprs, "options": options, "divisible_by_16": divisible}
+        # over a target's shared memory, `lora.launch_plan` launches the first config of the SMALLER
+        # chain that fits instead (`lora.fit_config`): the chain's specs of the same launch, rank and
+        # dtype (the few-token fallback of a base matmul is compiled at 256 tokens: M is no constexpr)
+        config = max((c for c in lora.CONFIGS if name.startswith(c + "-")), key=len)
+        rest, chain, c = name[len(config):], {}, config
+        while c is not None:
+            chain[c] = f"lora_matmul-{c}{rest}"
+            c = lora.SMALLER.get(c)
+        missing = [n for n in chain.values() if n not in names]
+        if missing:
+            raise AssertionError(f"kernel_specs: {spec['name']} falls back to {missing}, which lora_launches does not "
+                                 "compile; add the launch")
+        r, ty = rest.rsplit("-", 2)[1:]
+        spec["refusal"] = {"fit": "fastft.kernels.lora:fit_config", "rank": int(r[1:]), "dtype": ty, "chain": chain}
+        configs.append(spec)
     return configs
 
 

@@ -13,7 +13,9 @@ tests/kernel_specs.py lists, per kernel module, how each config it ships compile
 A module joins by being named in kernel_specs.COMPILE_CONFIGS. For each config
 and each target (sm_80 A100, sm_89 RTX 4090, sm_90 H100) `triton.compile` builds PTX and a cubin on
 the CPU; `cuobjdump -res-usage` must report LOCAL:0 (no register spills) and static + dynamic shared
-memory must fit the target's per-block limit. The compiles run in subprocesses without TRITON_INTERPRET (under the interpreter,
+memory must fit the target's per-block limit, unless the spec carries a "refusal" (the launcher's
+fit function and the chain of configs it falls back to, per launch, rank and dtype): then the fit
+function, run on the chain's compiled needs for that target, must pick a smaller config that fits. The compiles run in subprocesses without TRITON_INTERPRET (under the interpreter,
 @triton.jit hands out interpreter functions that cannot be compiled).
 
 Two triton versions: the installed one (CI: 3.9) and the GPU machine's 3.6, from a side install
@@ -169,10 +171,14 @@ class _Workers:
 def workers(request):
     pytest.importorskip("triton")
     needed: dict[tuple[str, str], list] = {}
+    specs = {c["name"]: c for cs in COMPILE_CONFIGS.values() for c in cs}
     for item in request.session.items:  # the selected tests of this module
         params = getattr(getattr(item, "callspec", None), "params", {})
         if item.module is request.module and {"version", "module", "name", "cap"} <= set(params):
-            needed.setdefault((params["version"], params["module"]), []).append([params["name"], params["cap"]])
+            # with the configs the launcher falls back to: a refused config is checked against them
+            chain = (specs[params["name"]].get("refusal") or {}).get("chain", {}).values()
+            pairs = needed.setdefault((params["version"], params["module"]), [])
+            pairs += [[n, params["cap"]] for n in [params["name"], *chain] if [n, params["cap"]] not in pairs]
     w = _Workers()
     w.start(needed)
     yield w
@@ -195,9 +201,129 @@ def test_launch_config_compiles_without_spills(workers, version, module, name, c
     assert "error" not in r, f"{name} does not compile for sm_{cap} (triton {report['triton']}): {r['error']}"
     assert r["local"] == 0, f"{name} spills {r['local']} bytes to local memory on sm_{cap} ({r['regs']} registers)"
     shared = r["shared_static"] + r["shared_dynamic"]
-    assert shared <= TARGETS[cap], f"{name} needs {shared} bytes of shared memory, sm_{cap} has {TARGETS[cap]}"
+    if shared > TARGETS[cap]:
+        refusal = next(c for c in COMPILE_CONFIGS[module] if c["name"] == name).get("refusal")
+        assert refusal, f"{name} needs {shared} bytes of shared memory, sm_{cap} has {TARGETS[cap]}"
+        _refused_for(refusal, report, cap)  # fails when no config of the chain fits
     assert not r["ptx_missing"], f"{name}: PTX for sm_{cap} lacks {r['ptx_missing']}"
     assert not r["ptx_present"], f"{name}: PTX for sm_{cap} contains {r['ptx_present']}"
+
+
+def _refused_for(refusal: dict, report: dict, cap: int) -> str:
+    """The spec the launcher runs instead of a config over `cap`'s shared memory: its fit function
+    (`lora.fit_config`) on the compiled needs of the chain's specs for that target. Fails, with the
+    launcher's own message, when no config of the chain fits."""
+    import importlib
+
+    import torch
+
+    mod, attr = refusal["fit"].split(":")
+    fit = getattr(importlib.import_module(mod), attr)
+    need = {}
+    for config, spec in refusal["chain"].items():
+        r = report["by"][(spec, cap)]
+        assert "error" not in r, f"{spec} (a fallback) does not compile for sm_{cap}: {r['error']}"
+        need[config] = r["shared_static"] + r["shared_dynamic"]
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    try:
+        config = fit(next(iter(refusal["chain"])), need.__getitem__, TARGETS[cap], rank=refusal["rank"],
+                     dtype=dtypes[refusal["dtype"]])
+    except ValueError as e:
+        pytest.fail(f"sm_{cap}: {e}")
+    return refusal["chain"][config]
+
+
+# Compiled for sm_89 by triton 3.6 and 3.9 alike (the RTX 4090, 99 KB of shared memory per block): the
+# fp32 dA / dBᵀ reduction at r = 128, two pipeline buffers of 128 x 64 and 64 x 128 fp32 tiles in the first.
+SM89_RED_FP32_R128 = {"red_Rx128x64_w4_s3": 131072, "red_Rx64x64_w4_s3": 98304, "red_Rx64x32_w4_s2": 24576}
+
+
+def test_a_config_over_the_device_limit_gives_way_to_a_smaller_one():
+    import torch
+    from fastft.kernels import lora
+
+    need = SM89_RED_FP32_R128.__getitem__
+    assert lora.fit_config("red_Rx128x64_w4_s3", need, 99 * 1024, rank=128, dtype=torch.float32) == "red_Rx64x64_w4_s3"
+    assert lora.fit_config("red_Rx128x64_w4_s3", need, 163 * 1024, rank=128, dtype=torch.float32) == \
+        "red_Rx128x64_w4_s3"
+    assert lora.fit_config("red_Rx128x64_w4_s3", need, 64 * 1024, rank=128, dtype=torch.float32) == "red_Rx64x32_w4_s2"
+    assert lora.fit_config("red_Rx128x64_w4_s3", need, None, rank=128, dtype=torch.float32) == "red_Rx128x64_w4_s3"
+    with pytest.raises(ValueError) as e:
+        lora.fit_config("red_Rx128x64_w4_s3", need, 16 * 1024, rank=128, dtype=torch.float32)
+    msg = str(e.value)
+    for part in ("r=128", "torch.float32", "red_Rx128x64_w4_s3 needs 131072 bytes", "red_Rx64x32_w4_s2 needs 24576",
+                 f"has {16 * 1024} per block", "bf16", "lora.SMALLER"):
+        assert part in msg, (part, msg)
+
+
+def test_every_fallback_is_a_shipped_config():
+    from fastft.kernels import lora
+
+    for big, small in lora.SMALLER.items():
+        assert big in lora.CONFIGS and small in lora.CONFIGS, (big, small)
+    for n in lora.SMALLER:  # every chain ends
+        chain = [n]
+        while n in lora.SMALLER:
+            n = lora.SMALLER[n]
+            assert n not in chain, chain
+            chain.append(n)
+
+
+def test_bench_static_counts_a_refused_config_apart_from_an_overflow():
+    """`python -m bench.kernels static --check` applies the same rule: over the limit with a compiled
+    fallback that fits is "refused" (it names what runs), over with none is an overflow."""
+    from bench import static
+
+    chain = {c: f"lora_matmul-{c}-da-r128-fp32" for c in SM89_RED_FP32_R128}
+    refusals = {chain["red_Rx128x64_w4_s3"]: {"chain": chain}, chain["red_Rx64x64_w4_s3"]: {"chain": dict(
+        list(chain.items())[1:])}}
+    rows = [{"name": spec, "cap": 89, "shared_fits": SM89_RED_FP32_R128[c] <= static.SHARED_LIMIT[89]}
+            for c, spec in chain.items()]
+    static.mark_refusals(rows, refusals)
+    assert rows[0]["refused_for"] == chain["red_Rx64x64_w4_s3"] and "refused_for" not in rows[1]
+    # both over a smaller device's limit, red_Rx64x32_w4_s2 not compiled: nothing is known to fit
+    rows = [{"name": chain[c], "cap": 89, "shared_fits": False} for c in list(chain)[:2]]
+    static.mark_refusals(rows, refusals)
+    assert [r["refused_for"] for r in rows] == [None, None]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # the interpreter has no bf16 arithmetic
+def test_the_launch_plan_takes_the_fallback_before_launching(monkeypatch, dtype):
+    """The launcher on a stubbed 99 KB device with the compiled sm_89 needs: the fp32 reduction at
+    r = 128 runs red_Rx64x64_w4_s3, in the interpreter, with the reference's result; fp16 (half the
+    bytes) keeps red_Rx128x64_w4_s3; and a device below every config gets the error, not a launch."""
+    import torch
+    from fastft.kernels import lora
+
+    if not lora.interpreted():
+        pytest.skip("runs the kernel under TRITON_INTERPRET=1 (conftest sets it on CPU)")
+    ty = getattr(torch, dtype)
+    by_tiles = {lora.CONFIGS[n][1:3] + lora.CONFIGS[n][-1:]: b for n, b in SM89_RED_FP32_R128.items()}
+    elt = torch.finfo(ty).bits // 8
+    launched = []
+
+    def need(grid, args, kwargs):  # the compiled fp32 needs; 16-bit tiles take half the bytes
+        launched.append((kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["num_stages"]))
+        return by_tiles[launched[-1]] * elt // 4
+
+    monkeypatch.setattr(lora, "_FITTED", {})
+    monkeypatch.setattr(lora, "_smem_limit", lambda device: 99 * 1024)
+    monkeypatch.setattr(lora, "_shared_need", need)
+    g = torch.Generator().manual_seed(0)
+    r, M, K = 128, 96, 80
+    dyb, x = torch.randn(M, r, generator=g).to(ty), torch.randn(M, K, generator=g).to(ty)
+    out, grid, args, kwargs = lora.launch_plan(dyb.t(), x, torch.float32, alpha=0.5, kind="red", rank=r,
+                                               config="red_Rx128x64_w4_s3")
+    want = (128, 64, 3) if ty == torch.float16 else (64, 64, 3)
+    assert (kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["num_stages"]) == want
+    got = lora.lora_matmul(dyb.t(), x, torch.float32, alpha=0.5, kind="red", rank=r, config="red_Rx128x64_w4_s3")
+    ref = 0.5 * (dyb.t().double() @ x.double())
+    tol = {torch.float32: 1e-5, torch.float16: 1e-5}[ty]  # fp32 accumulation, fp32 out: no 16-bit rounding
+    torch.testing.assert_close(got.double(), ref, atol=tol * K ** 0.5, rtol=tol)
+    monkeypatch.setattr(lora, "_FITTED", {})
+    monkeypatch.setattr(lora, "_smem_limit", lambda device: 8 * 1024)
+    with pytest.raises(ValueError, match="no launch config fits this GPU's shared memory at r=128"):
+        lora.lora_matmul(dyb.t(), x, torch.float32, kind="red", rank=r, config="red_Rx128x64_w4_s3")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
