@@ -29,7 +29,9 @@ Layers that are not fused keep PEFT's own forward and are listed with the reason
 PEFT LoRA variants, a bias on lora_B, base layers other than nn.Linear / NF4 Linear4bit, r above
 the kernel's limit. At run time a patched layer falls back to PEFT's forward (said once per reason)
 for what only PEFT handles: several active adapters, disabled or merged adapters, mixed-batch
-``adapter_names``; lora_dropout > 0 in training runs the kernel module's reference path.
+``adapter_names``; lora_dropout > 0 in training runs unfused: an NF4 base dequantized by the Triton
+``dequantize_nf4`` (on CUDA), one matmul, and PEFT's LoRA branch on dropout(x)
+(``fastft.kernels.lora.unfused_route``).
 """
 from __future__ import annotations
 
