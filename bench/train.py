@@ -271,6 +271,17 @@ class RunStopped(BaseException):
 
 
 def worker(spec_path: str) -> int:
+    """One run (``--worker SPEC``): its own process in a benchmark; the SIGINT/SIGTERM handlers it
+    installs are put back when it returns, for a caller in the same process (the tests)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _worker(spec_path)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _worker(spec_path: str) -> int:
     t_start = time.monotonic()
     spec = json.loads(Path(spec_path).read_text())
     doc_path, index = Path(spec["doc_path"]), spec["run_index"]
@@ -340,9 +351,12 @@ def worker(spec_path: str) -> int:
     from fastft import train
 
     recorder = StepRecorder(out, spec, r, save, t_start)
-    observe(recorder)
+    restore = observe(recorder)
     try:
-        result = train.run(r, log=lambda m: print(m, flush=True))
+        try:
+            result = train.run(r, log=lambda m: print(m, flush=True))
+        finally:
+            restore()
     except BaseException as e:  # noqa: BLE001  (every failure becomes a reported status)
         signum = e.signum if isinstance(e, RunStopped) else getattr(e, "exit_code", 0) - 128 \
             if isinstance(e, train.TrainInterrupted) else None
@@ -446,25 +460,37 @@ class StepRecorder:
         return m
 
 
-def observe(recorder: StepRecorder) -> None:
+def observe(recorder: StepRecorder):
     """Let the worker watch fastft.train.run without changing it: ``patch.apply`` (called once the
     model is loaded) is wrapped to keep its report, and from then on ``callbacks.Meter`` (created just
     after) is a subclass that hands every step to the recorder as it is logged. fastft.callbacks is
-    imported only then: on the unsloth backend, Unsloth must be imported before transformers."""
+    imported only then: on the unsloth backend, Unsloth must be imported before transformers.
+    Returns the function that puts both back (the recording Meter writes no checkpoint, so a run
+    in the same process after this one must get fastft's own)."""
     from fastft import patch
 
     apply = patch.apply
+    meters = []
 
     def apply_and_record(model, mode="auto", log_fn=None):
         report = apply(model, mode, log_fn)
         from fastft import callbacks
 
         if not getattr(callbacks.Meter, "_bench_recording", False):
+            meters.append(callbacks.Meter)
             callbacks.Meter = recording_meter(callbacks.Meter, recorder)
         recorder.patched(report)
         return report
 
+    def restore() -> None:
+        patch.apply = apply
+        if meters:
+            from fastft import callbacks
+
+            callbacks.Meter = meters[0]
+
     patch.apply = apply_and_record
+    return restore
 
 
 def recording_meter(meter_cls, recorder: StepRecorder):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -358,7 +359,12 @@ def test_bench_worker_reports_out_of_memory_as_does_not_fit(tmp_path, monkeypatc
             "kernels": "auto", "steps": 1, "warmup": 1, "data": "random", "work_dir": str(tmp_path),
             "doc_path": str(doc_path), "run_index": 0}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
+    from fastft import callbacks, patch
+
+    apply, meter, sigint = patch.apply, callbacks.Meter, signal.getsignal(signal.SIGINT)
     assert bench_train.worker(str(tmp_path / "spec.json")) == 0
+    # what the worker wraps to record a run is put back: a later run in this process checkpoints again
+    assert (patch.apply, callbacks.Meter, signal.getsignal(signal.SIGINT)) == (apply, meter, sigint)
     out = json.loads(doc_path.read_text())["metrics"]["runs"][0]
     assert out["final"] and not out["cut"] and out["steps"] == []
     assert out["status"] == status and "peak_rss_gb" in out["metrics"]
