@@ -72,9 +72,6 @@ class _Lines:
             self.last = now
             self._say(self._status())
 
-    def set_postfix_str(self, text: str) -> None:  # tqdm compatibility; plain lines ignore it
-        pass
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -102,9 +99,6 @@ class _Silent:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
 
     def close(self) -> None:
         pass

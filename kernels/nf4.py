@@ -653,11 +653,6 @@ def dequant_scratch(shape, dtype: torch.dtype, device, slot: int = 0) -> torch.T
     return buf
 
 
-def clear_scratch() -> None:
-    """Free every buffer ``dequant_scratch`` holds (after training, or between benchmark cases)."""
-    _SCRATCH.clear()
-
-
 def dequantize_nf4(weight_or_packed, quant_state=None, out: torch.Tensor | None = None,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize a bitsandbytes 4-bit weight (NF4 or FP4, any 4-bit blocksize, double quantization
