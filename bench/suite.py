@@ -191,8 +191,7 @@ def steps(py: str, out: Path, cpus: int, call: int = 1) -> list[Step]:
 def step_limit(left: float, weight: float, weights_after: float) -> float:
     """A starting step's limit: what is left (less the stop reserve) times its share of the weights
     still to run (this step's and the later ones'); a step's weight is its floor."""
-    usable = max(0.0, left - STOP_RESERVE)
-    return usable * weight / (weight + weights_after)
+    return bench_train.share_of(max(0.0, left - STOP_RESERVE), [weight, weights_after])
 
 
 def start_or_cut(left: float, step: Step, after: list[Step]) -> tuple[float, str | None]:

@@ -167,25 +167,31 @@ MIN_MEASURED = 3  # a run is worth starting when it can reach this many measured
 WORKER_GRACE_S = 8.0  # after SIGINT: the step in progress ends, the record is written (a step is ~1 s)
 
 
+def _floor(backend: str, kernels: str) -> tuple[RunFloor, float]:
+    """The run's phases and the extra first-step compile its kernels add."""
+    return FLOORS["hf" if backend == "hf" else "unsloth"], FASTFT_COMPILE_S if kernels == "fastft" else 0.0
+
+
 def run_floor(backend: str, kernels: str, target: str, steps: int) -> float | None:
     """Seconds the run needs (None on the CPU target: no floor, the runs share the budget evenly)."""
     if target == "cpu":
         return None
-    floor = FLOORS["hf" if backend == "hf" else "unsloth"]
-    return floor.seconds(steps, FASTFT_COMPILE_S if kernels == "fastft" else 0.0)
+    floor, extra = _floor(backend, kernels)
+    return floor.seconds(steps, extra)
 
 
 def run_floor_explained(backend: str, kernels: str, target: str, steps: int) -> str:
     if target == "cpu":
         return "no floor on the CPU target"
-    return FLOORS["hf" if backend == "hf" else "unsloth"].explain(steps, FASTFT_COMPILE_S if kernels == "fastft" else 0.0)
+    floor, extra = _floor(backend, kernels)
+    return floor.explain(steps, extra)
 
 
 def run_to_measured(backend: str, kernels: str, target: str, warmup: int) -> float | None:
     if target == "cpu":
         return None
-    return FLOORS["hf" if backend == "hf" else "unsloth"].to_measured(
-        warmup, FASTFT_COMPILE_S if kernels == "fastft" else 0.0)
+    floor, extra = _floor(backend, kernels)
+    return floor.to_measured(warmup, extra)
 
 
 def invocation_floor(targets: list[str], runs: list[tuple[str, str]], steps: int) -> float:

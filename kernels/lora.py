@@ -353,7 +353,8 @@ def launch_plan(p: torch.Tensor, q, out_dtype: torch.dtype, *, alpha: float = 1.
             return launch_plan(p, q, out_dtype, alpha=alpha, lora=lora, scale=scale, bias=bias, kind=kind,
                                rank=rank, split_k=split_k, config=n, check_device=False)
 
-        key = (p.device, name, _block_r(rank) if rank else 16, dtype, out_dtype, nf4 and (w.nested, transposed, w.blocksize, w.shape[1] % w.blocksize),
+        key = (p.device, name, _block_r(rank) if rank else 16, dtype, out_dtype,
+               nf4 and (w.nested, transposed, w.blocksize, w.shape[1] % w.blocksize),
                lora is not None, bias is not None, split_k > 1)
         if key not in _FITTED:
             _FITTED[key] = fit_config(name, lambda n: _shared_need(*plan(n)[1:]), limit, rank=rank, dtype=dtype)
