@@ -103,7 +103,7 @@ def add_output_args(p) -> None:
 
 
 def versions() -> dict:
-    from fastft.backends import versions as stack_versions
+    from fastft.info import versions as stack_versions
 
     return {**stack_versions(), "git_sha": git_sha()}
 

@@ -49,7 +49,8 @@ def load_model(mode: str, n_layers: int | None = None, model_backend: str = "hf"
     fastft takes them."""
     import torch
 
-    from fastft import backends, patch, recipe
+    from fastft import recipe
+    from fastft.models import backends, patch
 
     r = recipe.from_dict({"model": {"name": "fastft-tiny", "max_seq_length": 64}, "backend": model_backend,
                           "lora": {"r": 8, "alpha": 16},
@@ -71,7 +72,7 @@ def load_model(mode: str, n_layers: int | None = None, model_backend: str = "hf"
             layer.self_attn.apply_o = fast_lora.apply_lora_o
             layer.mlp.forward = types.MethodType(fast_lora.apply_lora_mlp_swiglu, layer.mlp)
     elif mode == "fastft-slots":
-        from fastft.patch import _per_projection_o, _per_projection_qkv
+        from fastft.models.patch import _per_projection_o, _per_projection_qkv
 
         def apply_lora_qkv(self, X, inplace=True):  # Unsloth's names: patch.apply recognises its slots
             return _per_projection_qkv(self, X)

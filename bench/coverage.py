@@ -59,7 +59,7 @@ concurrency = thread, multiprocessing
 # subprocess: every child python (CLI, bench modules, torchrun ranks); execv: bench.data_rss
 # re-executes itself; _exit: a child that leaves through os._exit still saves its lines
 patch = subprocess, execv, _exit
-# no `sigterm = true`: fastft.data_build's fork pool ends its workers with SIGTERM (Pool.terminate),
+# no `sigterm = true`: fastft.data.encode's fork pool ends its workers with SIGTERM (Pool.terminate),
 # and coverage's handler, saving a worker's data inside that signal, can wait forever on a lock the
 # fork inherited held (one worker did, and the suite hung); a process SIGTERM ends loses its lines
 """

@@ -89,11 +89,11 @@ def write_set(kind: str, n: int, folder: Path) -> Path:
 
 
 def tokenizer_path(which: str) -> str:
-    from fastft import models
+    from fastft.models import named
 
     if which == "tiny":
-        return str(models.EMBEDDED["fastft-tiny"])
-    return models.resolve("smollm2-135m-instruct")
+        return str(named.EMBEDDED["fastft-tiny"])
+    return named.resolve("smollm2-135m-instruct")
 
 
 # --- one method, in its own process --------------------------------------------------------------
@@ -129,7 +129,8 @@ def _run_method(method: str, path: Path, kind: str, tok_path: str, num_proc: int
     if method.startswith("fastft"):
         import datasets  # noqa: F401 - imported before the clock starts, as the other methods' imports
 
-        from fastft import data, data_build  # noqa: F401
+        from fastft import data  # noqa: F401
+        from fastft.data import batched  # noqa: F401
 
         r = _d(path, kind, num_proc)
         t0, cpu0 = time.perf_counter(), _cpu_seconds()

@@ -42,7 +42,8 @@ def main() -> None:
 
     import datasets  # noqa: F401
     from bench import data as bd
-    from fastft import data, data_build as B
+    from fastft import data
+    from fastft.data import encode, split
 
     peak = {"RssAnon": 0, "RssFile": 0}
 
@@ -67,8 +68,8 @@ def main() -> None:
             return out
         setattr(owner, name, inner)
 
-    wrap(B._Sources, "tokenize", "read + tokenize")
-    wrap(B, "write_split", lambda a: f"write {Path(a[2]).name} split")
+    wrap(encode.SourceStream, "tokenize", "read + tokenize")
+    wrap(split, "write_split", lambda a: f"write {Path(a[2]).name} split")
     threading.Thread(target=sample, daemon=True).start()
     tok = AutoTokenizer.from_pretrained(tok_path)
     r = bd._d(Path(path), "alpaca", 2)

@@ -82,7 +82,7 @@ def build_layer(torch, K, N, r, base, dtype, device):
                                        compress_statistics=True)
         lin = lin.to(device)  # quantizes
         if device == "cpu":
-            lin.support_avx512bf16_for_cpu = False  # keep the trainable layout (see fastft.backends)
+            lin.support_avx512bf16_for_cpu = False  # keep the trainable layout (see fastft.models.backends)
     else:
         lin = dense.to(device=device, dtype=dtype)
         lin.weight.requires_grad_(False)
@@ -111,7 +111,7 @@ def dense_weight(torch, layer, dtype):
 
 def implementations(torch, layer, base, dtype, notes, cpu):
     """name -> forward(x) using the layer's weights; None where unavailable."""
-    from fastft import patch
+    from fastft.models import patch
 
     def fastft_fwd(x):
         return patch._fused_forward(layer, x)
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         unsloth_path(notes)  # import unsloth before peft / transformers, as it requires
     from bench import common
     from fastft import hardware
-    from fastft.kernels import lora
+    from fastft.kernels import lora, lora_configs
 
     device = "cpu" if cpu else "cuda"
     target = args.target or ("cpu" if cpu else hardware.detect_target())
@@ -288,8 +288,8 @@ def main(argv=None) -> int:
     config = {"shapes": [list(s) for s in shapes], "ranks": ranks, "tokens": tokens, "bases": bases,
               "dtype": str(dtype).split(".")[-1], "nf4": "double quant, blocksize 64",
               "timer": "perf_counter x3 median" if cpu else "triton.testing.do_bench median (p20, p80)",
-              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora.CONFIGS), "nf4_path_default": lora.NF4_PATH,
-              "cpu_smoke": cpu}
+              "flops": "4*M*K*N + 6*M*r*(K+N)", "launch_configs": list(lora_configs.CONFIGS),
+              "nf4_path_default": lora.NF4_PATH, "cpu_smoke": cpu}
     command = [sys.executable, "-m", "bench.kernels", "lora", *(sys.argv[2:] if argv is None else argv)]
     out_dir = args.out or (os.environ.get("FASTFT_BENCH_RESULTS") or tempfile.mkdtemp(prefix="fastft-lora-smoke-")
                            if cpu else None)
@@ -366,10 +366,10 @@ def main(argv=None) -> int:
                     nf4 = base == "nf4"
                     fp32 = dtype == torch.float32
                     try:
-                        cfg = {"fwd": lora._pick_config("mm", M, N, nf4, fp32),
-                               "dx": lora._pick_config("mm", M, K, nf4, fp32),
-                               "xa": lora._pick_config("thin", M, r, False, fp32),
-                               "da_db": lora._pick_config("red", r, K, False, fp32)}
+                        cfg = {"fwd": lora_configs.pick_config("mm", M, N, nf4, fp32),
+                               "dx": lora_configs.pick_config("mm", M, K, nf4, fp32),
+                               "xa": lora_configs.pick_config("thin", M, r, False, fp32),
+                               "da_db": lora_configs.pick_config("red", r, K, False, fp32)}
                     except (AttributeError, TypeError, KeyError) as e:  # the launcher's picker changed
                         cfg = {"unknown": f"{type(e).__name__}: {e}"}
                     for row in rows:
@@ -394,7 +394,8 @@ def main(argv=None) -> int:
 
 def sweep(torch, lora, measure, layer, base, x2, dtype, case):
     """The forward base + LoRA matmul alone in every launch config (shipped and candidates)."""
-    from fastft.kernels.nf4 import NF4Weight
+    from fastft.kernels.lora_configs import CANDIDATES, CONFIGS
+    from fastft.kernels.nf4_format import NF4Weight
 
     w = layer.get_base_layer().weight
     a = layer.lora_A["default"].weight.to(dtype)
@@ -403,7 +404,7 @@ def sweep(torch, lora, measure, layer, base, x2, dtype, case):
     xa = lora.lora_matmul(x2, a.t(), dtype, kind="thin", rank=r)
     q = (NF4Weight.from_quant_state(w, w.quant_state), True) if base == "nf4" else w.t()
     out = []
-    for name in list(lora.CONFIGS) + list(lora.CANDIDATES):
+    for name in list(CONFIGS) + list(CANDIDATES):
         if name.startswith(("thin", "red")) or (base == "nf4") != name.startswith("nf4"):
             continue
         try:

@@ -46,7 +46,7 @@ def _prompt(row: dict) -> str:
 
 def mistake_kind(answer: str, reference: str) -> str | None:
     """None when the answer is right (json_match on name, city, quantity); else what is wrong."""
-    from fastft.evaluate import parse_json
+    from fastft.metrics import parse_json
 
     ok, got = parse_json(answer)
     want = json.loads(reference)
@@ -102,13 +102,14 @@ def made_up(i: int, reference: str, cities: list[str]) -> tuple[str, str]:
 
 def pairs(args) -> int:
     from fastft import evaluate
+    from fastft.models import backends
     from fastft.files import atomic_write_text
 
     rows = [json.loads(line) for line in TRAIN.read_text().splitlines() if line.strip()][: args.n]
     cities = sorted({json.loads(r["output"])["city"] for r in rows})
     answers: list[str | None] = [None] * len(rows)
     if args.sft:
-        model, tok, _, _ = evaluate.load_run(args.sft, log=lambda m: print(m, file=sys.stderr))
+        model, tok, _, _ = backends.load_run(args.sft, log=lambda m: print(m, file=sys.stderr))
         prompts = [[{"role": "user", "content": _prompt(r)}] for r in rows]
         answers = evaluate.generate_answers(model, tok, prompts, max_new_tokens=32, batch_size=32)
     out, kinds = [], {}
@@ -123,7 +124,7 @@ def pairs(args) -> int:
         out.append({"prompt": _prompt(r), "chosen": r["output"], "rejected": rejected, "slice": r.get("slice"),
                     "mistake": kind, "source": source})
     if args.general:  # general prompts: the reference answer over the adapter's own, where they differ
-        from fastft.evaluate import normalize
+        from fastft.metrics import normalize
 
         gen_rows = [json.loads(line) for line in GENERAL.read_text().splitlines() if line.strip()][: args.general]
         if not args.sft:
@@ -170,6 +171,7 @@ def demo(args) -> int:
     import gc
 
     from fastft import evaluate, recipe, train
+    from fastft.models import backends
 
     load_before = os.getloadavg()
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="fastft-methods-demo-")
@@ -178,7 +180,7 @@ def demo(args) -> int:
     if args.sft_from:  # the SFT side measured by an earlier demo of the same adapter and evaluation
         sft, sft_seconds = reused_sft_side(args.sft_from, r)
     else:
-        model, tok, _, _ = evaluate.load_run(args.sft, log=lambda m: print(m, file=sys.stderr))
+        model, tok, _, _ = backends.load_run(args.sft, log=lambda m: print(m, file=sys.stderr))
         task = evaluate.eval_set_from_file(r.data.eval, tok, None, r.model.max_seq_length)
         sft = _side(evaluate.evaluate(model, tok, r, task, log=lambda m: print(m, file=sys.stderr)))
         sft_seconds = time.perf_counter() - t0

@@ -145,7 +145,7 @@ def run_plain(spec: dict) -> dict:
     trainer.data_collator = counting_collator
     if dtype != torch.bfloat16:
         # SFTTrainer casts QLoRA adapters to bf16; fastft.train keeps them in the compute dtype unless it
-        # is bf16 (fastft.train._adapters_follow_compute_dtype), so the plain side does the same: without
+        # is bf16 (fastft.trainer.adapters_follow_compute_dtype), so the plain side does the same: without
         # it the two sides train different numerics at different speeds
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -296,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     model = "fastft-tiny" if args.tiny else args.model
     backends = args.backend or (["hf", "unsloth"] if importlib.util.find_spec("unsloth") else ["hf"])
 
-    from fastft import hardware, models
+    from fastft import hardware
+    from fastft.models import named
 
-    model_path = models.resolve(model)  # the plain runs load the same checkpoint files
+    model_path = named.resolve(model)  # the plain runs load the same checkpoint files
     work = Path(tempfile.mkdtemp(prefix="fastft-overhead-"))
     data = work / "rows.jsonl"
     rows = random_rows(args.steps * args.batch_size, args.max_length + 8, 3407)

@@ -16,13 +16,15 @@ inside it counted once), divided by its MMA count "per MMA".
 
 LoRA configs compile at r = 16, 64 and 128 (BLOCK_R 16, 64, 128: lora.MAX_FUSED_RANK is the largest)
 in bf16 and fp32 (tests/kernel_specs.py LORA_RANKS, LORA_DTYPES). A config over a target's shared
-memory that the launcher refuses (`lora.fit_config`: it runs the next config of lora.SMALLER that
-fits) shows "over: runs <fallback>" and counts as refused, not as an overflow, for --check.
+memory that the launcher refuses (`lora_configs.fit_config`: it runs the next config of
+lora_configs.SMALLER that fits) shows "over: runs <fallback>" and counts as refused, not as an
+overflow, for --check.
 
 Beside the compiles: bytes moved and FLOPs per call for the benchmark shapes (Llama-3-8B: NF4
 dequantization of each projection; the LoRA layer forward and backward at M=4096, r=16, NF4 base,
-for the in-kernel and the dequantize + matmul paths) and the roofline lower bound on the H200
-(--bandwidth 4.3 TB/s, --flops 790 TFLOP/s dense bf16, the figures issue 16 sets).
+for the in-kernel and the dequantize + matmul paths) and the roofline lower bound on an H200, one of
+the GPUs the GPU suite runs on (by default --bandwidth 4.3 TB/s, --flops 790 TFLOP/s dense bf16;
+pass both for another device).
 
 Compiles run in a pool of --jobs worker processes (default 2), each with a --timeout per compile
 (a worker past it is killed and replaced; the compile is recorded as timed out). One JSON goes to
@@ -374,7 +376,7 @@ def write_json(doc: dict, path: Path) -> None:
 
 def mark_refusals(rows: list[dict], refusals: dict) -> None:
     """A config over a target's shared memory whose launcher refuses it (kernel_specs "refusal": the
-    chain `lora.fit_config` walks, in order) gets "refused_for": the first spec of its chain compiled
+    chain `lora_configs.fit_config` walks, in order) gets "refused_for": the first spec of its chain compiled
     for that target that fits, the one launched instead; it then counts as no overflow. Without a
     compiled fitting fallback it keeps shared_fits False."""
     by = {(r["name"], r["cap"]): r for r in rows if "error" not in r}

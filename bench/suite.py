@@ -148,9 +148,9 @@ def steps(py: str, out: Path, cpus: int, call: int = 1) -> list[Step]:
                      "~2 GB shards written: 15-30 s (none when $FASTFT_CACHE has it)",
                      "the synthetic Llama-3-8B NF4 checkpoint (once per FASTFT_CACHE; written to a temporary "
                      "folder and renamed, so a later step's cut keeps it)",
-                     f"{py} -c 'import time; from fastft import models; t = time.time(); "
-                     f"print(models.resolve(\"synthetic:llama-3-8b\"), round(time.time() - t, 1), \"s\")'",
-                     f"{py} -c 'from fastft import models; print(models.resolve, models.synthetic_names())'", 60)
+                     f"{py} -c 'import time; from fastft.models import named; t = time.time(); "
+                     f"print(named.resolve(\"synthetic:llama-3-8b\"), round(time.time() - t, 1), \"s\")'",
+                     f"{py} -c 'from fastft.models import named; print(named.resolve, named.synthetic_names())'", 60)
     if call == 1:
         pair = e2e_step("e2e", py, "h100", E2E_PAIR, E2E_STEPS, E2E_WARMUP,
                         f"Llama-3-8B synthetic QLoRA, seq 2048, batch 2 x 1, r=16 all-linear, {E2E_WARMUP}+"

@@ -347,10 +347,10 @@ def _worker(spec_path: str) -> int:
             for row in random_rows(rows, r.model.max_seq_length + 8, t.seed):
                 f.write(json.dumps(row) + "\n")
         r.data.train, r.data.format, r.data.packing, r.data.max_examples = str(path), "text", False, None
-    from fastft import models
+    from fastft.models import named
 
     out["model"] = r.model.name
-    out["weights"] = WEIGHTS_SYNTHETIC if models.is_synthetic(r.model.name) else "as loaded"
+    out["weights"] = WEIGHTS_SYNTHETIC if named.is_synthetic(r.model.name) else "as loaded"
     out["phases"] = {"setup_s": round(time.monotonic() - t_start, 2)}
     save()
 
@@ -473,7 +473,7 @@ def observe(recorder: StepRecorder):
     imported only then: on the unsloth backend, Unsloth must be imported before transformers.
     Returns the function that puts both back (the recording Meter writes no checkpoint, so a run
     in the same process after this one must get fastft's own)."""
-    from fastft import patch
+    from fastft.models import patch
 
     apply = patch.apply
     meters = []
@@ -523,14 +523,14 @@ def recording_meter(meter_cls, recorder: StepRecorder):
 
 
 def compile_regime(report) -> dict:
-    """How this run compiles: fastft.patch's own account when its report carries one
+    """How this run compiles: fastft.models.patch's own account when its report carries one
     (``compile_regime``), else what decides Unsloth's (it compiles each decoder block on torch >= 2.11
     with CUDA) and the environment switches that change it."""
     regime = getattr(report, "compile_regime", None)
     if regime is not None:
         if hasattr(regime, "to_dict"):
             regime = regime.to_dict()
-        return {"source": "fastft.patch", **(regime if isinstance(regime, dict) else {"regime": regime})}
+        return {"source": "fastft.models.patch", **(regime if isinstance(regime, dict) else {"regime": regime})}
     import torch
 
     switches = {k: v for k, v in sorted(os.environ.items())
@@ -629,9 +629,9 @@ def run_one(args, target: str, backend: str, kernels: str, recipe_path: str, log
 
 
 def doc_for_target(args, target: str, runs: list[dict], recipe) -> dict:
-    from fastft import models
+    from fastft.models import named
 
-    synthetic = models.is_synthetic(recipe.model.name)
+    synthetic = named.is_synthetic(recipe.model.name)
     t = recipe.train
     config = {
         "recipe": os.path.relpath(Path(args.recipe).resolve(), ROOT) if Path(args.recipe).resolve().is_relative_to(ROOT)
@@ -759,7 +759,8 @@ def dry_run(args, recipe, runs, targets) -> int:
     share against its floor."""
     import importlib.util
 
-    from fastft import hardware, models
+    from fastft import hardware
+    from fastft.models import named
 
     problems = []
     for t in targets:
@@ -772,9 +773,9 @@ def dry_run(args, recipe, runs, targets) -> int:
         need = "unsloth" if b == "unsloth" else "peft"
         ok = importlib.util.find_spec(need) is not None
         print(f"  run {b}:{k}: {'ok' if ok else f'{need} is not installed here'}")
-    if models.is_synthetic(recipe.model.name):
-        meta = models.synthetic_on_meta(recipe.model.name)
-        n = models.count_parameters(meta)
+    if named.is_synthetic(recipe.model.name):
+        meta = named.synthetic_on_meta(recipe.model.name)
+        n = named.count_parameters(meta)
         fpt = flops_per_token(meta.config, 0, recipe.model.max_seq_length)
         print(f"  model {recipe.model.name}: {n:,} parameters (on meta, nothing allocated); "
               f"{fpt['flops_per_token'] / 1e9:.1f} GFLOP per token without LoRA at seq {recipe.model.max_seq_length}")

@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from .errors import EXIT_FAILED, FastftError
 from .files import atomic_write_text
+from .world import World
 
 
 class NonFiniteError(FastftError, RuntimeError):
@@ -119,7 +120,7 @@ class Meter(TrainerCallback):
         """(tokens over all ranks, step seconds of the slowest-equivalent rank), this run + resumed."""
         self._read()
         tokens, seconds = _all_reduce_sum([float(self.tokens), self.step_time])
-        size = int(os.environ.get("WORLD_SIZE", 1))
+        size = World.from_env().size
         return self.tokens_before + tokens, self.time_before + seconds / size
 
     def on_log(self, args, state, control, logs=None, **kw):

@@ -12,6 +12,7 @@ the marker are ignored on resume and removed by the next save.
 
     from fastft import checkpoints
     state = checkpoints.inspect("outputs/run")     # RunDirState(kind="unfinished", latest=Path(...), ...)
+    previous, ckpt = checkpoints.prepare_output(recipe, out_dir, resume, overwrite, world, log)  # a run's start
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import TrainError
 from .files import atomic_write_text
-from .rundir import RunDir
+from .rundir import METRICS, RunDir
+from .world import World
 
 MARKER = "fastft-checkpoint.json"
 PREFIX = "checkpoint-"
@@ -76,19 +79,13 @@ def inspect(out_dir: str | Path) -> RunDirState:
     return RunDirState(kind=kind, run=run, latest=done[-1] if done else None, incomplete=incomplete)
 
 
-def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Key paths whose values differ between two resolved recipes, e.g. ["lora.r: 16 -> 32"]."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        path = f"{prefix}{key}"
-        if not prefix and key not in old and isinstance(b, dict):
-            a = _default_section(key)  # a section added since the run started (distributed): its defaults
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += recipe_differences(a, b, path + ".")
-        elif a != b:
-            out.append(f"{path}: {a!r} -> {b!r}")
-    return out
+def recipe_differences(old: dict, new: dict) -> list[str]:
+    """Key paths whose values differ between two resolved recipes, e.g. ["lora.r: 16 -> 32"]; a
+    section added since the run started (distributed) counts as its defaults on the old side."""
+    from .flat import differences
+
+    added = {k: _default_section(k) for k, v in new.items() if k not in old and isinstance(v, dict)}
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences({**old, **added}, new).items()]
 
 
 def _default_section(key: str) -> dict | None:
@@ -148,3 +145,59 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def prepare_output(recipe, out_dir: Path, resume: bool, overwrite: bool, world: World, log):
+    """Decide fresh / resume / refuse for output.dir. Returns (run state, checkpoint to resume or None)."""
+    from .recipe import without_removed_keys
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{world.rank}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"output.dir {out_dir}: cannot write there ({e.strerror or e}); "
+                         "choose a writable directory (output.dir in the recipe or --set output.dir=...)") from e
+    state = inspect(out_dir)
+    if state.kind == "finished":
+        if not overwrite:
+            raise TrainError(f"output.dir {out_dir} holds a finished run (fastft.json); pass --overwrite to "
+                             "replace it, or choose another output.dir")
+        if world.main:
+            clear(out_dir)
+        return None, None
+    if state.kind == "unfinished":
+        diff = recipe_differences(without_removed_keys(state.run["recipe"]), recipe.to_dict())
+        if diff and not overwrite:
+            raise TrainError(f"output.dir {out_dir} holds an unfinished run of a different recipe ("
+                             + "; ".join(diff) + "); use the same recipe to resume it, pass --overwrite to "
+                             "start over, or choose another output.dir")
+        if overwrite:
+            if world.main:
+                clear(out_dir)
+            return None, None
+        for p in state.incomplete:
+            log(f"fastft: ignoring incomplete checkpoint {p} (a crash during its write)")
+        if state.latest is None:
+            log(f"fastft: {out_dir} holds an unfinished run with no complete checkpoint; starting it again")
+            return state.run, None
+        log(f"fastft: resuming the unfinished run in {out_dir} from {state.latest.name}")
+        return state.run, state.latest
+    if resume:
+        raise TrainError(f"--resume: nothing to resume in {out_dir} (no unfinished fastft run there)")
+    return None, None
+
+
+def resumed_counters(out_dir: Path, ckpt: Path | None, world: World) -> dict | None:
+    """The meter's counters saved with the checkpoint a run resumes from; metrics.jsonl is cut back
+    to that step (or started empty for a fresh run)."""
+    metrics_path = out_dir / METRICS
+    if ckpt is None:
+        if world.main:
+            metrics_path.write_text("")
+        return None
+    marker = json.loads((ckpt / MARKER).read_text())
+    if world.main:
+        truncate_metrics(metrics_path, marker["step"])
+    return marker.get("meter")

@@ -29,6 +29,7 @@ import sys
 
 from .errors import EXIT_BAD_INPUT, EXIT_GATE
 from .hardware import GPU_TARGETS
+from .schema import STRATEGIES
 
 
 def _quiet_libraries() -> None:
@@ -140,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
     pl.add_argument("--gpus", type=int, default=1, help="plan one rank of a run over N GPUs (torchrun / accelerate)")
-    pl.add_argument("--strategy", choices=["ddp", "fsdp"], help="with --gpus: ddp (each GPU holds the model) or fsdp "
+    pl.add_argument("--strategy", choices=STRATEGIES, help="with --gpus: ddp (each GPU holds the model) or fsdp "
                     "(sharded); default: the recipe's distributed.strategy")
     dt = sub.add_parser("data", help="read, tokenize and cache a recipe's data without training (fastft.data)")
     dt.add_argument("recipe")
@@ -200,18 +201,39 @@ def cmd_validate(args) -> int:
 
 def cmd_data(args) -> int:
     """Prepare the data as ``fastft train`` would (the same cache entry), report it, train nothing."""
-    from . import data_build
+    import time
 
-    out = data_build.prepare(_recipe(args), log=lambda m: print(f"fastft: {m}", file=sys.stderr))
+    from . import data
+    from .models import backends
+
+    r = _recipe(args)
+    t0 = time.perf_counter()
+    tok = backends.load_tokenizer(r.model.name)
+    out = data.prepare(r.data, tok, seed=r.train.seed, max_length=r.model.max_seq_length,
+                       log=lambda m: print(f"fastft: {m}", file=sys.stderr), started=t0)
     if args.json:
         print(json.dumps(out))
     else:
-        print(data_build.format_report(out))
+        print(_data_report(out))
     return 0
 
 
+def _data_report(out: dict) -> str:
+    c = out["cache"]
+    return "\n".join([
+        f"rows            {out['rows']:,} ({out['skipped_rows']} skipped)",
+        f"examples        {out['train_examples']:,} train / {out['eval_examples']:,} eval",
+        f"tokens          {out['tokens']:,} ({out['train_label_tokens']:,} trained)",
+        (f"tokenization    {out['tokenizer_path']} ({out['per_example_rows']} rows one at a time, "
+         f"{out['num_proc']} processes)"),
+        (f"time            {out['seconds']:.1f} s, peak RSS {out['peak_rss_gb']:.2f} GB "
+         f"(workers {out['worker_peak_rss_gb']:.2f} GB)"),
+        f"cache           {'hit' if c['hit'] else 'built'}: {c['path']}",
+        f"data hash       {out['data_hash']}"])
+
+
 def cmd_plan(args) -> int:
-    from . import plan
+    from .models import plan
 
     p = plan.plan(_recipe(args), args.target, gpus=args.gpus, strategy=args.strategy)
     print(json.dumps(p.to_dict()) if args.json else plan.format_plan(p))
@@ -219,22 +241,37 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate, gates, registry
+    from . import gates, registry
 
     run_dir = registry.resolve_ref(args.run, args.registry)  # a run directory or NAME@vN / NAME@production
-    result = evaluate.eval_run(run_dir, args.data, args.regression, args.base, args.force)
+    result = eval_run(run_dir, args.data, args.regression, args.base, args.force)
     return gates.gate_exit(result, args.no_gate_exit)
+
+
+def eval_run(run_dir, data_file: str | None = None, regression: str | None = None, base: str | None = None,
+             force: bool = False, log=print) -> dict:
+    """``fastft eval``: load the run, evaluate, write eval.json, print the table; returns the result."""
+    from . import evaluate, report
+    from .models import backends
+    from .eval_table import format_table
+
+    model, tokenizer, r, _ = backends.load_run(run_dir, base, force, log)
+    result = evaluate.evaluate_run(model, tokenizer, r, run_dir, data_file, regression, log)
+    log(format_table(result, str(run_dir)))
+    report.refresh(run_dir, log)  # the run's report.html follows the new eval.json
+    return result
 
 
 def cmd_generate(args) -> int:
     """Stream replies: one for --prompt, else one per stdin line until EOF (each line a new chat)."""
-    from . import evaluate, generate, registry
+    from . import generate, registry
+    from .models import backends
     from .errors import FastftError
 
     run_dir = registry.resolve_ref(args.run, args.registry)
     if args.temperature < 0 or args.max_new_tokens < 1:
         raise FastftError("--temperature must be >= 0 and --max-new-tokens >= 1")
-    model, tokenizer, _, _ = evaluate.load_run(run_dir, args.base, args.force, log=lambda m: print(m, file=sys.stderr))
+    model, tokenizer, _, _ = backends.load_run(run_dir, args.base, args.force, log=lambda m: print(m, file=sys.stderr))
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> None:
@@ -280,7 +317,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_registry(args) -> int:
-    from . import registry
+    from . import registry, registry_meta
 
     reg = registry.Registry(args.registry)
     act = args.action
@@ -298,7 +335,7 @@ def cmd_registry(args) -> int:
               + f") to {x['ref']}: {x['object']}")
     elif act == "list":
         print(json.dumps([{"ref": e.ref, "created": e.created, "status": e.status} for e in reg.versions(args.name)])
-              if args.json else registry.format_list(reg, args.name))
+              if args.json else registry_meta.format_list(reg, args.name))
     elif act == "show":
         e = reg.get(args.ref)
         problems = reg.verify(e)
@@ -306,12 +343,12 @@ def cmd_registry(args) -> int:
                           "stages": [s for s, v in reg.stages(e.name).items() if v == e.version],
                           "files": e.manifest, "damaged": problems, "exports": reg.exports(e), "meta": e.meta},
                          indent=2, default=str)
-              if args.json else registry.format_show(reg, e))
+              if args.json else registry_meta.format_show(reg, e))
         return EXIT_BAD_INPUT if problems else 0
     elif act == "diff":
         a, b = reg.get(args.ref_a), reg.get(args.ref_b)
-        d = registry.diff(a, b)
-        print(json.dumps(d, indent=2, default=str) if args.json else registry.format_diff(a, b, d))
+        d = registry_meta.diff(a, b)
+        print(json.dumps(d, indent=2, default=str) if args.json else registry_meta.format_diff(a, b, d))
     elif act == "promote":
         e = reg.promote(args.ref, args.stage, force=args.force)
         print(f"{e.ref} is now {args.stage}" + (" (--force: its eval gates rejected it)" if args.force
@@ -334,10 +371,11 @@ def cmd_info(args) -> int:
         print(f"fastft: cannot import torch: {type(e).__name__}: {e}")
         return 1
 
-    from . import backends, recipe
+    from . import recipe
+    from .models import backends
 
     print("fastft environment")
-    for k, v in backends.versions().items():
+    for k, v in info.versions().items():
         print(f"  {k:<13} {v if v is not None else '-'}")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -25,3 +25,9 @@ class FastftError(Exception):
         super().__init__(*args)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class TrainError(FastftError, RuntimeError):
+    """A run that cannot go on; the message says what to change."""
+
+    exit_code = EXIT_FAILED

@@ -6,20 +6,18 @@ per slice, the regression set, then the gates.
 """
 from __future__ import annotations
 
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+from .fmt import pct
 
 
 def _num(v) -> str:
     return "-" if v is None else (f"{v:.4f}" if abs(v) < 1e4 else f"{v:.3g}")
 
 
-def _delta(a, b, pct: bool) -> str:
+def _delta(a, b, points: bool) -> str:
     if a is None or b is None:
         return ""
     d = a - b
-    return f"{100 * d:+.1f} pts" if pct else f"{d:+.4f}"
+    return f"{100 * d:+.1f} pts" if points else f"{d:+.4f}"
 
 
 def format_table(result: dict, where: str = "") -> str:
@@ -29,17 +27,17 @@ def format_table(result: dict, where: str = "") -> str:
     if t:
         b, a = t["base"], t["adapter"]
         if t["n"]:
-            rows.append((f"task {metric} (n={t['n']})", _pct(b[metric]), _pct(a[metric]), _delta(a[metric], b[metric], True)))
+            rows.append((f"task {metric} (n={t['n']})", pct(b[metric]), pct(a[metric]), _delta(a[metric], b[metric], True)))
             for name, sa in a["slices"].items():
                 sb = b["slices"].get(name, {})
-                rows.append((f"  slice {name} (n={sa['n']})", _pct(sb.get(metric)), _pct(sa[metric]),
+                rows.append((f"  slice {name} (n={sa['n']})", pct(sb.get(metric)), pct(sa[metric]),
                              _delta(sa[metric], sb.get(metric), True)))
         rows.append(("task loss", _num(b["loss"]), _num(a["loss"]), _delta(a["loss"], b["loss"], False)))
         rows.append(("task perplexity", _num(b["perplexity"]), _num(a["perplexity"]), ""))
     if r:
-        rows.append((f"regression {r['metric']} (n={r['n']})", _pct(r["base"]["accuracy"]), _pct(r["adapter"]["accuracy"]),
+        rows.append((f"regression {r['metric']} (n={r['n']})", pct(r["base"]["accuracy"]), pct(r["adapter"]["accuracy"]),
                      _delta(r["adapter"]["accuracy"], r["base"]["accuracy"], True)))
-        rows.append(("regression forgotten", "", _pct(r["forgotten"]),
+        rows.append(("regression forgotten", "", pct(r["forgotten"]),
                      f"{r['forgotten_count']} of {r['base_correct']}" if r["base_correct"] else ""))
         rows.append(("regression loss", _num(r["base"]["loss"]), _num(r["adapter"]["loss"]),
                      _delta(r["adapter"]["loss"], r["base"]["loss"], False)))

@@ -10,14 +10,9 @@
 The base is the same loaded model with its adapter switched off (PEFT's ``disable_adapter()``), so
 base and adapter differ by the adapter alone: same weights, same quantization, same prompts.
 
-Task metrics (recipe ``eval.metric``), each per ``slice`` column value and overall; answers and
-references are compared after ``normalize`` (case, surrounding and repeated whitespace):
-- ``exact_match``: the answer equals the reference.
-- ``contains``: the reference appears in the answer as whole words ("4" is not found in "14").
-- ``json_match``: the answer parses as JSON (one surrounding ``` fence allowed) and its
-  ``eval.json_fields`` equal the reference's (the whole object when no fields are named); an
-  answer that does not parse, or lacks a field, is a miss (and so is a reference that is not JSON:
-  counted in ``references_not_json`` with a warning).
+Task metrics (recipe ``eval.metric``: exact_match, contains, json_match; see fastft.metrics), each
+per ``slice`` column value and overall; a json_match reference that is not JSON is a miss, counted
+in ``references_not_json`` with a warning.
 Loss is the mean cross-entropy per answer token on the held-out rows (the labels training used);
 perplexity is exp(loss).
 
@@ -44,72 +39,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .eval_table import format_table
-from .gates import METRICS, check_gates
+from .gates import check_gates
 from .generate import greedy
+from .metrics import parse_json, score
 from .progress import progress
 from .rundir import EVAL as EVAL_FILE
 SCHEMA_VERSION = 1
 
 
-# --- scoring one answer ------------------------------------------------------------------------
-
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def contains(answer: str, reference: str) -> bool:
-    """The normalized reference appears in the normalized answer as whole words."""
-    ref = normalize(reference)
-    if not ref:
-        return False
-    return re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", normalize(answer)) is not None
-
-
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
-
-
-def parse_json(text: str) -> tuple[bool, Any]:
-    """(parsed, value): the text as JSON, allowing one surrounding ``` fence."""
-    text = text.strip()
-    m = _FENCE.match(text)
-    if m:
-        text = m.group(1).strip()
-    try:
-        return True, json.loads(text)
-    except (json.JSONDecodeError, ValueError):
-        return False, None
-
-
-def json_match(answer: str, reference: str, fields: list[str] | None = None) -> bool:
-    ok, got = parse_json(answer)
-    if not ok:
-        return False
-    ok_ref, want = parse_json(reference)
-    if not ok_ref:  # a data problem, reported by compare(); never a reason to lose a finished run
-        return False
-    if not fields:
-        return got == want
-    if not isinstance(got, dict) or not isinstance(want, dict):
-        return False
-    return all(f in got and got[f] == want.get(f) for f in fields)
-
-
-def score(answer: str, reference: str, metric: str, json_fields: list[str] | None = None) -> bool:
-    if metric == "exact_match":
-        return normalize(answer) == normalize(reference)
-    if metric == "contains":
-        return contains(answer, reference)
-    if metric == "json_match":
-        return json_match(answer, reference, json_fields)
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-
+# --- scoring the answers ----------------------------------------------------------------------
 
 def task_scores(answers: list[str], references: list[str], slices: list[str | None] | None, metric: str,
                 json_fields: list[str] | None = None) -> dict:
@@ -296,7 +239,7 @@ def evaluate(model, tokenizer, recipe, task: EvalSet | None, regression_path: st
     """``compare`` plus the recipe's gates: the document written to eval.json."""
     cfg = recipe.eval
     regression = None
-    path = regression_path or cfg.regression  # both resolved already (recipe load / eval_run)
+    path = regression_path or cfg.regression  # both resolved already (recipe load / evaluate_run)
     if path:
         regression = eval_set_from_file(path, tokenizer, None, recipe.model.max_seq_length)
     # loss rows are whole training rows: batch them as training's held-out evaluation does
@@ -346,84 +289,47 @@ def write_eval(out_dir: Path, result: dict) -> Path:
     return path
 
 
-# --- a run directory: load base + adapter ------------------------------------------------------
+# --- a finished run (fastft eval) -------------------------------------------------------------
 
-def load_run(run_dir: str | Path, base: str | None = None, force: bool = False, log=print):
-    """(model, tokenizer, recipe, run_info) for a finished run: its base (as trained: 4-bit or
-    16-bit, the recipe's compute dtype) with the adapter on top, checked against the recorded base."""
-    import torch
-
-    from . import backends, provenance, recipe as recipe_mod, rundir
-
-    run_dir = Path(run_dir)
-    info = rundir.read_run_info(run_dir)
-    adapter = rundir.RunDir(run_dir).adapter
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: no adapter (adapter_config.json missing); the run did not finish saving")
-    r = recipe_mod.from_record(info)
-    base_path = provenance.base_path_for(info, base)
-    for note in provenance.check_compatible(info, base_path, force=force, load_in_4bit=r.model.load_in_4bit):
-        log(f"fastft: {note}")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # stdout/stderr carry the table or the streamed reply only
-
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    dtype = backends.resolve_dtype(r.model.dtype, device)
-    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}
-    if r.model.load_in_4bit:
-        kwargs["quantization_config"] = backends.nf4_config(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-    model = PeftModel.from_pretrained(model, str(adapter))
-    if device == "cpu":
-        backends.keep_4bit_trainable_on_cpu(model)  # the same 4-bit numerics as during training
-    model.eval()
-    return model, tokenizer, r, info
-
-
-def eval_run(run_dir: str | Path, data_file: str | None = None, regression: str | None = None,
-             base: str | None = None, force: bool = False, log=print) -> dict:
-    """``fastft eval``: load the run, evaluate, write eval.json, print the table; returns the result."""
-    from . import data
-
-    model, tokenizer, r, _ = load_run(run_dir, base, force, log)
-    if r.train.method != "sft":  # dpo / orpo / grpo: the held-out rows the run evaluated at its end
-        task = _method_eval_set(r, tokenizer, data_file, log)
-    elif data_file:
-        task = eval_set_from_file(data_file, tokenizer, r.data.format if r.data.format != "text" else None,
-                                  r.model.max_seq_length, r.data.text_field)
-    else:
-        try:
-            bundle = data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length,
-                                log=lambda m: log(f"fastft: {m}"))
-        except data.DataError as e:
-            raise data.DataError(f"{e}\n(fastft eval rebuilds the run's held-out split from its recipe's data; "
-                                 "give the held-out file with --data FILE)") from None
-        task = eval_set_from_bundle(bundle, "held-out split of " + (r.data.eval or r.data.train))
+def evaluate_run(model, tokenizer, r, run_dir: str | Path, data_file: str | None = None,
+                 regression: str | None = None, log=print) -> dict:
+    """``fastft eval``'s evaluation of a loaded run (``r``: its recipe): its held-out set (or
+    ``data_file``), the regression set, gates; writes eval.json and returns the result."""
+    task = run_eval_set(r, tokenizer, data_file, log)
     result = evaluate(model, tokenizer, r, task, r.resolve_path(regression) if regression else None, log)
     result["run_dir"] = str(run_dir)
     write_eval(Path(run_dir), result)
-    log(format_table(result, str(run_dir)))
-    from .report import refresh
-
-    refresh(run_dir, log)  # the run's report.html follows the new eval.json
     return result
 
 
+def run_eval_set(r, tokenizer, data_file: str | None = None, log=print) -> EvalSet:
+    """The held-out set a run is scored on: ``data_file``, else its recipe's held-out split, rebuilt."""
+    from . import data
+
+    if r.train.method != "sft":  # dpo / orpo / grpo: the held-out rows the run evaluated at its end
+        return _method_eval_set(r, tokenizer, data_file, log)
+    if data_file:
+        return eval_set_from_file(data_file, tokenizer, r.data.format if r.data.format != "text" else None,
+                                  r.model.max_seq_length, r.data.text_field)
+    try:
+        bundle = data.build(r.data, tokenizer, seed=r.train.seed, max_length=r.model.max_seq_length,
+                            log=lambda m: log(f"fastft: {m}"))
+    except data.DataError as e:
+        raise data.DataError(f"{e}\n(fastft eval rebuilds the run's held-out split from its recipe's data; "
+                             "give the held-out file with --data FILE)") from None
+    return eval_set_from_bundle(bundle, "held-out split of " + (r.data.eval or r.data.train))
+
+
 def _method_eval_set(r, tokenizer, data_file: str | None, log) -> EvalSet:
-    """A dpo / orpo / grpo run's held-out set, built as its training built it (fastft.data_preference):
+    """A dpo / orpo / grpo run's held-out set, built as its training built it (fastft.data.preference):
     its prompts with the chosen answer (preference rows) or the reference (alpaca / messages rows)."""
-    from . import data, data_preference
+    from . import data
+    from .data import preference
 
     if data_file:
-        return eval_set_from_bundle(data_preference.eval_file(r, tokenizer, data_file), data_file)
+        return eval_set_from_bundle(preference.eval_file(r, tokenizer, data_file), data_file)
     try:
-        bundle = data_preference.build(r, tokenizer, log=lambda m: log(f"fastft: {m}")).held_out
+        bundle = preference.build(r, tokenizer, log=lambda m: log(f"fastft: {m}")).held_out
     except data.DataError as e:
         raise data.DataError(f"{e}\n(fastft eval rebuilds the {r.train.method} run's held-out rows from its "
                              "recipe's data; give the held-out file with --data FILE)") from None

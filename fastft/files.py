@@ -8,9 +8,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 CACHE_ENV = "FASTFT_CACHE"
+HASH_CACHE = "file-hashes.json"  # in cache_dir(): the cache file_sha256 reuses (path -> size, mtime, sha256)
 
 
 def cache_dir() -> Path:
@@ -44,6 +46,26 @@ def install_dir(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dst)
+
+
+@contextmanager
+def building(dst: Path, prefix: str | None = None, suffix: str = "", install=install_dir):
+    """Build a folder that replaces ``dst`` as a whole: yields an empty temporary folder beside
+    ``dst`` (same filesystem, so the final rename is atomic); when the block ends without an error
+    it is installed at ``dst`` by ``install(tmp, dst)`` (default ``install_dir``), and on any error,
+    Ctrl-C included, it is removed and ``dst`` is left as it was.
+
+        with building(cache / "model") as tmp:
+            save_into(tmp)
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{dst.name}.", suffix=suffix, dir=dst.parent))
+    try:
+        yield tmp
+        install(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def file_sha256(path: Path, cache: dict | None = None) -> str:

@@ -14,6 +14,8 @@ token, which is kept; its text is decoded without it and without special tokens.
 """
 from __future__ import annotations
 
+from .data.formats import END_OF_TURN
+
 
 def render(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     """The prompt text (chat template with the generation prompt) and its token ids."""
@@ -29,9 +31,18 @@ def _prompt_ids(tokenizer, prompt: list) -> list[int]:
 
 
 def _stops(tokenizer, stop_ids: list[int] | None) -> list[int]:
+    """Token ids that end an answer: ``stop_ids`` when given, else the eos and every end-of-turn
+    token the tokenizer's chat template writes: where one is not the eos (Gemma's <end_of_turn>, a
+    base model's eos with an instruct template), generation must stop there too."""
     if stop_ids:
         return list(stop_ids)
-    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    out = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    markers = [m for m in END_OF_TURN if m in template]
+    if markers:
+        vocab = tokenizer.get_vocab()
+        out += [vocab[m] for m in markers if m in vocab and vocab[m] not in out]
+    return out
 
 
 def _answer(tokenizer, new: list[int], stops: list[int]) -> dict:
@@ -51,6 +62,11 @@ def _continue(model, tokenizer, prompts: list[list[int]], stops: list[int], max_
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        # a mixture-of-experts model trained with its router's load-balancing loss: that loss is
+        # for training, and under generation's KV cache it would be computed from one step's
+        # router logits against the whole attention mask (a shape error in transformers' MoE models)
+        options = {"output_router_logits": False, **options}
     was_training = model.training
     model.eval()
     try:

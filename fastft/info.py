@@ -16,6 +16,7 @@ metadata (nothing heavy is imported), so the check takes well under a second.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -75,6 +76,34 @@ def installed(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+STACK = ("fastft", "torch", "triton", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate",
+         "unsloth", "unsloth_zoo", "xformers", "gguf", "llama_cpp_python")
+
+
+def versions(names=STACK, python: bool = True) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None: not installed), read from package metadata, for
+    fastft.json, converted-model records and bench results; ``python`` adds the interpreter's."""
+    out = {"python": sys.version.split()[0]} if python else {}
+    return {**out, **{n: installed(n) for n in names}}
+
+
+def source_revision() -> dict:
+    """fastft's git commit (and whether the work tree had changes), or {} outside a checkout."""
+    import subprocess
+
+    here = MAKEFILE.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return {}
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"git_commit": sha, "git_dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 def _key(v: str) -> tuple:

@@ -32,8 +32,6 @@ bits, fp16 11); the merge itself is done in fp32, whose rounding is far smaller.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -99,7 +97,9 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import backends, files, provenance, registry as registry_mod, rundir
+    from . import files, registry as registry_mod, rundir
+    from .models import backends, provenance
+    from .info import versions
 
     if dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -162,9 +162,7 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
     del model, base_model
 
     # 2. save into a temporary folder beside --out, verify the saved files, then rename into place
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging.", dir=out.parent))
-    try:
+    with files.building(out, prefix=f".{out.name}.merging.") as tmp:
         merged.config.dtype = out_dtype
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -201,12 +199,8 @@ def merge(ref: str, out: str | Path, dtype: str = "bf16", base: str | None = Non
                                  f"{v['max_abs_diff']:.3g} (limit {v['tolerance']}); nothing was written to {out}")
         report["seconds"] = time.perf_counter() - t0
         report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        report["versions"] = backends.versions()
+        report["versions"] = versions()
         (tmp / "fastft-merge.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        files.install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     bar.close()
     log(f"fastft: merged checkpoint in {out} ({report['seconds']:.1f} s): "
         f"AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -162,8 +162,8 @@ def config(recipe, sft_args, info, has_eval: bool):
 
 def make_trainer(recipe, model, tokenizer, md, sft_args, info, *, callbacks, meter, guard, out_dir,
                  keep_checkpoints, log=print):
-    """The method's trainer over ``md`` (fastft.data_preference.MethodData), built from the run's
-    SFT arguments (fastft.train's SFTConfig); returns (trainer, reward description or None)."""
+    """The method's trainer over ``md`` (fastft.data.preference.MethodData), built from the run's
+    SFT arguments (fastft.trainer.sft_config); returns (trainer, reward description or None)."""
     method = recipe.train.method
     # backend unsloth: on CPU, Unsloth's CPU backend leaves TRL's DPO / ORPO / GRPO trainers stock (its
     # chunked loss turns on for SFT steps only) and they run as under hf (tests/test_methods.py, the

@@ -4,27 +4,29 @@
     r = recipe.load("recipes/tiny-demo.yaml", overrides=["train.lr=1e-4", "lora.r=32"])
     r.train.lr, r.lora.r    # -> 0.0001, 32
 
-The schema is the dataclasses below; every field has a default except ``model.name``,
-``data.train`` and ``output.dir``. Validation never builds anything (no model, no tokenizer):
-it checks keys, types and ranges and reports *all* problems in one ``RecipeError``, each naming
-its key path, and for unknown keys the closest valid one. Paths (data.train, data.eval, data.mix,
-eval.regression) are resolved once, at load: ``asset:`` to the shipped assets folder, relative paths
-beside the recipe file when one is there.
+The schema is the section dataclasses of ``fastft.schema``; every field has a default except
+``model.name``, ``data.train`` and ``output.dir``. Validation never builds anything (no model, no
+tokenizer): it checks keys, types and ranges and reports *all* problems in one ``RecipeError``, each
+naming its key path, and for unknown keys the closest valid one. Paths (data.train, data.eval,
+data.mix, eval.regression) are resolved once, at load: ``asset:`` to the shipped assets folder,
+relative paths beside the recipe file when one is there.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from .errors import FastftError
-from .gates import GateError, parse_gate
-from .schema import check_type as _check_type, match_type as _match, range_problem as _range_problem, type_name as _tname
+from .fmt import closest, did_you_mean
+from .gates import METRICS, GateError, parse_gate
+from .schema import (MIX_FORMATS, TRACKERS, DataConfig, DistributedConfig, EvalConfig, LoraConfig, ModelConfig, OutputConfig,
+                     TrainConfig, check_type as _check_type, match_type as _match, range_problem as _range_problem,
+                     type_name as _tname)
 
 
 class RecipeError(FastftError, ValueError):
@@ -34,118 +36,6 @@ class RecipeError(FastftError, ValueError):
         self.problems = problems
         head = f"invalid recipe {source}" if source else "invalid recipe"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-# --- schema ------------------------------------------------------------------------------------
-# `meta={"check": (lo, hi)}` is an inclusive numeric range; `None` bounds are open.
-
-def _range(lo=None, hi=None, lo_open=False, hi_open=False):
-    return {"check": (lo, hi, lo_open, hi_open)}
-
-
-@dataclass
-class ModelConfig:
-    name: str = ""  # hub id, local path, or an embedded model: fastft-tiny
-    max_seq_length: int = field(default=2048, metadata=_range(8, 1 << 20))
-    load_in_4bit: bool = True  # QLoRA (NF4 + double quant); false: 16-bit LoRA
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # compute dtype; auto: bf16 on GPUs that have it, fp32 on CPU
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    adapter: str | None = None  # start from a finished run's adapter: its RUN_DIR or a registry NAME@vN (SFT -> DPO/GRPO)
-
-
-@dataclass
-class LoraConfig:
-    r: int = field(default=16, metadata=_range(1, 4096))  # higher: more capacity, more memory
-    alpha: float = field(default=16.0, metadata=_range(0, None, lo_open=True))
-    dropout: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))  # 0 keeps the fused fast path
-    target_modules: Union[str, list[str]] = "all-linear"
-    use_dora: bool = False
-    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-
-
-@dataclass
-class DataConfig:
-    train: str = ""  # local .jsonl/.json/.csv/.parquet, "asset:..." (shipped), or a hub dataset id; resolved at load
-    format: Literal["alpaca", "messages", "text", "preference", "sharegpt"] = "alpaca"  # preference: prompt, chosen, rejected (dpo, orpo); sharegpt: conversations [{from, value}]
-    eval: str | None = None  # a separate held-out file; otherwise eval_fraction of train is held out
-    eval_fraction: float = field(default=0.05, metadata=_range(0.0, 1.0, hi_open=True))
-    packing: bool = False  # pack short examples into max_seq_length rows (no cross-attention between them)
-    train_on_responses_only: bool = True  # mask prompt tokens out of the loss
-    text_field: str = "text"  # column used by format: text
-    split: str = "train"  # split name for hub datasets
-    max_examples: int | None = field(default=None, metadata=_range(1, None))
-    skip_bad_rows: bool = False  # skip malformed or invalid rows (counted and reported) instead of stopping
-    num_proc: int | None = field(default=None, metadata=_range(1, 1024))  # tokenizing processes; None: the cores available
-    # general data mixed into the training split: [{path: FILE | name: general, fraction: 0.15, format: ...}];
-    # fraction = share of the final training set (see fastft.data.mix_counts); at load each entry gets its
-    # resolved file as `path`
-    mix: list[dict] | None = None
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = field(default=2, metadata=_range(1, 65536))
-    grad_accum: int = field(default=4, metadata=_range(1, 65536))
-    lr: float = field(default=2e-4, metadata=_range(0.0, 1.0, lo_open=True))
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
-                       "polynomial", "inverse_sqrt"] = "cosine"
-    warmup_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
-    max_steps: int | None = field(default=None, metadata=_range(1, None))  # wins over epochs when set
-    epochs: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
-    optim: Literal["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = "adamw_8bit"
-    weight_decay: float = field(default=0.0, metadata=_range(0.0, None))
-    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, None))
-    gradient_checkpointing: Union[bool, Literal["unsloth"]] = True  # "unsloth": offload activations (unsloth backend)
-    seed: int = 3407
-    eval_every: int | None = field(default=None, metadata=_range(1, None))  # steps; None: only at the end
-    eval_batch_size: int | None = field(default=None, metadata=_range(1, 65536))  # None: max(batch_size, 8); long sequences want 1
-    early_stopping_patience: int | None = field(default=None, metadata=_range(1, None))  # evals without improvement (the pre-training eval counts)
-    logging_every: int = field(default=10, metadata=_range(1, None))
-    save_every: int | None = field(default=None, metadata=_range(1, None))  # steps between resumable checkpoints
-    keep_checkpoints: int = field(default=2, metadata=_range(1, None))  # newest complete checkpoints kept
-    max_nonfinite_steps: int = field(default=10, metadata=_range(0, None))  # NaN/Inf steps skipped before stopping
-    report_to: list[str] | None = None  # experiment trackers: tensorboard, wandb, mlflow, trackio (fastft.trackers)
-    # sft | dpo, orpo (preference pairs: data.format preference) | grpo (sampled answers scored by train.reward);
-    # see docs/methods.md
-    method: Literal["sft", "dpo", "orpo", "grpo"] = "sft"
-    beta: float | None = field(default=None, metadata=_range(0.0, None))  # None: dpo 0.1 (KL strength), orpo 0.1 (odds-ratio weight), grpo 0.04 (KL weight)
-    sft_weight: float = field(default=0.0, metadata=_range(0.0, None))  # dpo: + this x the chosen answers' cross-entropy (keeps their likelihood up)
-    reward: str | None = None  # grpo: exact_match | contains | json_match (None: eval.metric), or module:function
-    reward_fields: list[str] | None = None  # json_match reward: fields scored, partial credit each (None: eval.json_fields)
-    reward_format: float = field(default=0.0, metadata=_range(0.0, None))  # grpo: weight of a reward for the reference's form (JSON that parses)
-    reward_length_penalty: float = field(default=0.0, metadata=_range(0.0, None))  # grpo: minus this per token beyond the reference's length
-    num_generations: int = field(default=4, metadata=_range(2, 256))  # grpo: answers sampled per prompt (the group)
-    max_completion_length: int = field(default=48, metadata=_range(1, 1 << 16))  # grpo: tokens per sampled answer
-    temperature: float = field(default=0.9, metadata=_range(0.0, None, lo_open=True))  # grpo: sampling temperature
-
-
-@dataclass
-class EvalConfig:
-    """Base vs adapter after training and in ``fastft eval`` (see fastft.evaluate)."""
-
-    metric: Literal["exact_match", "contains", "json_match"] = "exact_match"  # how a held-out answer is scored
-    json_fields: list[str] | None = None  # json_match: compare only these fields (None: the whole object)
-    regression: str | None = None  # general prompts the base answers right (path or asset:...); None: none
-    regression_metric: Literal["exact_match", "contains", "json_match"] = "contains"
-    # metric path -> condition, e.g. {task.exact_match: ">= 0.8", regression.forgotten: "<= 0.05"}
-    gates: dict[str, str] = field(default_factory=dict, metadata={"flatten": True})
-    after_training: bool = True  # fastft train runs this evaluation at the end (gates need it)
-    max_examples: int | None = field(default=None, metadata=_range(1, None))  # held-out prompts answered (None: all)
-    max_new_tokens: int = field(default=32, metadata=_range(1, 4096))  # generation budget per answer
-    batch_size: int = field(default=32, metadata=_range(1, 65536))  # prompts per generate / loss batch (larger: faster on CPU too)
-
-
-@dataclass
-class OutputConfig:
-    dir: str = ""
-
-
-@dataclass
-class DistributedConfig:
-    """How several processes (torchrun / accelerate launch) share the work; see fastft.distributed."""
-
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp. fsdp: shard the 4-bit base + LoRA per layer
-    cpu_offload: bool = False  # fsdp: keep parameter shards (and the optimizer step) in host memory
 
 
 @dataclass
@@ -343,10 +233,7 @@ def _build(cls, raw: Any, prefix: str, problems: list[str]):
             problems.append(REMOVED_KEYS[path])
             continue
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6) or [
-                f for f in fields if str(key).startswith(f) or f.startswith(str(key))]
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            problems.append(f"{path}: unknown key{hint}")
+            problems.append(_unknown_key(path, key, fields, prefix, prefixes=True))
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -398,6 +285,13 @@ def _build_dict(tp, raw: Any, path: str, flatten: bool, problems: list[str]) -> 
     return out
 
 
+def _unknown_key(path: str, key, valid, prefix: str = "", prefixes: bool = False) -> str:
+    """The problem for an unknown key: the valid key it is closest to, else every valid key."""
+    close = closest(key, valid, prefixes)
+    hint = f"; did you mean '{prefix}{close}'?" if close is not None else f"; valid keys: {', '.join(valid)}"
+    return f"{path}: unknown key{hint}"
+
+
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if isinstance(r.lora.target_modules, str) and r.lora.target_modules != "all-linear":
         problems.append(
@@ -424,8 +318,8 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
             problems.append(f"eval.gates.{path}: {e}")
     _check_method(r, problems)
     for name in r.train.report_to or []:
-        if name not in ("tensorboard", "wandb", "mlflow", "trackio"):
-            problems.append(f"train.report_to: unknown tracker {name!r}; choose from tensorboard, wandb, mlflow, trackio")
+        if name not in TRACKERS:
+            problems.append(f"train.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
 
 
 def _check_mix(mix: list[dict], problems: list[str]) -> None:
@@ -436,9 +330,7 @@ def _check_mix(mix: list[dict], problems: list[str]) -> None:
         where = f"data.mix[{i}]"
         for key in entry:
             if key not in MIX_KEYS:
-                close = difflib.get_close_matches(str(key), MIX_KEYS, n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(MIX_KEYS)}"
-                problems.append(f"{where}.{key}: unknown key{hint}")
+                problems.append(_unknown_key(f"{where}.{key}", key, MIX_KEYS))
         has_path, has_name = entry.get("path") is not None, entry.get("name") is not None
         if has_path == has_name:
             problems.append(f"{where}: give exactly one of path (a data file) or name (a shipped set: "
@@ -446,12 +338,11 @@ def _check_mix(mix: list[dict], problems: list[str]) -> None:
         if has_path and (not isinstance(entry["path"], str) or not entry["path"]):
             problems.append(f"{where}.path: expected a file path, got {_tname(entry['path'])} {entry['path']!r}")
         if has_name and entry["name"] not in MIX_SETS:
-            close = difflib.get_close_matches(str(entry["name"]), list(MIX_SETS), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(entry["name"], MIX_SETS)
             problems.append(f"{where}.name: unknown shipped set {entry['name']!r}{hint}; shipped: "
                             f"{', '.join(MIX_SETS)} (or give path: FILE)")
-        if "format" in entry and entry["format"] not in ("alpaca", "messages", "text", "sharegpt"):
-            problems.append(f"{where}.format: must be one of 'alpaca', 'messages', 'text', 'sharegpt', got {entry['format']!r}")
+        if "format" in entry and entry["format"] not in MIX_FORMATS:
+            problems.append(f"{where}.format: must be one of {', '.join(map(repr, MIX_FORMATS))}, got {entry['format']!r}")
         f = entry.get("fraction")
         if f is None:
             problems.append(f"{where}.fraction: required: the share of the final training set, e.g. 0.15")
@@ -466,7 +357,6 @@ def _check_mix(mix: list[dict], problems: list[str]) -> None:
                         "together they must stay below 1 (the rest is data.train)")
 
 
-METRIC_NAMES = ("exact_match", "contains", "json_match")  # the task metrics (fastft.evaluate); also GRPO rewards
 GRPO_ONLY = ("reward", "reward_fields", "reward_format", "reward_length_penalty", "num_generations",
              "max_completion_length", "temperature")
 
@@ -507,10 +397,9 @@ def _check_method(r: Recipe, problems: list[str]) -> None:
         if not all(p.isidentifier() for p in mod.split(".")) or not fn.isidentifier():
             problems.append(f"train.reward: {t.reward!r} is not module:function (e.g. my_rewards:score, importable "
                             "from the working directory or the recipe's folder)")
-    elif t.reward is not None and t.reward not in METRIC_NAMES:
-        close = difflib.get_close_matches(t.reward, METRIC_NAMES, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"train.reward: unknown metric {t.reward!r}{hint}; use one of {', '.join(METRIC_NAMES)} "
+    elif t.reward is not None and t.reward not in METRICS:
+        hint = did_you_mean(t.reward, METRICS)
+        problems.append(f"train.reward: unknown metric {t.reward!r}{hint}; use one of {', '.join(METRICS)} "
                         "or module:function for a Python reward")
     metric = t.reward or r.eval.metric
     if t.reward_fields is not None and metric != "json_match":

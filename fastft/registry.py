@@ -49,9 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FastftError
-from .files import file_sha256
+from .files import building, file_sha256
 from .progress import progress
-from .registry_meta import diff, flatten, format_diff, format_list, format_show  # noqa: F401 (printed by the CLI)
 from .registry_meta import export_record, gate_summary, run_metadata
 from .rundir import ADAPTER, STORED_FILES, RunDir, read_run_info
 
@@ -347,15 +346,21 @@ class Registry:
         dst = self.root / "checkouts" / entry.name / f"v{entry.version}"
         if dst.is_dir() and all((dst / rel).is_file() and _sha256(dst / rel) == d for rel, d in entry.manifest.items()):
             return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{entry.version}.", dir=dst.parent))
-        try:
+        with building(dst, prefix=f".v{entry.version}.", install=self._install_checkout(entry)) as tmp:
             for rel, digest in entry.manifest.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(self._object(digest), tmp / rel)
                 if _sha256(tmp / rel) != digest:
                     raise DamagedEntryError(f"{entry.ref}: {rel} changed while being copied out of {self.root}")
-            if dst.exists():  # a stale or damaged checkout: move it aside, then replace it
+        return dst
+
+    @staticmethod
+    def _install_checkout(entry: Entry):
+        """Install a checked-out copy where another process may be installing the same version: a
+        stale or damaged copy is moved aside first, and a copy that lands first is kept when good."""
+
+        def install(tmp: Path, dst: Path) -> None:
+            if dst.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".old-v{entry.version}.", dir=dst.parent))
                 try:
                     os.replace(dst, old / "x")
@@ -365,13 +370,10 @@ class Registry:
             try:
                 os.replace(tmp, dst)
             except OSError:  # another process checked the same version out meanwhile: use theirs if good
-                shutil.rmtree(tmp, ignore_errors=True)
                 if not all((dst / rel).is_file() and _sha256(dst / rel) == d for rel, d in entry.manifest.items()):
                     raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dst
+
+        return install
 
     # --- exports ---------------------------------------------------------------------------------
     def attach(self, ref: str, path: str | Path) -> dict:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .flat import differences, flatten
 from .rundir import EXPORT, RunDir
 
 
 
 def run_metadata(info: dict, run: Path, pushed: str) -> dict:
     """What a registry entry records about a run, taken from its fastft.json (and eval.json)."""
-    from .provenance import source_revision
+    from .info import source_revision
 
     recipe = info.get("recipe", {})
     model = recipe.get("model", {})
@@ -80,23 +81,10 @@ def gate_summary(gates) -> str:
     return json.dumps(gates, default=str)[:200]
 
 
-def flatten(d, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix.rstrip(".")] = d
-    return out
-
-
 def diff(a, b) -> dict:
     """{"hyperparameters": {key: (a, b)}, "metrics": {key: (a, b)}, "base_model": ..., "data_hash": ...}
     for the keys that differ (hyperparameters: the recipe less output.dir; metrics: numbers)."""
-    ra, rb = flatten(a.meta.get("recipe") or {}), flatten(b.meta.get("recipe") or {})
-    hyper = {k: (ra.get(k), rb.get(k)) for k in sorted(set(ra) | set(rb))
-             if k != "output.dir" and ra.get(k) != rb.get(k)}
+    hyper = differences(a.meta.get("recipe") or {}, b.meta.get("recipe") or {}, skip=("output.dir",))
     ma, mb = flatten(a.meta.get("metrics") or {}), flatten(b.meta.get("metrics") or {})
     num = (int, float)
     metrics = {k: (ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))

@@ -6,7 +6,7 @@
 
 Each sampled answer gets the weighted sum of:
 - the task reward (``train.reward``, default ``eval.metric``) against the row's reference, in [0, 1]:
-  ``exact_match`` and ``contains`` score 1 or 0 as fastft.evaluate does; ``json_match`` gives
+  ``exact_match`` and ``contains`` score 1 or 0 as fastft.metrics does; ``json_match`` gives
   partial credit, the share of the scored fields (``train.reward_fields``, default
   ``eval.json_fields``, else every field of the reference) whose value equals the reference's; an
   answer that does not parse as JSON scores 0;
@@ -24,14 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import FastftError
-from .evaluate import contains, normalize, parse_json
+from .gates import METRICS
+from .metrics import contains, normalize, parse_json
 
 
 class RewardError(FastftError, ValueError):
     """A reward the recipe declares that cannot be computed; the message says what to change."""
-
-
-METRICS = ("exact_match", "contains", "json_match")
 
 
 def text_of(completion) -> str:

@@ -17,11 +17,9 @@ a file that looks complete.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from .files import atomic_write_text, install_dir
+from .files import atomic_write_text, building
 
 SCHEMA_VERSION = 1
 
@@ -63,15 +61,10 @@ def save_adapter(model, tokenizer, out_dir: Path, state_dict: dict | None = None
     state_dict: the adapter weights to write instead of the model's own (FSDP: gathered on rank 0)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = RunDir(out_dir).adapter
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out_dir))
-    try:
+    with building(final, prefix=".adapter.") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True,
                               **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp))
-        install_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 
 from .errors import FastftError
+from .schema import TRACKERS
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "trackio": ("trackio",)}
 TENSORBOARD_DIR = "tensorboard"

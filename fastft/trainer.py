@@ -9,6 +9,9 @@
 - checkpoints are staged in checkpoints/.staging and renamed into place only when complete
   (fastft.checkpoints), keeping the newest ``keep_checkpoints``.
 
+``sft_config`` maps the recipe's ``train`` section onto TRL's SFTConfig (the base of the dpo /
+orpo / grpo configs too).
+
 Imports TRL: import it after the backend has loaded the model (Unsloth patches TRL's trainers as
 it is imported).
 """
@@ -19,8 +22,10 @@ from typing import Callable
 
 from trl import SFTTrainer
 
-from . import checkpoints
+from . import checkpoints, progress, trackers
 from .callbacks import Meter, NonFiniteGuard
+from .recipe import Recipe
+from .world import World
 
 
 class FastftMixin:
@@ -132,3 +137,74 @@ class FastftMixin:
 
 class FastftTrainer(FastftMixin, SFTTrainer):
     """TRL's SFTTrainer with fastft's meter, non-finite guard and staged checkpoints."""
+
+
+# -- the trainer's arguments from the recipe -------------------------------------------------------
+
+def optim_for(recipe: Recipe, device: str, log) -> str:
+    """``train.optim``, or its unpaged twin on CPU (paging needs CUDA memory)."""
+    optim = recipe.train.optim
+    if device == "cpu" and optim.startswith("paged_"):
+        plain = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}[optim]
+        log(f"warning: train.optim={optim}: paged optimizers need CUDA memory paging; using {plain} on CPU")
+        return plain
+    return optim
+
+
+def sft_config(recipe: Recipe, out_dir: Path, info, optim: str, has_eval: bool, world: World,
+               batch: tuple[int, int]):
+    """The recipe's ``train`` section as TRL's SFTConfig (also the base of the dpo / orpo / grpo configs)."""
+    from trl import SFTConfig
+
+    t = recipe.train
+    cuda = info.device.startswith("cuda")
+    kwargs = dict(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=batch[0],
+        per_device_eval_batch_size=t.eval_batch_size or max(batch[0], 8),
+        gradient_accumulation_steps=batch[1],
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        max_steps=t.max_steps if t.max_steps else -1,
+        num_train_epochs=t.epochs,
+        optim=optim,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_every,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and t.eval_every) else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        save_total_limit=None,  # fastft rotates complete checkpoints itself (checkpoints.finalize)
+        save_only_model=False,
+        ddp_find_unused_parameters=False if world.size > 1 else None,
+        report_to=trackers.trainer_args(recipe.train.report_to, out_dir),  # "none" unless train.report_to
+        # the backend already set gradient checkpointing up (Unsloth's own, or PEFT's for k-bit models)
+        gradient_checkpointing=False,
+        bf16=cuda and info.dtype == "bfloat16",
+        fp16=cuda and info.dtype == "float16",
+        max_length=recipe.model.max_seq_length,
+        packing=recipe.data.packing,
+        dataset_num_proc=None,
+        disable_tqdm=not world.main or progress.quiet(),  # --quiet: no training bar either
+        use_cpu=not cuda,
+    )
+    return SFTConfig(**kwargs)
+
+
+def adapters_follow_compute_dtype(model, compute_dtype: str) -> None:
+    """TRL's SFTTrainer casts QLoRA adapter weights to bf16 (the QLoRA paper's setting, made for
+    bf16 compute). With fp32 compute (CPU) or fp16 mixed precision that loses update precision and
+    the trained function differs from the saved adapter reloaded in fp32 (measured: logits 0.016
+    apart on the tiny model), so there fastft keeps trainable weights in fp32."""
+    import torch
+
+    if compute_dtype == "bfloat16":
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()

@@ -5,7 +5,9 @@ REPL) has it on ``sys.path`` under the name ``kernels``, which is also the PyPI 
 transformers and bitsandbytes import for hub kernels. When imported under that name this file steps
 aside: it loads the PyPI package if one is installed, and otherwise leaves an empty module without
 ``__file__`` or ``__version__``, which transformers' availability check reads as "not installed"
-(the same as a stray namespace folder). fastft's own code lives in the submodules (nf4, lora).
+(the same as a stray namespace folder). fastft's own code lives in the submodules: nf4_format and nf4
+(NF4 dequantization), lora_configs, lora_kernel and lora (the fused LoRA linear), fused and fused_mlp
+(the fused QKV and SwiGLU-MLP ops).
 """
 import sys as _sys
 

@@ -43,9 +43,9 @@ def download_cache():
 
 @pytest.fixture(scope="session")
 def tiny_path(fastft_cache):
-    from fastft import models
+    from fastft.models import named
 
-    return models.resolve("fastft-tiny")
+    return named.resolve("fastft-tiny")
 
 
 @pytest.fixture(scope="session")

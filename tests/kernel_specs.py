@@ -6,7 +6,7 @@ config the kernel modules ship, in the specializations their launchers produce.
 A spec is a dict: name, kernel ("module:attribute"), signature, constexprs, options, divisible_by_16,
 ptx_require, ptx_forbid (tests/test_kernel_compile.py documents each field). The launch configs
 themselves (LAUNCH_CONFIGS, CONFIGS) stay in the kernel modules. Each spec is derived, not written:
-the kernel module's own launch-argument builder (`nf4.launch_args`, `lora.launch_plan`) builds the
+the kernel module's own launch-argument builder (`nf4.launch_args`, `lora_kernel.launch_plan`) builds the
 real argument list of a shipped launch at Llama-3-8B shapes on CPU stand-in tensors, and Triton's
 JIT specialization function turns it into signature, constexprs and divisibility, so the spec and
 the run-time specialization cannot drift (tests/test_lora.py checks them against the JIT's binder).
@@ -21,7 +21,7 @@ LLAMA_M, LLAMA_SMS = 4096, 132
 # LoRA ranks compiled: BLOCK_R (the next power of two >= r, at least 16) is the one rank-dependent
 # tile size, so r = 16 stands for every r <= 16, and 128 is lora.MAX_FUSED_RANK, the largest tiles.
 LORA_RANKS = (16, 64, 128)
-# The compute dtypes each lora config family serves (`lora._pick_config`): fp32 base products take
+# The compute dtypes each lora config family serves (`lora_configs.pick_config`): fp32 base products take
 # f32_*, 16-bit ones mm_* (dense) and nf4_* (NF4 in_kernel); thin and red serve every dtype. bf16
 # stands for both 16-bit dtypes (fp16 tiles have the same bytes).
 LORA_DTYPES = {"mm": ("bf16",), "nf4": ("bf16",), "f32": ("fp32",), "thin": ("bf16", "fp32"), "red": ("bf16", "fp32")}
@@ -128,15 +128,16 @@ def nf4_configs() -> list[dict]:
 
 
 def lora_launches() -> list[tuple[str, list, dict]]:
-    """Every launch config fastft.kernels.lora ships, in the launches that use it, at Llama-3-8B
+    """Every launch config fastft.kernels.lora_configs ships, in the launches that use it, at Llama-3-8B
     shapes, for each LoRA rank in LORA_RANKS and each compute dtype the config serves (LORA_DTYPES):
     (name, args, kwargs) exactly as
-    `lora.launch_plan` builds them for `_lora_matmul_kernel` (CPU stand-in tensors: empty, never
+    `lora_kernel.launch_plan` builds them for `_lora_matmul_kernel` (CPU stand-in tensors: empty, never
     touched; torch aligns them as it aligns CUDA ones)."""
     import torch
     import triton
-    from fastft.kernels import lora
-    from fastft.kernels.nf4 import NF4Weight
+    from fastft.kernels.lora_configs import CONFIGS, RED_MIN_K, THIN_MIN_K, split_count
+    from fastft.kernels.lora_kernel import launch_plan
+    from fastft.kernels.nf4_format import NF4Weight
 
     M, sms = LLAMA_M, LLAMA_SMS
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -152,13 +153,13 @@ def lora_launches() -> list[tuple[str, list, dict]]:
                          code2=t(256, dtype=torch.float32), blocksize2=256)
 
     def plan(name, launch, r, ty, p, q, out_dtype=None, **kw):
-        _out, _grid, args, kwargs = lora.launch_plan(p, q, out_dtype or p.dtype, config=name, check_device=False,
-                                                     rank=r, **kw)
+        _out, _grid, args, kwargs = launch_plan(p, q, out_dtype or p.dtype, config=name, check_device=False,
+                                                rank=r, **kw)
         return (f"{name}-{launch}-r{r}-{ty}", args, kwargs)
 
     K, N = 4096, 14336  # the MLP up projection: forward x·Wᵀ, backward dY·W
     launches = []
-    for name in lora.CONFIGS:
+    for name in CONFIGS:
         for r in LORA_RANKS:
             for ty in LORA_DTYPES[name[:name.index("_")]]:
                 d = dtypes[ty]
@@ -175,14 +176,14 @@ def lora_launches() -> list[tuple[str, list, dict]]:
                         launches.append(plan(name, f"fwd{tag}", r, ty, x[:m], fwd, lora=(xa[:m], b.t()), scale=2.0))
                         launches.append(plan(name, f"dx{tag}", r, ty, dy[:m], dx, lora=(dyb[:m], a), scale=2.0))
                 elif name.startswith("thin_"):  # x·Aᵀ over K = 4096, dY·B over K = N = 14336, split as shipped
-                    bm = lora.CONFIGS[name][0]
+                    bm = CONFIGS[name][0]
                     for launch, p, q in (("xa", x, a.t()), ("dyb", dy, b)):
-                        split = lora.split_count(triton.cdiv(M, bm), p.shape[1], lora.THIN_MIN_K, sms)
+                        split = split_count(triton.cdiv(M, bm), p.shape[1], THIN_MIN_K, sms)
                         launches.append(plan(name, launch, r, ty, p, q, kind="thin", split_k=split))
                 elif name.startswith("red_"):  # dA = s·dYBᵀ·x [r, 4096], dBᵀ = s·XAᵀ·dY [r, 1024] (k_proj)
                     for launch, p, q in (("da", dyb.t(), x), ("db", xa.t(), t(M, 1024, dtype=d))):
                         tiles = triton.cdiv(q.shape[1], 128)  # as lora_backward counts them
-                        split = lora.split_count(tiles, M, lora.RED_MIN_K, sms)
+                        split = split_count(tiles, M, RED_MIN_K, sms)
                         launches.append(plan(name, launch, r, ty, p, q, torch.float32, alpha=2.0, kind="red",
                                              split_k=split))
                 else:
@@ -191,52 +192,54 @@ def lora_launches() -> list[tuple[str, list, dict]]:
 
 
 def lora_configs() -> list[dict]:
-    """fastft.kernels.lora: every shipped config in the specializations its Llama-3-8B launches get
+    """fastft.kernels.lora_kernel: every shipped config in the specializations its Llama-3-8B launches get
     from Triton's JIT (`lora_launches` + `_specialize`): unit strides and sizes are constexprs,
     every pointer, size, stride and k_per_split divisible by 16 is marked so."""
-    from fastft.kernels import lora
+    from fastft.kernels.lora_configs import CONFIGS, SMALLER
+    from fastft.kernels.lora_kernel import _lora_matmul_kernel
 
     launches = lora_launches()
     names = {f"lora_matmul-{name}" for name, _, _ in launches}
     configs = []
     for name, args, kwargs in launches:
-        signature, constexprs, divisible, options = _specialize(lora._lora_matmul_kernel, args, kwargs)
-        spec = {"name": f"lora_matmul-{name}", "kernel": "fastft.kernels.lora:_lora_matmul_kernel",
+        signature, constexprs, divisible, options = _specialize(_lora_matmul_kernel, args, kwargs)
+        spec = {"name": f"lora_matmul-{name}", "kernel": "fastft.kernels.lora_kernel:_lora_matmul_kernel",
                 "signature": signature, "constexprs": constexprs, "options": options, "divisible_by_16": divisible}
-        # over a target's shared memory, `lora.launch_plan` launches the first config of the SMALLER
-        # chain that fits instead (`lora.fit_config`): the chain's specs of the same launch, rank and
+        # over a target's shared memory, `lora_kernel.launch_plan` launches the first config of the SMALLER
+        # chain that fits instead (`lora_configs.fit_config`): the chain's specs of the same launch, rank and
         # dtype (the few-token fallback of a base matmul is compiled at 256 tokens: M is no constexpr)
-        config = max((c for c in lora.CONFIGS if name.startswith(c + "-")), key=len)
+        config = max((c for c in CONFIGS if name.startswith(c + "-")), key=len)
         rest, chain, c = name[len(config):], {}, config
         while c is not None:
             chain[c] = f"lora_matmul-{c}{rest}"
-            c = lora.SMALLER.get(c)
+            c = SMALLER.get(c)
         missing = [n for n in chain.values() if n not in names]
         if missing:
             raise AssertionError(f"kernel_specs: {spec['name']} falls back to {missing}, which lora_launches does not "
                                  "compile; add the launch")
         r, ty = rest.rsplit("-", 2)[1:]
-        spec["refusal"] = {"fit": "fastft.kernels.lora:fit_config", "rank": int(r[1:]), "dtype": ty, "chain": chain}
+        spec["refusal"] = {"fit": "fastft.kernels.lora_configs:fit_config", "rank": int(r[1:]), "dtype": ty,
+                           "chain": chain}
         configs.append(spec)
     return configs
 
 
 def fused_configs() -> list[dict]:
-    """fastft.kernels.fused: the SwiGLU forward and backward kernels on Llama-3-8B's MLP activations
-    (4096 tokens x 14336), bf16, fp16 and fp32, derived from `fused.swiglu_launch_args`."""
+    """fastft.kernels.fused_mlp: the SwiGLU forward and backward kernels on Llama-3-8B's MLP activations
+    (4096 tokens x 14336), bf16, fp16 and fp32, derived from `fused_mlp.swiglu_launch_args`."""
     import torch
-    from fastft.kernels import fused
+    from fastft.kernels import fused_mlp
 
     configs = []
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for ty, dtype in dtypes.items():
         for kernel_name, count in (("_swiglu_forward_kernel", 3), ("_swiglu_backward_kernel", 6)):
             tensors = [torch.empty(LLAMA_M, 14336, dtype=dtype) for _ in range(count)]
-            _grid, args, kwargs = fused.swiglu_launch_args(*tensors, interpreted_run=False)
-            kernel = getattr(fused, kernel_name)
+            _grid, args, kwargs = fused_mlp.swiglu_launch_args(*tensors, interpreted_run=False)
+            kernel = getattr(fused_mlp, kernel_name)
             signature, constexprs, divisible, options = _specialize(kernel, args, kwargs)
             configs.append({"name": f"swiglu-{kernel_name.strip('_').removesuffix('_kernel')}-{ty}",
-                            "kernel": f"fastft.kernels.fused:{kernel_name}", "signature": signature,
+                            "kernel": f"fastft.kernels.fused_mlp:{kernel_name}", "signature": signature,
                             "constexprs": constexprs, "options": options, "divisible_by_16": divisible,
                             # one pass over memory: vector loads, no shared-memory shuffle
                             "ptx_forbid": ["bar.sync"]})
@@ -245,7 +248,7 @@ def fused_configs() -> list[dict]:
 
 # module -> its specs; empty without the triton wheel (the compile test then skips)
 if importlib.util.find_spec("triton") is None:
-    COMPILE_CONFIGS = {"fastft.kernels.nf4": [], "fastft.kernels.lora": [], "fastft.kernels.fused": []}
+    COMPILE_CONFIGS = {"fastft.kernels.nf4": [], "fastft.kernels.lora_kernel": [], "fastft.kernels.fused_mlp": []}
 else:
-    COMPILE_CONFIGS = {"fastft.kernels.nf4": nf4_configs(), "fastft.kernels.lora": lora_configs(),
-                       "fastft.kernels.fused": fused_configs()}
+    COMPILE_CONFIGS = {"fastft.kernels.nf4": nf4_configs(), "fastft.kernels.lora_kernel": lora_configs(),
+                       "fastft.kernels.fused_mlp": fused_configs()}

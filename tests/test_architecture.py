@@ -1,5 +1,6 @@
-"""The shape of the code: no import cycles (module level or inside functions), and a recipe that can
-be loaded and validated without importing anything that loads models."""
+"""The shape of the code: every module has a layer and imports only from its own layer or lower
+(module level and inside functions alike), no import cycles, no module over 500 lines, and a recipe
+that can be loaded and validated without importing anything that loads models."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +12,52 @@ from support import ROOT
 
 # package name -> folder (pyproject's package-dir: fastft.kernels lives in the top-level kernels/)
 PACKAGES = {"fastft": ROOT / "fastft", "fastft.kernels": ROOT / "kernels"}
+
+
+# The layers, lowest first; within a layer, the groups are siblings that must not import each other.
+# A name ending in ".*" is a package: the package and everything in it.
+LAYERS = [
+    ("base", {"base": {"fastft", "fastft.errors", "fastft.files", "fastft.flat", "fastft.fmt", "fastft.progress",
+                       "fastft.hardware", "fastft.schema", "fastft.gates", "fastft.recipe", "fastft.world",
+                       "fastft.info", "fastft.downloads", "fastft.eval_table", "fastft.trackers"}}),
+    ("runs", {"runs": {"fastft.rundir", "fastft.checkpoints", "fastft.report.*", "fastft.registry_meta",
+                       "fastft.registry"}}),
+    ("models and data", {
+        "models": {"fastft.models.*", "fastft.kernels.*"},
+        "data": {"fastft.data.*"}}),
+    ("eval", {"eval": {"fastft.metrics", "fastft.generate", "fastft.evaluate"}}),
+    ("train", {"train": {"fastft.callbacks", "fastft.trainer", "fastft.methods", "fastft.rewards", "fastft.distributed",
+                         "fastft.oom", "fastft.summary", "fastft.train"}}),
+    ("export", {"export": {"fastft.merge", "fastft.export.*"}}),
+    ("cli", {"cli": {"fastft.cli", "fastft.__main__", "fastft.assets.*"}}),
+]
+MAX_LINES = 500
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    """(layer index, group) of a module, or None when no layer lists it."""
+    for i, (_, groups) in enumerate(LAYERS):
+        for group, names in groups.items():
+            for n in names:
+                if module == n or (n.endswith(".*") and (module == n[:-2] or module.startswith(n[:-1]))):
+                    return i, group
+    return None
+
+
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that point to a higher layer, or across to a sibling group of the same layer."""
+    out = []
+    for a in sorted(graph):
+        la = layer_of(a)
+        for b in sorted(graph[a]):
+            lb = layer_of(b)
+            if la is None or lb is None:
+                continue  # test_every_module_has_a_layer names them
+            if lb[0] > la[0]:
+                out.append(f"{a} ({LAYERS[la[0]][0]}) -> {b} ({LAYERS[lb[0]][0]})")
+            elif lb[0] == la[0] and lb[1] != la[1]:
+                out.append(f"{a} ({la[1]}) -> {b} ({lb[1]}): siblings")
+    return out
 
 
 def _modules() -> dict[str, Path]:
@@ -103,6 +150,27 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles (module or function level): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(m for m in _modules() if layer_of(m) is None)
+    assert not missing, "modules without a layer in LAYERS: " + ", ".join(missing)
+
+
+def test_the_layer_check_finds_an_upward_and_a_sibling_edge():
+    g = {"fastft.files": {"fastft.train"}, "fastft.data.cache": {"fastft.models.named"}, "fastft.train": {"fastft.files"}}
+    assert upward_edges(g) == ["fastft.data.cache (data) -> fastft.models.named (models): siblings",
+                               "fastft.files (base) -> fastft.train (train)"]
+
+
+def test_no_import_points_up():
+    found = upward_edges(import_graph())
+    assert not found, "imports that point up a layer (module or function level):\n" + "\n".join(found)
+
+
+def test_no_module_is_over_500_lines():
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: " + ", ".join(f"{m} ({n})" for m, n in sorted(long.items()))
 
 
 def test_recipe_loads_without_the_model_stack():

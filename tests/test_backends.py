@@ -1,7 +1,8 @@
 import pytest
 
-from fastft import backends, recipe
-from fastft.backends import BackendError
+from fastft import recipe
+from fastft.models import backends
+from fastft.models.backends import BackendError
 
 BASE = {"model": {"name": "fastft-tiny", "max_seq_length": 64}, "data": {"train": "x"}, "output": {"dir": "x"},
         "train": {"gradient_checkpointing": False}}

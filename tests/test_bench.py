@@ -25,22 +25,22 @@ def _env():
 # --- synthetic models ------------------------------------------------------------------------------
 
 def test_synthetic_llama3_8b_on_meta_has_the_real_parameter_count_without_memory():
-    from fastft import models
+    from fastft.models import named
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB, the peak so far
-    model = models.synthetic_on_meta("synthetic:llama-3-8b")
-    assert models.count_parameters(model) == LLAMA3_8B_PARAMS
+    model = named.synthetic_on_meta("synthetic:llama-3-8b")
+    assert named.count_parameters(model) == LLAMA3_8B_PARAMS
     assert {p.device.type for p in model.parameters()} == {"meta"}
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grew_mb < 300, f"building on meta raised peak RSS by {grew_mb:.0f} MB (16 GB would be materialized weights)"
-    assert models.count_parameters(models.synthetic_on_meta("llama-3.2-1b")) == LLAMA32_1B_PARAMS
+    assert named.count_parameters(named.synthetic_on_meta("llama-3.2-1b")) == LLAMA32_1B_PARAMS
 
 
 def test_flops_formula_counts_every_linear_weight_of_the_model():
     from bench.train import flops_per_token
-    from fastft import models
+    from fastft.models import named
 
-    model = models.synthetic_on_meta("synthetic:llama-3-8b")
+    model = named.synthetic_on_meta("synthetic:llama-3-8b")
     linear = sum(m.weight.numel() for m in model.modules() if m.__class__.__name__ == "Linear")
     f = flops_per_token(model.config, n_lora=1000, tokens_per_row=2048)
     assert f["n_linear"] == linear  # q,k,v,o,gate,up,down in 32 layers + lm_head
@@ -49,20 +49,20 @@ def test_flops_formula_counts_every_linear_weight_of_the_model():
 
 
 def test_unknown_synthetic_architecture_names_the_choices():
-    from fastft import models
+    from fastft.models import named
 
     with pytest.raises(ValueError, match="synthetic:llama-3-8b"):
-        models.resolve("synthetic:llama-9-400b")
+        named.resolve("synthetic:llama-9-400b")
 
 
 def test_synthetic_tiny_is_a_prequantized_nf4_checkpoint(fastft_cache):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastft import models
+    from fastft.models import named
 
-    path = models.resolve("synthetic:fastft-tiny")
-    assert models.resolve("synthetic:fastft-tiny") == path  # cached
+    path = named.resolve("synthetic:fastft-tiny")
+    assert named.resolve("synthetic:fastft-tiny") == path  # cached
     cfg = json.loads((ROOT / "fastft/assets/tiny-llama/config.json").read_text())
     saved = json.loads(open(os.path.join(path, "config.json")).read())
     assert saved["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
@@ -71,12 +71,12 @@ def test_synthetic_tiny_is_a_prequantized_nf4_checkpoint(fastft_cache):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"})
     q = model.model.layers[0].self_attn.q_proj
     assert q.__class__.__name__ == "Linear4bit" and q.weight.quant_state.nested  # double quantization
-    assert models.count_parameters(model) == models.count_parameters(models.synthetic_on_meta("fastft-tiny"))
+    assert named.count_parameters(model) == named.count_parameters(named.synthetic_on_meta("fastft-tiny"))
     assert model.config.hidden_size == cfg["hidden_size"]
-    bf16 = models.resolve("synthetic:fastft-tiny", load_in_4bit=False)  # 16-bit LoRA: a bf16 checkpoint
+    bf16 = named.resolve("synthetic:fastft-tiny", load_in_4bit=False)  # 16-bit LoRA: a bf16 checkpoint
     assert bf16 != path and "quantization_config" not in json.loads(open(os.path.join(bf16, "config.json")).read())
     dense = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
-    assert models.count_parameters(dense) == models.count_parameters(model)
+    assert named.count_parameters(dense) == named.count_parameters(model)
 
 
 # --- bench.train on CPU ----------------------------------------------------------------------------
@@ -359,7 +359,8 @@ def test_bench_worker_reports_out_of_memory_as_does_not_fit(tmp_path, monkeypatc
             "kernels": "auto", "steps": 1, "warmup": 1, "data": "random", "work_dir": str(tmp_path),
             "doc_path": str(doc_path), "run_index": 0}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    from fastft import callbacks, patch
+    from fastft import callbacks
+    from fastft.models import patch
 
     apply, meter, sigint = patch.apply, callbacks.Meter, signal.getsignal(signal.SIGINT)
     assert bench_train.worker(str(tmp_path / "spec.json")) == 0

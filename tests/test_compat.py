@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 
-from fastft import files, provenance
-from fastft.provenance import IncompatibleBaseError
+from fastft import files
+from fastft.models import provenance
+from fastft.models.provenance import IncompatibleBaseError
 
 
 def write_base(tiny_path, dst, seed=1, **config):

@@ -57,7 +57,7 @@ def test_stock_peft_compiles_as_the_baseline(fastft_cache):
 
 def test_a_graph_break_is_counted(fastft_cache, monkeypatch):
     """The counters this file relies on do see a graph break when one happens."""
-    from fastft import patch
+    from fastft.models import patch
 
     real = patch.fastft_apply_o
 

@@ -1,4 +1,4 @@
-"""fastft.data.build (batched, cached: fastft.data_build) against fastft.data.build_reference (one
+"""fastft.data.build (batched, cached: fastft.data.batched) against fastft.data.build_reference (one
 example at a time): the same input_ids and labels, token for token, the same split and data hash."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from support import tiny_recipe_dict
 
-from fastft import data, data_build, recipe
+from fastft import data, recipe
+from fastft.data import cache, encode, rows as data_rows, split, template
 
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
           "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -190,8 +191,8 @@ def test_spans_by_shape_or_rendered_same_as_reference(tmp_path, bpe_tokenizer, m
     old = tok.chat_template
     tok.chat_template = CONTENT_TEMPLATES[name]
     calls = []
-    real = data_build._spans_rendered
-    monkeypatch.setattr(data_build, "_spans_rendered", lambda ex, full: calls.append(1) or real(ex, full))
+    real = template.spans_rendered
+    monkeypatch.setattr(template, "spans_rendered", lambda ex, full: calls.append(1) or real(ex, full))
     try:
         src = _jsonl(tmp_path / "c.jsonl", multi_turn_rows(120, seed=3))
         r = recipe.from_dict(tiny_recipe_dict(tmp_path / "o", model={"max_seq_length": 256},
@@ -209,13 +210,13 @@ def test_spans_by_shape_or_rendered_same_as_reference(tmp_path, bpe_tokenizer, m
 
 
 def test_template_check_failure_uses_the_per_example_method(tmp_path, tokenizer, monkeypatch):
-    real = data_build._encode_fast
+    real = encode.encode_fast
 
     def wrong(exs):  # a batched path that mislabels: the probe check must catch it
         out = real(exs)
         return [None if o is None else (o[0], [data.IGNORE] * len(o[1])) for o in out]
 
-    monkeypatch.setattr(data_build, "_encode_fast", wrong)
+    monkeypatch.setattr(encode, "encode_fast", wrong)
     r = recipe.from_dict(tiny_recipe_dict(tmp_path / "o", data={"num_proc": 1}))
     logs = []
     fast, ref = _both(r, tokenizer, logs)
@@ -248,8 +249,8 @@ def test_cache_hit_damage_and_invalidation(tmp_path, tokenizer):
     c = data.build(r.data, tokenizer, log=logs.append, **kw)
     assert c.info["cache"]["hit"] is False and any("is damaged" in m for m in logs)
     assert (c.train["input_ids"][:], c.train["labels"][:], c.data_hash) == want
-    (entry / data_build.MANIFEST).unlink()  # an interrupted build: no manifest
-    assert "no manifest" in data_build.check_entry(entry)
+    (entry / cache.MANIFEST).unlink()  # an interrupted build: no manifest
+    assert "no manifest" in cache.check_entry(entry)
     assert data.build(r.data, tokenizer, log=logs.append, **kw).info["cache"]["hit"] is False
     # other data, seed or max_length: another entry
     _jsonl(src, [{"instruction": "changed", "output": "color"}] * 50)
@@ -278,8 +279,8 @@ def test_bad_rows_name_line_and_skip_counts_match(tmp_path, tokenizer):
         data.build(r.data, tokenizer, seed=1, max_length=64, log=lambda m: None)
 
 
-def _rows_files(tmp_path, sizes: list[list[int]]) -> tuple[data_build._Rows, list]:
-    """_Rows over one Arrow stream file per entry of ``sizes`` (each: the lengths of its batches);
+def _rows_files(tmp_path, sizes: list[list[int]]) -> tuple[data_rows.RowStore, list]:
+    """RowStore over one Arrow stream file per entry of ``sizes`` (each: the lengths of its batches);
     row k holds input_ids [k, k+1, ...] of length 1 + k % 5. Returns it and the rows as lists."""
     import pyarrow as pa
 
@@ -295,7 +296,7 @@ def _rows_files(tmp_path, sizes: list[list[int]]) -> tuple[data_build._Rows, lis
                                                pa.array([f"row {j}" for j in range(k, k + n)])], schema=schema))
                 rows += [(i, l, f"row {j}") for j, i, l in zip(range(k, k + n), ids, labs)]
                 k += n
-        parts.append(data_build._Rows.open(path))
+        parts.append(data_rows.RowStore.open(path))
     out = parts[0]
     for p in parts[1:]:
         out = out + p
@@ -321,10 +322,10 @@ def test_rows_gather_any_order_and_write_split_loads(tmp_path, monkeypatch):
         rows.release()  # the pages come back on the next read
     with pytest.raises(IndexError):
         rows.gather([37], ["ex"])
-    monkeypatch.setattr(data_build, "SPLIT_ROWS", 4)
+    monkeypatch.setattr(split, "SPLIT_ROWS", 4)
     idx = rng.permutation(37)[:23]
     seen = []
-    data_build.write_split(rows, idx, tmp_path / "train", "0123456789abcdef", seen.append)
+    split.write_split(rows, idx, tmp_path / "train", "0123456789abcdef", seen.append)
     assert seen == [4, 4, 4, 4, 4, 3]
     ds = datasets.load_from_disk(str(tmp_path / "train"))
     assert ds.column_names == ["input_ids", "labels"] and len(ds) == 23

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from support import tiny_recipe_dict
-from fastft import data, errors, evaluate, gates, recipe
-from fastft.recipe import EvalConfig, RecipeError
+from fastft import data, errors, evaluate, gates, metrics, recipe
+from fastft.recipe import RecipeError
+from fastft.schema import EvalConfig
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -20,7 +21,7 @@ from fastft.recipe import EvalConfig, RecipeError
     ("fruit.", "fruit", False),
 ])
 def test_exact_match(answer, reference, hit):
-    assert evaluate.score(answer, reference, "exact_match") is hit
+    assert metrics.score(answer, reference, "exact_match") is hit
 
 
 @pytest.mark.parametrize("answer,reference,hit", [
@@ -32,7 +33,7 @@ def test_exact_match(answer, reference, hit):
     ("", "x", False),
 ])
 def test_contains_is_whole_words(answer, reference, hit):
-    assert evaluate.score(answer, reference, "contains") is hit
+    assert metrics.score(answer, reference, "contains") is hit
 
 
 REF = '{"name": "Ada", "year": 1815, "city": "London"}'
@@ -51,12 +52,12 @@ REF = '{"name": "Ada", "year": 1815, "city": "London"}'
     ('["Ada", 1815]', ["name"], False),  # not an object
 ])
 def test_json_match(answer, fields, hit):
-    assert evaluate.score(answer, REF, "json_match", fields) is hit
+    assert metrics.score(answer, REF, "json_match", fields) is hit
 
 
 def test_json_match_reference_that_is_not_json_is_a_miss():
     # compare() warns and counts such rows; a finished training run is never lost to a bad row
-    assert evaluate.score("not json", "not json", "json_match") is False
+    assert metrics.score("not json", "not json", "json_match") is False
 
 
 def test_task_scores_per_slice_and_overall():

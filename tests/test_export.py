@@ -97,12 +97,12 @@ def test_engine_choice_records_its_reason(monkeypatch):
 def test_merge_dtype_follows_the_planners_parameter_count():
     """fastft.json records part of the base's config (provenance.ARCH_KEYS); the planner counts its
     parameters exactly from that: fp32 merge for the tiny model, bf16 for Llama-3-8B."""
-    from fastft import plan, provenance
+    from fastft.models import provenance, shapes
 
     for name, n in (("fastft-tiny", None), ("unsloth/llama-3-8b-bnb-4bit", 8_030_261_248)):
-        cfg, _ = plan.find_config(name)
+        cfg, _ = shapes.find_config(name)
         arch = {"class": cfg["architectures"][0], **{k: cfg[k] for k in provenance.ARCH_KEYS if k in cfg}}
-        assert export._parameters(arch) == plan.shapes(cfg).total_params == (n or plan.shapes(cfg).total_params)
+        assert export._parameters(arch) == shapes.shapes(cfg).total_params == (n or shapes.shapes(cfg).total_params)
     assert export._parameters(arch) > export.FP32_MERGE_MAX_PARAMS
     assert export._parameters(None) is None and export._parameters({"class": "LlamaForCausalLM"}) is None
 
@@ -282,7 +282,7 @@ def test_failed_verification_keeps_the_file_marks_it_and_exits_3(smollm2_run, tm
 
 @pytest.mark.slow
 def test_export_attached_to_a_registry_version(smollm2_run, smollm2_exports, tmp_path):
-    from fastft import registry
+    from fastft import registry, registry_meta
 
     files = sorted((smollm2_run / "export").glob("*-q8_0.gguf"))
     assert len(files) == 1, smollm2_exports[1]
@@ -293,8 +293,8 @@ def test_export_attached_to_a_registry_version(smollm2_run, smollm2_exports, tmp
     assert Path(x["object"]).is_file() and x["sha256"] == file_sha256(files[0])
     listed = reg.exports(reg.get("smol@v1"))
     assert [e["file"] for e in listed] == [files[0].name] and listed[0]["intact"]
-    assert "q8_0" in registry.format_show(reg, reg.get("smol@v1")) and "verified: pass" in \
-        registry.format_show(reg, reg.get("smol@v1"))
+    assert "q8_0" in registry_meta.format_show(reg, reg.get("smol@v1")) and "verified: pass" in \
+        registry_meta.format_show(reg, reg.get("smol@v1"))
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_text("hello")
     with pytest.raises(registry.RegistryError, match="not a GGUF file"):

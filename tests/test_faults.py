@@ -200,6 +200,31 @@ def test_out_of_memory_names_the_fixes_and_keeps_the_checkpoint(tmp_path, monkey
     assert (out / "checkpoints" / "checkpoint-5" / checkpoints.MARKER).is_file()
 
 
+def test_a_failed_evaluation_keeps_the_adapter_and_exits_non_zero(tmp_path, monkeypatch):
+    """The adapter and fastft.json are written before the after-training evaluation; when it
+    fails, the run ends with an error that names the adapter and the command that evaluates it."""
+    from fastft import cli, evaluate
+
+    path, out = _recipe_file(tmp_path, train={"max_steps": 2, "save_every": None})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("size of tensor a (10) must match the size of tensor b (220)")
+
+    monkeypatch.setattr(evaluate, "after_training", broken)
+    lines = []
+    assert cli.main(["train", str(path)]) == 1
+    with pytest.raises(train.TrainError) as e:
+        train.run(recipe.load(path, ["output.dir=" + str(out)]), log=lines.append, overwrite=True)
+    msg = str(e.value)
+    assert msg.startswith("the evaluation after training failed (RuntimeError: size of tensor a (10)")
+    assert f"The trained adapter is saved in {out / 'adapter'}" in msg and f"fastft eval {out}" in msg
+    assert any(msg in line for line in lines)
+    assert set(_adapter(out)) and (out / "adapter" / "adapter_config.json").is_file()
+    info = json.loads((out / "fastft.json").read_text())
+    assert info["eval_error"].startswith("RuntimeError: size of tensor a") and "eval" not in info
+    assert info["metrics"]["steps"] == 2
+
+
 def test_bad_output_paths_and_full_disk(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from support import tiny_recipe_dict
-from fastft import backends, checkpoints, distributed, recipe, train
+from fastft import checkpoints, distributed, recipe, train
+from fastft.models import backends, sharded_load
+from fastft.world import strategy
 
 STEPS = 20
 
@@ -118,12 +120,12 @@ def _peft_logits(adapter_dir, tiny_path):
 def test_strategy_defaults_to_ddp_and_unsloth_falls_back_to_hf(tmp_path):
     cfg = tiny_recipe_dict(tmp_path / "o", backend="unsloth")
     r = recipe.from_dict(cfg)
-    assert distributed.strategy(r, 1) == "single"
-    assert distributed.strategy(r, 2) == "ddp"
+    assert strategy(r, 1) == "single"
+    assert strategy(r, 2) == "ddp"
     assert backends.choose(r, world_size=2) == ("hf", ("backend: unsloth: 2 processes, and Unsloth trains on a "
                                                        "single GPU, so falling back to hf (DDP)"))
     r = recipe.from_dict(cfg, ["distributed.strategy=fsdp"])
-    assert distributed.strategy(r, 2) == "fsdp"
+    assert strategy(r, 2) == "fsdp"
     name, why = backends.choose(r, world_size=4)
     assert name == "hf" and why.endswith("Unsloth trains on a single GPU, so falling back to hf (FSDP)")
     with pytest.raises(recipe.RecipeError, match=r"distributed.strategy: must be one of 'auto', 'ddp', 'fsdp', "
@@ -142,11 +144,11 @@ def test_float_storage_is_the_same_nf4_bytes(tiny_path):
     layer = model.model.layers[0].mlp.down_proj
     before = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone()
     assert layer.weight.dtype == torch.uint8
-    assert distributed.float_storage(model, torch.float32) == 7 * len(model.model.layers)
+    assert sharded_load.float_storage(model, torch.float32) == 7 * len(model.model.layers)
     assert layer.weight.dtype == torch.float32 and layer.weight.shape[1] == 1
     after = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert torch.equal(before, after)
-    assert distributed.keep_quant_state(model) == 7 * len(model.model.layers)
+    assert sharded_load.keep_quant_state(model) == 7 * len(model.model.layers)
     assert layer.quant_state is layer.weight.quant_state
 
 
@@ -212,7 +214,7 @@ def _torchrun_until_checkpoint(path, out, port: int):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_after_kill_9(tmp_path, tiny_path, reference, one_torch_thread):
-    """One run covers the issue's checks, to keep the suite short: the FSDP run (2 x 4) is killed
+    """One run covers every FSDP check, to keep the suite short: the FSDP run (2 x 4) is killed
     with -9 on rank 1 after its first checkpoint, then the same command resumes it. Its loss
     curve (steps before and after the kill), evaluations and adapter (loaded by plain PEFT) are
     compared with one process; each rank holds about half of the base, and only rank 0 loaded it."""
@@ -283,9 +285,9 @@ def test_fsdp_sigterm_checkpoints_at_the_step_boundary_and_resumes(tmp_path, tin
 def test_smollm2_fsdp_matches_one_process(tmp_path, download_cache, fastft_cache, one_torch_thread):
     """SmolLM2-135M-Instruct (30 layers, tied embeddings: they stay in the root unit), 6 steps,
     global batch 4: fsdp over 2 processes against one process."""
-    from fastft import models
+    from fastft.models import named
 
-    smollm2 = models.resolve("smollm2-135m-instruct")
+    smollm2 = named.resolve("smollm2-135m-instruct")
     root = Path(__file__).resolve().parents[1]
     held_out = tmp_path / "held-out.jsonl"
     held_out.write_text("\n".join((root / "fastft/assets/data/order-extraction-eval.jsonl")

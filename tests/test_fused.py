@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from fastft.kernels import fused
+from fastft.kernels import fused, fused_mlp
 from fastft.kernels.fused import Projection
 from support import ROOT, assert_close
 
@@ -66,19 +66,19 @@ def test_swiglu_kernels_match_torch(n, dtype):
     g = (torch.randn(n) * 3).to(DEVICE, dtype)
     u = torch.randn(n).to(DEVICE, dtype)
     dh = torch.randn(n).to(DEVICE, dtype)
-    h = fused.swiglu_forward(g, u)
+    h = fused_mlp.swiglu_forward(g, u)
     g_, u_ = g.float().requires_grad_(), u.float().requires_grad_()
-    want = fused.swiglu_reference(g_, u_)  # in fp32, rounded once: what the kernel computes
+    want = fused_mlp.swiglu_reference(g_, u_)  # in fp32, rounded once: what the kernel computes
     want.backward(dh.float())
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     assert h.dtype == dtype
     assert_close(h, want.to(dtype), atol=tol, rtol=tol, what="h")
-    h2, dg, du = fused.swiglu_backward(dh, g, u)
+    h2, dg, du = fused_mlp.swiglu_backward(dh, g, u)
     assert_close(h2, h, atol=0, rtol=0, what="recomputed h")
     assert_close(dg, g_.grad.to(dtype), atol=tol, rtol=tol, what="dg")
     assert_close(du, u_.grad.to(dtype), atol=tol, rtol=tol, what="du")
     bufs = (dh.clone(), g.clone(), u.clone())  # in place: h over dh, dg over g, du over u
-    out = fused.swiglu_backward(*bufs, inplace=True)
+    out = fused_mlp.swiglu_backward(*bufs, inplace=True)
     assert all(o.data_ptr() == b.data_ptr() for o, b in zip(out, bufs))
     for o, want_, name in zip(out, (h2, dg, du), ("h", "dg", "du")):
         assert_close(o, want_, atol=0, rtol=0, what=f"in-place {name}")
@@ -127,10 +127,10 @@ def test_mlp_swiglu_matches_reference(shape, base, dtype):
              _projection(K, inter, rd, dtype, base, seed=5)]
     torch.manual_seed(2)
     x = torch.randn(M, K).to(DEVICE, dtype).requires_grad_()
-    got = fused.lora_mlp_swiglu(x, *projs)
+    got = fused_mlp.lora_mlp_swiglu(x, *projs)
     dy = torch.randn_like(got)
     got_grads = _grads([got], [dy], x, projs)
-    want = fused.lora_mlp_swiglu_reference(x, *projs)
+    want = fused_mlp.lora_mlp_swiglu_reference(x, *projs)
     want_grads = _grads([want], [dy], x, projs)
     _compare([got], [want], dtype, f"MLP {base} output")
     _compare(got_grads, want_grads, dtype, f"MLP {base} grads (x, A g/u/d, B g/u/d)")
@@ -164,8 +164,8 @@ def test_bad_inputs_are_named():
         fused.lora_qkv(torch.randn(3, 40), p, p, p)
     with pytest.raises(ValueError, match="gate .* and up .* differ"):
         q = _projection(36, 40, 4, torch.float32, "16bit")
-        fused.lora_mlp_swiglu(torch.randn(3, 40), q, _projection(12, 40, 4, torch.float32, "16bit"),
-                              _projection(40, 36, 4, torch.float32, "16bit"))
+        fused_mlp.lora_mlp_swiglu(torch.randn(3, 40), q, _projection(12, 40, 4, torch.float32, "16bit"),
+                                  _projection(40, 36, 4, torch.float32, "16bit"))
 
 
 # --- against PEFT's per-projection layers on a tiny Llama block ---------------------------------------
@@ -194,7 +194,7 @@ def _llama_block(base, dtype):
                                       quant_type="nf4", compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True).to(DEVICE)  # quantizes
-                q.support_avx512bf16_for_cpu = False  # as fastft.backends sets it: the training layout
+                q.support_avx512bf16_for_cpu = False  # as fastft.models.backends sets it: the training layout
                 setattr(parent, name, q)
             else:
                 setattr(parent, name, lin.to(DEVICE, dtype))
@@ -249,7 +249,7 @@ def test_fused_ops_match_peft_per_projection_layers(base, dtype):
     _compare(list(got[2].values()), list(want[2].values()), dtype, f"QKV dA/dB vs PEFT {base} {list(want[2])}")
 
     want = _block_grads(mlp, lambda: (mlp(x),), [dy], x)  # LlamaMLP: down(act(gate(x)) * up(x))
-    got = _block_grads(mlp, lambda: (fused.lora_mlp_swiglu(x, *projections_of(
+    got = _block_grads(mlp, lambda: (fused_mlp.lora_mlp_swiglu(x, *projections_of(
         (mlp.gate_proj, mlp.up_proj, mlp.down_proj))),), [dy], x)
     assert len(want[2]) == 6 and want[2].keys() == got[2].keys()
     _compare(got[0], want[0], dtype, f"MLP vs PEFT {base}")
@@ -281,7 +281,7 @@ def test_mlp_backward_runs_once_per_forward():
     """The MLP backward overwrites its saved g and u: a second backward through the graph is refused."""
     projs = [_projection(40, 24, 4, torch.float32, "16bit", seed=i) for i in range(2)]
     projs.append(_projection(24, 40, 4, torch.float32, "16bit", seed=2))
-    y = fused.lora_mlp_swiglu(torch.randn(3, 24, device=DEVICE, requires_grad=True), *projs)
+    y = fused_mlp.lora_mlp_swiglu(torch.randn(3, 24, device=DEVICE, requires_grad=True), *projs)
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         y.sum().backward()

@@ -8,6 +8,7 @@ import pytest
 
 from support import tiny_recipe_dict
 from fastft import evaluate, generate, recipe, train
+from fastft.models import backends
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "fastft", "generate"]
@@ -68,7 +69,7 @@ def test_interactive_reads_lines_until_eof_and_base_on_request(run, monkeypatch,
 
 def test_reply_samples_with_temperature(run):
     out, _, _ = run
-    model, tok, _, _ = evaluate.load_run(out, log=lambda m: None)
+    model, tok, _, _ = backends.load_run(out, log=lambda m: None)
     chat = [{"role": "user", "content": PROMPTS[0]}]
     import torch
 
@@ -84,7 +85,7 @@ def test_greedy_from_messages_or_token_ids(run):
     """Prompts as chats or as their token ids: the same answers (and eval's); stop
     ids end an answer at the first one, which is kept in ids and left out of the text."""
     out, expected, _ = run
-    model, tok, _, _ = evaluate.load_run(out, log=lambda m: None)
+    model, tok, _, _ = backends.load_run(out, log=lambda m: None)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     ids = [generate.render(tok, c)[1] for c in chats]
     by_chat = generate.greedy(model, tok, chats, max_new_tokens=4, batch_size=1)
@@ -96,3 +97,38 @@ def test_greedy_from_messages_or_token_ids(run):
     stopped = generate.greedy(model, tok, ids[:1], max_new_tokens=4, stop_ids=[answer[-1]])[0]
     assert stopped["stopped"] and stopped["ids"] == answer[:k + 1]
     assert stopped["text"] == tok.decode(answer[:k], skip_special_tokens=True)
+
+
+def test_greedy_on_a_mixture_of_experts_model_trained_with_its_router_loss(tokenizer):
+    """A MoE model whose config turns the router's load-balancing loss on (as training does) still
+    generates: the loss is off under generation, where the KV cache makes it a shape error."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    out = generate.greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert [len(o["ids"]) for o in out] and all(0 < len(o["ids"]) <= 6 for o in out)
+    assert model.config.output_router_logits  # the training setting is left as it was
+
+
+def test_generation_stops_on_the_templates_end_of_turn_token_too(tokenizer, tmp_path):
+    """Gemma's turns end with <end_of_turn>, which is not its eos: the answer stops there."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <end_of_turn> "
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert generate._stops(tok, None) == [tok.eos_token_id, turn]
+    assert generate._stops(tokenizer, None) == [tokenizer.eos_token_id]  # <|end|> is the eos already
+    assert generate._stops(tok, [7]) == [7]
+    answer = generate._answer(tok, [11, 12, turn, 13], generate._stops(tok, None))
+    assert answer["ids"] == [11, 12, turn] and answer["stopped"]

@@ -19,8 +19,9 @@ from support import tiny_recipe_dict
 # imported before any stub: transformers (which fastft.callbacks and fastft.train import) probes
 # CUDA as it imports and fails against a torch.cuda that claims a device
 from bench import common, train as bench_train
-from fastft import backends, callbacks, cli, distributed, hardware, recipe, train
-from fastft.kernels import lora, nf4
+from fastft import callbacks, cli, hardware, oom, recipe
+from fastft.models import backends, sharded_load
+from fastft.kernels import lora_configs, nf4
 
 GiB = 1 << 30
 H100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * GiB,
@@ -89,7 +90,7 @@ def test_out_of_memory_message_quotes_the_cuda_peaks(cuda, monkeypatch, tmp_path
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 21_000_000_000)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 23_500_000_000)
     r = recipe.from_dict(tiny_recipe_dict(tmp_path))
-    msg = train._oom_message(r, torch.cuda.OutOfMemoryError("CUDA out of memory"), tmp_path, callbacks.peak_memory())
+    msg = oom.message(r, torch.cuda.OutOfMemoryError("CUDA out of memory"), tmp_path, callbacks.peak_memory())
     assert "peak 21.00 GB allocated / 23.50 GB reserved" in msg, msg
     assert "train.batch_size 8 -> 4 with train.grad_accum 1 -> 2" in msg, msg
 
@@ -130,7 +131,7 @@ def test_bench_result_names_the_gpu(cuda):
                                "memory_bytes": 80 * GiB, "multiprocessors": 132}
 
 
-# --- process groups (fastft.distributed) ------------------------------------------------------------
+# --- process groups (fastft.models.sharded_load) -----------------------------------------------------------
 
 @pytest.mark.parametrize("device, backend, current", [("cuda:1", "nccl", [torch.device("cuda:1")]),
                                                       ("cpu", "gloo", [])])
@@ -140,22 +141,22 @@ def test_process_group_backend_follows_the_device(monkeypatch, device, backend, 
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **k: joined.append(backend))
     monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
-    distributed.init_process_group(device)
+    sharded_load.init_process_group(device)
     assert joined == [backend] and set_to == current
 
 
 # --- SM counts for the kernels' grids (fastft.kernels) ----------------------------------------------
 
 def test_lora_split_heuristic_reads_the_sm_count_once_per_device(cuda, monkeypatch):
-    lora._sm_count.cache_clear()
+    lora_configs._sm_count.cache_clear()
     try:
-        assert lora._device_sms(torch.device("cuda")) == 132  # no index: the current device (0)
-        assert lora._device_sms(torch.device("cuda", 0)) == 132  # the same device: cached
-        assert lora._device_sms(torch.device("cuda", 3)) == 132
-        assert lora._device_sms(torch.device("cpu")) is None
+        assert lora_configs.device_sms(torch.device("cuda")) == 132  # no index: the current device (0)
+        assert lora_configs.device_sms(torch.device("cuda", 0)) == 132  # the same device: cached
+        assert lora_configs.device_sms(torch.device("cuda", 3)) == 132
+        assert lora_configs.device_sms(torch.device("cpu")) is None
         assert cuda.asked == [0, 3]
     finally:
-        lora._sm_count.cache_clear()  # the H100 answer must not outlive the stub
+        lora_configs._sm_count.cache_clear()  # the H100 answer must not outlive the stub
 
 
 def test_nf4_grid_cap_is_programs_per_sm_times_sms(cuda, monkeypatch):
@@ -178,20 +179,20 @@ def test_nf4_grid_cap_is_programs_per_sm_times_sms(cuda, monkeypatch):
 ])
 def test_lora_configs_picked_on_a_gpu_are_in_the_compiled_table(monkeypatch, kind, M, N, nf4, fp32, want):
     # the interpreter has its own configs; a GPU launch takes one of CONFIGS (each compile-checked)
-    monkeypatch.setattr(lora, "interpreted", lambda: False)
-    assert lora._pick_config(kind, M, N, nf4, fp32) == want
-    assert want in lora.CONFIGS
+    monkeypatch.setattr(lora_configs, "interpreted", lambda: False)
+    assert lora_configs.pick_config(kind, M, N, nf4, fp32) == want
+    assert want in lora_configs.CONFIGS
 
 
 def test_lora_shared_memory_limit_is_the_devices_opt_in_maximum(cuda):
-    lora._smem_optin.cache_clear()
+    lora_configs._smem_optin.cache_clear()
     try:
-        assert lora._smem_limit(torch.device("cuda")) == 227 * 1024
-        assert lora._smem_limit(torch.device("cuda", 0)) == 227 * 1024  # cached: no second query
-        assert lora._smem_limit(torch.device("cpu")) is None
+        assert lora_configs.smem_limit(torch.device("cuda")) == 227 * 1024
+        assert lora_configs.smem_limit(torch.device("cuda", 0)) == 227 * 1024  # cached: no second query
+        assert lora_configs.smem_limit(torch.device("cpu")) is None
         assert cuda.asked == [0]
     finally:
-        lora._smem_optin.cache_clear()
+        lora_configs._smem_optin.cache_clear()
 
 
 # --- the benchmark's memory cap (bench.train) -------------------------------------------------------
@@ -243,7 +244,7 @@ def test_bench_mfu_divides_by_the_gpus_bf16_peak():
     assert rec.metrics()["mfu"] is None
 
 
-# --- mixed precision on CUDA (fastft.train, bench.overhead) -------------------------------------------
+# --- mixed precision on CUDA (fastft.trainer, bench.overhead) -----------------------------------------
 
 @pytest.fixture
 def sft_config(monkeypatch):
@@ -260,7 +261,10 @@ def sft_config(monkeypatch):
 def test_trainer_mixed_precision_follows_the_device_and_dtype(sft_config, tmp_path, device, dtype, bf16, fp16):
     r = recipe.from_dict(tiny_recipe_dict(tmp_path))
     info = SimpleNamespace(device=device, dtype=dtype)
-    kw = train._sft_config(r, tmp_path, info, "adamw_8bit", False, train.World(), (2, 4))
+    from fastft import trainer
+    from fastft.world import World
+
+    kw = trainer.sft_config(r, tmp_path, info, "adamw_8bit", False, World(), (2, 4))
     assert (kw["bf16"], kw["fp16"], kw["use_cpu"]) == (bf16, fp16, device == "cpu")
     assert kw["optim"] == "adamw_8bit" and kw["gradient_accumulation_steps"] == 4
 

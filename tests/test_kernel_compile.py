@@ -211,7 +211,7 @@ def test_launch_config_compiles_without_spills(workers, version, module, name, c
 
 def _refused_for(refusal: dict, report: dict, cap: int) -> str:
     """The spec the launcher runs instead of a config over `cap`'s shared memory: its fit function
-    (`lora.fit_config`) on the compiled needs of the chain's specs for that target. Fails, with the
+    (`lora_configs.fit_config`) on the compiled needs of the chain's specs for that target. Fails, with the
     launcher's own message, when no config of the chain fits."""
     import importlib
 
@@ -240,16 +240,16 @@ SM89_RED_FP32_R128 = {"red_Rx128x64_w4_s3": 131072, "red_Rx64x64_w4_s3": 98304, 
 
 def test_a_config_over_the_device_limit_gives_way_to_a_smaller_one():
     import torch
-    from fastft.kernels import lora
+    from fastft.kernels.lora_configs import fit_config
 
     need = SM89_RED_FP32_R128.__getitem__
-    assert lora.fit_config("red_Rx128x64_w4_s3", need, 99 * 1024, rank=128, dtype=torch.float32) == "red_Rx64x64_w4_s3"
-    assert lora.fit_config("red_Rx128x64_w4_s3", need, 163 * 1024, rank=128, dtype=torch.float32) == \
+    assert fit_config("red_Rx128x64_w4_s3", need, 99 * 1024, rank=128, dtype=torch.float32) == "red_Rx64x64_w4_s3"
+    assert fit_config("red_Rx128x64_w4_s3", need, 163 * 1024, rank=128, dtype=torch.float32) == \
         "red_Rx128x64_w4_s3"
-    assert lora.fit_config("red_Rx128x64_w4_s3", need, 64 * 1024, rank=128, dtype=torch.float32) == "red_Rx64x32_w4_s2"
-    assert lora.fit_config("red_Rx128x64_w4_s3", need, None, rank=128, dtype=torch.float32) == "red_Rx128x64_w4_s3"
+    assert fit_config("red_Rx128x64_w4_s3", need, 64 * 1024, rank=128, dtype=torch.float32) == "red_Rx64x32_w4_s2"
+    assert fit_config("red_Rx128x64_w4_s3", need, None, rank=128, dtype=torch.float32) == "red_Rx128x64_w4_s3"
     with pytest.raises(ValueError) as e:
-        lora.fit_config("red_Rx128x64_w4_s3", need, 16 * 1024, rank=128, dtype=torch.float32)
+        fit_config("red_Rx128x64_w4_s3", need, 16 * 1024, rank=128, dtype=torch.float32)
     msg = str(e.value)
     for part in ("r=128", "torch.float32", "red_Rx128x64_w4_s3 needs 131072 bytes", "red_Rx64x32_w4_s2 needs 24576",
                  f"has {16 * 1024} per block", "bf16", "lora.SMALLER"):
@@ -257,14 +257,14 @@ def test_a_config_over_the_device_limit_gives_way_to_a_smaller_one():
 
 
 def test_every_fallback_is_a_shipped_config():
-    from fastft.kernels import lora
+    from fastft.kernels import lora_configs
 
-    for big, small in lora.SMALLER.items():
-        assert big in lora.CONFIGS and small in lora.CONFIGS, (big, small)
-    for n in lora.SMALLER:  # every chain ends
+    for big, small in lora_configs.SMALLER.items():
+        assert big in lora_configs.CONFIGS and small in lora_configs.CONFIGS, (big, small)
+    for n in lora_configs.SMALLER:  # every chain ends
         chain = [n]
-        while n in lora.SMALLER:
-            n = lora.SMALLER[n]
+        while n in lora_configs.SMALLER:
+            n = lora_configs.SMALLER[n]
             assert n not in chain, chain
             chain.append(n)
 
@@ -293,12 +293,12 @@ def test_the_launch_plan_takes_the_fallback_before_launching(monkeypatch, dtype)
     r = 128 runs red_Rx64x64_w4_s3, in the interpreter, with the reference's result; fp16 (half the
     bytes) keeps red_Rx128x64_w4_s3; and a device below every config gets the error, not a launch."""
     import torch
-    from fastft.kernels import lora
+    from fastft.kernels import lora_configs, lora_kernel, nf4_format
 
-    if not lora.interpreted():
+    if not nf4_format.interpreted():
         pytest.skip("runs the kernel under TRITON_INTERPRET=1 (conftest sets it on CPU)")
     ty = getattr(torch, dtype)
-    by_tiles = {lora.CONFIGS[n][1:3] + lora.CONFIGS[n][-1:]: b for n, b in SM89_RED_FP32_R128.items()}
+    by_tiles = {lora_configs.CONFIGS[n][1:3] + lora_configs.CONFIGS[n][-1:]: b for n, b in SM89_RED_FP32_R128.items()}
     elt = torch.finfo(ty).bits // 8
     launched = []
 
@@ -306,24 +306,24 @@ def test_the_launch_plan_takes_the_fallback_before_launching(monkeypatch, dtype)
         launched.append((kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["num_stages"]))
         return by_tiles[launched[-1]] * elt // 4
 
-    monkeypatch.setattr(lora, "_FITTED", {})
-    monkeypatch.setattr(lora, "_smem_limit", lambda device: 99 * 1024)
-    monkeypatch.setattr(lora, "_shared_need", need)
+    monkeypatch.setattr(lora_kernel, "_FITTED", {})
+    monkeypatch.setattr(lora_kernel, "smem_limit", lambda device: 99 * 1024)
+    monkeypatch.setattr(lora_kernel, "_shared_need", need)
     g = torch.Generator().manual_seed(0)
     r, M, K = 128, 96, 80
     dyb, x = torch.randn(M, r, generator=g).to(ty), torch.randn(M, K, generator=g).to(ty)
-    out, grid, args, kwargs = lora.launch_plan(dyb.t(), x, torch.float32, alpha=0.5, kind="red", rank=r,
-                                               config="red_Rx128x64_w4_s3")
+    out, grid, args, kwargs = lora_kernel.launch_plan(dyb.t(), x, torch.float32, alpha=0.5, kind="red", rank=r,
+                                                      config="red_Rx128x64_w4_s3")
     want = (128, 64, 3) if ty == torch.float16 else (64, 64, 3)
     assert (kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["num_stages"]) == want
-    got = lora.lora_matmul(dyb.t(), x, torch.float32, alpha=0.5, kind="red", rank=r, config="red_Rx128x64_w4_s3")
+    got = lora_kernel.lora_matmul(dyb.t(), x, torch.float32, alpha=0.5, kind="red", rank=r, config="red_Rx128x64_w4_s3")
     ref = 0.5 * (dyb.t().double() @ x.double())
     tol = {torch.float32: 1e-5, torch.float16: 1e-5}[ty]  # fp32 accumulation, fp32 out: no 16-bit rounding
     torch.testing.assert_close(got.double(), ref, atol=tol * K ** 0.5, rtol=tol)
-    monkeypatch.setattr(lora, "_FITTED", {})
-    monkeypatch.setattr(lora, "_smem_limit", lambda device: 8 * 1024)
+    monkeypatch.setattr(lora_kernel, "_FITTED", {})
+    monkeypatch.setattr(lora_kernel, "smem_limit", lambda device: 8 * 1024)
     with pytest.raises(ValueError, match="no launch config fits this GPU's shared memory at r=128"):
-        lora.lora_matmul(dyb.t(), x, torch.float32, kind="red", rank=r, config="red_Rx128x64_w4_s3")
+        lora_kernel.lora_matmul(dyb.t(), x, torch.float32, kind="red", rank=r, config="red_Rx128x64_w4_s3")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

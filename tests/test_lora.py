@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from fastft.kernels import lora, nf4
+from fastft.kernels import lora, lora_configs, lora_kernel, nf4, nf4_format
 from support import assert_close
 
 # One tolerance per dtype, relative to the largest reference magnitude: fp32 differs from the
@@ -73,7 +73,7 @@ def _nf4(w: torch.Tensor, nested: bool = True):
 
     packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
     absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if nested else qs.absmax
-    code = torch.tensor(nf4.NF4_TABLE, dtype=torch.float32, device=w.device)
+    code = torch.tensor(nf4_format.NF4_TABLE, dtype=torch.float32, device=w.device)
     dense = default_ops._dequantize_4bit_compute(packed.reshape(-1), absmax, code, 64, qs.shape, w.dtype)
     return packed, qs, dense
 
@@ -315,7 +315,8 @@ def test_index_times_stride_products_are_64_bit():
 
     @triton.jit
     def offsets_kernel(a_ptr, b_ptr, out_ptr, stride_a, stride_b, A: tl.constexpr, B: tl.constexpr):
-        offs = lora._offsets(tl.load(a_ptr + tl.arange(0, A)), stride_a, tl.load(b_ptr + tl.arange(0, B)), stride_b)
+        offs = lora_kernel._offsets(tl.load(a_ptr + tl.arange(0, A)), stride_a, tl.load(b_ptr + tl.arange(0, B)),
+                                    stride_b)
         tl.store(out_ptr + tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :], offs)
 
     oa = torch.tensor([0, 1, 70_000, 128_255], dtype=torch.int32, device=DEVICE)
@@ -326,8 +327,8 @@ def test_index_times_stride_products_are_64_bit():
     want = oa.long()[:, None] * stride_a + ob.long()[None, :] * stride_b
     assert want.max() > 2 ** 32 and torch.equal(out, want)
 
-    source = inspect.getsource(lora._lora_matmul_kernel.fn if hasattr(lora._lora_matmul_kernel, "fn")
-                               else lora._lora_matmul_kernel)
+    source = inspect.getsource(lora_kernel._lora_matmul_kernel.fn if hasattr(lora_kernel._lora_matmul_kernel, "fn")
+                               else lora_kernel._lora_matmul_kernel)
     products = re.findall(r"(\S+) \* (stride_\w+)", source)
     assert products, "the kernel multiplies by no stride at all?"
     for operand, stride in products:
@@ -339,7 +340,7 @@ def test_thin_and_reduction_splits_fill_the_gpu():
     """At M = 4096 tokens on a 132-SM GPU (H100/H200) the thin products x·Aᵀ (K = 4096) and dY·B (K = N:
     1024, 4096, 14336) launch at least two waves of programs, the token-split dA / dB at least as many
     as the old rule; without an SM count (CPU) nothing splits."""
-    bm = lora.CONFIGS["thin_64xRx64_w4_s3"][0]  # what _pick_config("thin", ...) ships on a GPU
+    bm = lora.CONFIGS["thin_64xRx64_w4_s3"][0]  # what lora_configs.pick_config("thin", ...) ships on a GPU
     tiles = -(-4096 // bm)
     for K in (1024, 4096, 14336):
         split = lora.split_count(tiles, K, lora.THIN_MIN_K, 132)
@@ -379,7 +380,7 @@ def test_split_launches_are_exact(base, dtype, monkeypatch):
         real = lora.lora_matmul
         monkeypatch.setattr(lora, "lora_matmul", lambda *a_, launches=launches, real=real, **k:
                             launches.append(k.get("split_k", 1)) or real(*a_, **k))
-        monkeypatch.setattr(lora, "_device_sms", lambda device, forced=forced: forced)
+        monkeypatch.setattr(lora, "device_sms", lambda device, forced=forced: forced)
         monkeypatch.setattr(lora, "THIN_MIN_K", 32)
         monkeypatch.setattr(lora, "RED_MIN_K", 8)
         runs[forced] = _run_fused(x, weight, a, b, 0.5, None, qs, dy)
@@ -418,7 +419,7 @@ def test_launcher_errors_are_clear():
 
 def test_dropout_falls_back_to_the_reference_and_says_so_once(caplog):
     x, w, a, b, _ = _inputs(6, 40, 24, 4, False, torch.float32)
-    lora._SAID.clear()
+    lora_configs._SAID.clear()
     with caplog.at_level(logging.WARNING, logger="fastft.kernels.lora"):
         torch.manual_seed(5)
         y1 = lora.lora_linear(x, w, a, b, 2.0, dropout_p=0.25, training=True)
@@ -436,11 +437,11 @@ def test_dropout_falls_back_to_the_reference_and_says_so_once(caplog):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("base", ["16bit", "nf4"])
 def test_patched_peft_layer_matches_peft(base, dtype):
-    """PEFT's own lora.Linear / lora.Linear4bit, then the same layer patched by fastft.patch."""
+    """PEFT's own lora.Linear / lora.Linear4bit, then the same layer patched by fastft.models.patch."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from fastft import patch
+    from fastft.models import patch
 
     K, N, r = 72, 45, 16
     torch.manual_seed(0)
@@ -450,7 +451,7 @@ def test_patched_peft_layer_matches_peft(base, dtype):
         lin.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                        compress_statistics=True).to(DEVICE)  # quantizes
         lin.bias = torch.nn.Parameter(dense.bias.data.to(dtype), requires_grad=False)
-        lin.support_avx512bf16_for_cpu = False  # as fastft.backends sets it: keep the training layout
+        lin.support_avx512bf16_for_cpu = False  # as fastft.models.backends sets it: keep the training layout
     else:
         lin = torch.nn.Linear(K, N, bias=True).to(DEVICE, dtype)
     model = torch.nn.Sequential()
@@ -511,7 +512,7 @@ def test_llama3_8b_layer_shapes_bf16_on_gpu(K, N, base):
         _check(g, w_, torch.bfloat16, f"{base} {K}->{N} {name}")
 
 
-@pytest.mark.parametrize("module", ["fastft.kernels.lora", "fastft.kernels.nf4"])
+@pytest.mark.parametrize("module", ["fastft.kernels.lora_kernel", "fastft.kernels.nf4"])
 def test_compile_specs_are_what_the_jit_specializes(module):
     """tests/kernel_specs.py derives each compile spec from the launcher's real argument list; here the
     same arguments go through the argument binder Triton's JIT builds for the kernel (the function
@@ -526,8 +527,8 @@ def test_compile_specs_are_what_the_jit_specializes(module):
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     specs = {s["name"]: s for s in kernel_specs.COMPILE_CONFIGS[module]}
-    if module.endswith("lora"):
-        kernel = lora._lora_matmul_kernel
+    if module.endswith("lora_kernel"):
+        kernel = lora_kernel._lora_matmul_kernel
         launches = [(f"lora_matmul-{name}", args, kwargs) for name, args, kwargs in kernel_specs.lora_launches()]
     else:
         kernel = nf4._dequantize_4bit_kernel
@@ -560,7 +561,7 @@ def test_compile_specs_are_what_the_jit_specializes(module):
     ((16, 64, 64, 2, 4, 1), 32, torch.float16),    # blocksize 32, forward and dX tiles both span 2 blocks
 ], ids=["bk32-bs64-fp32", "bk128-bs64-bf16", "bk64-bs32-fp16"])
 def test_in_kernel_decode_by_rows_equals_elementwise_decode(tiles, blocksize, dtype, monkeypatch):
-    """The in_kernel path with the row decoder (`nf4.nf4_rows`) and with the element-wise decoder
+    """The in_kernel path with the row decoder (`nf4_format.nf4_rows`) and with the element-wise decoder
     (`nf4.nf4_tile`) agree, forward and every gradient, and both match the reference. The decoded W
     tiles are bit-identical (`test_row_decoder_tiles_equal_elementwise_tiles`); the products are not
     compared bit for bit, because the row decoder hands the forward's dot a transposed tile and the
@@ -577,7 +578,7 @@ def test_in_kernel_decode_by_rows_equals_elementwise_decode(tiles, blocksize, dt
     dy = _dy(M, N, dtype)
     runs = {}
     for by_rows in (True, False):
-        monkeypatch.setattr(lora, "NF4_BY_ROWS", by_rows)
+        monkeypatch.setattr(lora_kernel, "NF4_BY_ROWS", by_rows)
         runs[by_rows] = _run_fused(x, packed, a, b, 0.5, bvec, qs, dy)
     want = _run_reference_fp32(x, w_dense, a, b, 0.5, bvec, dy)
     for rows, elementwise, w_, name in zip(runs[True], runs[False], want, ("y", "dX", "dA", "dB")):
@@ -594,7 +595,7 @@ def test_in_kernel_decode_by_rows_equals_elementwise_decode(tiles, blocksize, dt
 ], ids=["cols32-bs64", "cols128-bs64", "cols64-bs32", "cols64-bs256"])
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
 def test_row_decoder_tiles_equal_elementwise_tiles(N, K, blocksize, rows, cols, nested):
-    """`nf4.nf4_rows` and `nf4.nf4_tile` decode every [rows, cols] tile of a weight to the same fp32
+    """`nf4_format.nf4_rows` and `nf4_format.nf4_tile` decode every [rows, cols] tile of a weight to the same fp32
     bits (both compute code * absmax with the same roundings; no dot is involved), masked rows and
     columns included, and the tiles put together are the reference dequantization."""
     import bitsandbytes.functional as bnbf
@@ -611,17 +612,17 @@ def test_row_decoder_tiles_equal_elementwise_tiles(N, K, blocksize, rows, cols, 
         row_mask = r < n_rows
         mask = row_mask[:, None] & (c < row_len)[None, :]
         idx = r[:, None] * row_len + c[None, :]
-        a = nf4.nf4_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, r, row_len, c0, row_mask,
-                         row_len, ROWS, COLS, BLOCKSIZE, BLOCKSIZE2, NESTED)
-        b = nf4.nf4_tile(packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask,
-                         BLOCKSIZE, BLOCKSIZE2, NESTED)
+        a = nf4_format.nf4_rows(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, r, row_len, c0, row_mask,
+                                row_len, ROWS, COLS, BLOCKSIZE, BLOCKSIZE2, NESTED)
+        b = nf4_format.nf4_tile(packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask,
+                                BLOCKSIZE, BLOCKSIZE2, NESTED)
         tl.store(by_rows_ptr + idx, a, mask=mask)
         tl.store(by_elements_ptr + idx, b, mask=mask)
 
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + K)).to(DEVICE)
     packed, qs = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
     nw = nf4.NF4Weight.from_quant_state(packed, qs)
-    table = torch.tensor(nf4.NF4_TABLE, dtype=torch.float32, device=DEVICE)
+    table = torch.tensor(nf4_format.NF4_TABLE, dtype=torch.float32, device=DEVICE)
     by_rows = torch.full((N, K), float("nan"), device=DEVICE)
     by_elements = torch.full((N, K), float("nan"), device=DEVICE)
     absmax2 = nw.absmax2 if nested else nw.absmax
@@ -643,8 +644,8 @@ def test_register_code_table_is_the_nf4_table():
     @triton.jit
     def codes_kernel(out_ptr):
         q = tl.arange(0, 16)
-        tl.store(out_ptr + q, nf4._nf4_code(q))
+        tl.store(out_ptr + q, nf4_format._nf4_code(q))
 
     out = torch.empty(16, dtype=torch.float32, device=DEVICE)
     codes_kernel[(1,)](out)
-    assert torch.equal(out.cpu(), torch.tensor(nf4.NF4_TABLE, dtype=torch.float32))
+    assert torch.equal(out.cpu(), torch.tensor(nf4_format.NF4_TABLE, dtype=torch.float32))

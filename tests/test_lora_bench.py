@@ -59,7 +59,7 @@ def test_nf4_path_probe_reads_the_route_from_the_kernel_calls(monkeypatch):
     import torch
 
     from bench.kernels_lora import NF4PathProbe, build_layer, fwd_bwd
-    from fastft import patch
+    from fastft.models import patch
     from fastft.kernels import lora
 
     model, layer = build_layer(torch, 64, 96, 8, "nf4", torch.float32, "cpu")

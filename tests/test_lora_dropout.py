@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from fastft.kernels import lora, nf4
+from fastft.kernels import lora, lora_configs, nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -101,7 +101,7 @@ def test_trainable_bias_gets_its_gradient_on_the_dequantize_route(counted_dequan
 
 def test_the_route_is_said_once_and_named(caplog):
     x, packed, qs, a, b, _, _ = _nf4_inputs((4,), 128, 16, 4, torch.float32, True, False)
-    lora._SAID.clear()
+    lora_configs._SAID.clear()
     with caplog.at_level(logging.WARNING, logger="fastft.kernels.lora"):
         for _ in range(2):
             lora.lora_linear(x, packed, a, b, 1.0, None, qs, dropout_p=0.1, training=True)

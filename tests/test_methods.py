@@ -8,7 +8,8 @@ import math
 import pytest
 from support import tiny_recipe_dict
 
-from fastft import data_preference, recipe, rewards
+from fastft import recipe, rewards
+from fastft.data import preference
 from fastft.data import DataError
 from fastft.recipe import RecipeError
 
@@ -68,7 +69,7 @@ def test_dpo_sft_weight_adds_the_chosen_answers_cross_entropy(tmp_path):
 # --- data --------------------------------------------------------------------------------------
 
 def test_preference_rows_validate_and_normalize():
-    row = data_preference.preference_row(
+    row = preference.preference_row(
         {"prompt": "Capital of France?", "chosen": "Paris", "rejected": [{"role": "assistant", "content": "Lyon"}],
          "slice": "geo"}, "f row 1")
     assert row == {"prompt": [{"role": "user", "content": "Capital of France?"}],
@@ -76,21 +77,21 @@ def test_preference_rows_validate_and_normalize():
                    "rejected": [{"role": "assistant", "content": "Lyon"}], "slice": "geo"}
     with pytest.raises(DataError, match=r"f row 2: missing column 'rejected' \(data.format preference needs prompt, "
                                         r"chosen and rejected; found chosen, prompt\)"):
-        data_preference.preference_row({"prompt": "q", "chosen": "a"}, "f row 2")
+        preference.preference_row({"prompt": "q", "chosen": "a"}, "f row 2")
     with pytest.raises(DataError, match="'chosen' and 'rejected' are the same answer"):
-        data_preference.preference_row({"prompt": "q", "chosen": "a  b", "rejected": "a b"}, "f row 3")
+        preference.preference_row({"prompt": "q", "chosen": "a  b", "rejected": "a b"}, "f row 3")
     with pytest.raises(DataError, match="the prompt's last message must be the user's"):
-        data_preference.preference_row({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a",
+        preference.preference_row({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a",
                                         "rejected": "b"}, "f row 4")
 
 
 def test_grpo_rows_need_a_reference():
-    row = data_preference.reference_row({"instruction": "Sum?", "input": "2 3", "output": "5"}, "alpaca", "f row 1")
+    row = preference.reference_row({"instruction": "Sum?", "input": "2 3", "output": "5"}, "alpaca", "f row 1")
     assert row["prompt"] == [{"role": "user", "content": "Sum?\n\n2 3"}] and row["reference"] == "5"
     with pytest.raises(DataError, match="no reference answer .*train.method grpo scores sampled answers"):
-        data_preference.reference_row({"instruction": "Sum?"}, "alpaca", "f row 2")
+        preference.reference_row({"instruction": "Sum?"}, "alpaca", "f row 2")
     with pytest.raises(DataError, match="last message must be the assistant's reference answer"):
-        data_preference.reference_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+        preference.reference_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
                                        "content": "x"}, {"role": "user", "content": "?"}]}, "messages", "f row 3")
 
 
@@ -141,7 +142,7 @@ def test_reward_errors_name_the_field_and_the_module(tmp_path):
 def test_plan_counts_each_methods_extra_memory(tmp_path):
     import shutil
 
-    from fastft import plan
+    from fastft.models import plan
     from fastft.recipe import ASSETS
 
     (tmp_path / "tiny").mkdir()
@@ -197,13 +198,14 @@ def test_methods_bench_pairs_keep_the_adapters_mistakes_and_its_differing_genera
 
     from bench import methods as bench_methods
     from fastft import evaluate
+    from fastft.models import backends
 
     orders = [json.loads(line) for line in bench_methods.TRAIN.read_text().splitlines()[:4]]
     general = [json.loads(line) for line in bench_methods.GENERAL.read_text().splitlines()[:3]]
     wrong = json.dumps({**json.loads(orders[1]["output"]), "city": "Atlantis"})
     canned = {"orders": [orders[0]["output"], wrong, orders[2]["output"], "no idea"],
               "general": [general[0]["output"], "Something else.", "  " + general[2]["output"].upper() + " "]}
-    monkeypatch.setattr(evaluate, "load_run", lambda run, log=None: ("model", "tok", None, None))
+    monkeypatch.setattr(backends, "load_run", lambda run, log=None: ("model", "tok", None, None))
     monkeypatch.setattr(evaluate, "generate_answers",
                         lambda m, t, prompts, **k: canned["orders" if len(prompts) == 4 else "general"])
     out = tmp_path / "pairs.jsonl"
@@ -269,12 +271,12 @@ def test_dpo_run_records_method_margins_and_a_plain_adapter(dpo_run):
 
 @pytest.mark.slow
 def test_eval_on_a_dpo_run_repeats_its_end_of_training_evaluation(dpo_run, tmp_path):
-    from fastft import evaluate
+    from fastft import cli
 
     r, result = dpo_run
     recorded = json.loads((result.out_dir / "fastft.json").read_text())["eval"]["task"]
     logs = []
-    ev = evaluate.eval_run(result.out_dir, log=logs.append)["task"]
+    ev = cli.eval_run(result.out_dir, log=logs.append)["task"]
     # the same held-out rows (the recipe's eval_fraction split of the pairs), prompts vs chosen answers
     assert ev["n"] == recorded["n"] == 3 and ev["source"] == f"held-out rows of {r.data.train}"
     assert ev["adapter"]["exact_match"] == recorded["adapter"]["exact_match"]
@@ -284,26 +286,26 @@ def test_eval_on_a_dpo_run_repeats_its_end_of_training_evaluation(dpo_run, tmp_p
     alpaca = tmp_path / "held.jsonl"
     alpaca.write_text("".join(json.dumps({"instruction": "Classify: red, blue", "input": "", "output": "colors",
                                           "slice": "s"}) + "\n" for _ in range(2)))
-    ev = evaluate.eval_run(result.out_dir, data_file=str(alpaca), log=logs.append)["task"]
+    ev = cli.eval_run(result.out_dir, data_file=str(alpaca), log=logs.append)["task"]
     assert ev["n"] == 2 and ev["source"] == str(alpaca) and set(ev["adapter"]["slices"]) == {"s"}
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps({"prompt": "Classify: red", "chosen": "colors", "rejected": "animals"}) + "\n")
-    assert evaluate.eval_run(result.out_dir, data_file=str(prefs), log=logs.append)["task"]["n"] == 1
+    assert cli.eval_run(result.out_dir, data_file=str(prefs), log=logs.append)["task"]["n"] == 1
     prefs.write_text(json.dumps({"prompt": "Classify: red", "chosen": "colors"}) + "\n")
     with pytest.raises(DataError, match="missing column 'rejected'"):
-        evaluate.eval_run(result.out_dir, data_file=str(prefs), log=logs.append)
+        cli.eval_run(result.out_dir, data_file=str(prefs), log=logs.append)
 
 
 def test_method_runs_say_why_there_is_no_held_out_loss():
-    from fastft import train
+    from fastft import summary
     from fastft.data import DataBundle
 
     held = DataBundle(train=None, eval=None, eval_pairs=[([{"role": "user", "content": "q"}], "a")] * 30,
                       data_hash="x", stats={})
-    assert train._fmt_scores({}, held, "dpo") == ("no held-out dpo loss (the held-out rows are not preference "
-                                                  "pairs); its 30 held-out prompts are evaluated after training")
-    assert "grpo has no loss on fixed answers" in train._fmt_scores({}, held, "grpo")
-    assert train._fmt_scores({}, None, "sft").startswith("no held-out data")
+    assert summary.fmt_scores({}, held, "dpo") == ("no held-out dpo loss (the held-out rows are not preference "
+                                                    "pairs); its 30 held-out prompts are evaluated after training")
+    assert "grpo has no loss on fixed answers" in summary.fmt_scores({}, held, "grpo")
+    assert summary.fmt_scores({}, None, "sft").startswith("no held-out data")
 
 
 @pytest.mark.slow
@@ -325,7 +327,7 @@ def test_grpo_starts_from_the_previous_runs_adapter_and_records_its_reward(dpo_r
                          eval={"max_examples": 2, "max_new_tokens": 4})
     r = recipe.from_dict(d)
     # start_from puts the DPO run's weights into the fresh adapter
-    from fastft import backends
+    from fastft.models import backends
 
     model, _, _ = backends.load(r)
     methods.start_from(model, r, log=lambda m: None)

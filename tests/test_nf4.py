@@ -14,7 +14,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
 
-from fastft.kernels import nf4
+from fastft.kernels import nf4, nf4_format
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 CUDA = torch.cuda.is_available()
@@ -57,7 +57,7 @@ def test_formats_match_bitsandbytes(quant_type, nested, dtype):
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
-@pytest.mark.parametrize("blocksize", nf4.BLOCKSIZES)
+@pytest.mark.parametrize("blocksize", nf4_format.BLOCKSIZES)
 def test_every_blocksize_matches_bitsandbytes(blocksize, nested):
     # 3 x 4099: every blocksize has a partial last block; >= 2048 takes bnb's torch fallback on CPU
     check((3, 4099), torch.bfloat16, "nf4", blocksize, nested)
@@ -123,7 +123,7 @@ def test_blocks_straddling_rows_follow_the_flat_layout():
     for nested in (False, True):
         packed, qs = quantize((40, 96), torch.float32, "nf4", 64, nested)
         absmax = (F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if nested else qs.absmax
-        expected = default_ops._dequantize_4bit_compute(packed.reshape(-1), absmax, nf4._table("nf4", "cpu"),
+        expected = default_ops._dequantize_4bit_compute(packed.reshape(-1), absmax, nf4_format._table("nf4", "cpu"),
                                                         64, qs.shape, torch.float32)
         assert_bit_exact(nf4.dequantize_nf4(packed, qs), expected, f"40x96 nested={nested}")
         assert_bit_exact(nf4.dequantize_nf4_reference(packed, qs), expected, f"reference 40x96 nested={nested}")

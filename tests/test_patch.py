@@ -1,4 +1,4 @@
-"""fastft.patch.apply: which LoRA layers get the fused kernel, what is reported, and the modes."""
+"""fastft.models.patch.apply: which LoRA layers get the fused kernel, what is reported, and the modes."""
 import importlib.util
 import types
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from support import assert_close, tiny_recipe_dict
 
-from fastft import patch
+from fastft.models import patch
+from fastft.models.compile_regime import compile_regime
 
 
 def _peft_model(use_dora=False, **config):
@@ -122,23 +123,23 @@ def test_compile_regime_is_reported_with_its_reason(monkeypatch):
     for layer in layers:  # what Unsloth's loader leaves on each decoder layer
         layer.__dict__["_unsloth_forced_float32"] = False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "only on a CUDA device" in patch.compile_regime(model)["why"]
+    assert "only on a CUDA device" in compile_regime(model)["why"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", "1")
-    assert patch.compile_regime(model) == {"regime": "eager", "why": "Unsloth's block compile switched off by "
-                                           "UNSLOTH_COMPILE_DISABLE=1"}
+    assert compile_regime(model) == {"regime": "eager", "why": "Unsloth's block compile switched off by "
+                                     "UNSLOTH_COMPILE_DISABLE=1"}
     monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE")
     monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
-    assert "2.10.0 < 2.11" in patch.compile_regime(model)["why"]
+    assert "2.10.0 < 2.11" in compile_regime(model)["why"]
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu128")
-    assert "uncompiled" in patch.compile_regime(model)["why"]
+    assert "uncompiled" in compile_regime(model)["why"]
 
     def forward(self, x):  # Unsloth's wrap: the class forward replaced and marked
         return x
 
     forward._unsloth_block_compiled = True
     monkeypatch.setattr(_DecoderLayer, "forward", forward)
-    regime = patch.compile_regime(model)
+    regime = compile_regime(model)
     assert regime == {"regime": "compiled blocks", "why": "Unsloth wrapped the forward of _DecoderLayer in "
                       "torch.compile (torch 2.11.0 with CUDA); every LoRA path in a block runs traced"}
 
@@ -166,7 +167,8 @@ def test_unsloth_fused_paths_run_fastft_fused_ops(tmp_path):
     apply(model, "fastft") must put fastft's fused ops in all of them, giving PEFT's results."""
     from unsloth.kernels import fast_lora
 
-    from fastft import backends, recipe
+    from fastft import recipe
+    from fastft.models import backends
 
     r = recipe.from_dict(tiny_recipe_dict(tmp_path, backend="unsloth"))
     model, _, info = backends.load(r)
@@ -233,7 +235,8 @@ def test_auto_waits_for_the_gpu_suite_before_choosing_fastft(monkeypatch):
     import torch
     from support import tiny_recipe_dict
 
-    from fastft import backends, patch, recipe
+    from fastft import recipe
+    from fastft.models import backends, patch
 
     model, _, _ = backends.load(recipe.from_dict(tiny_recipe_dict("unused")))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -301,7 +304,7 @@ def _layers_model(base="16bit", rank_pattern=None, dropout=0.0, n_layers=2):
                               compress_statistics=True)
         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True).to("cpu")  # quantizes (CPU tensors throughout)
-        q.support_avx512bf16_for_cpu = False  # as fastft.backends sets it: the training layout
+        q.support_avx512bf16_for_cpu = False  # as fastft.models.backends sets it: the training layout
         return q
 
     root = torch.nn.Module()
@@ -351,7 +354,7 @@ def test_fastft_ops_take_unsloths_fused_slots_and_match_peft(base):
     _unsloth_forward included); their outputs and the gradients of x and of every lora_A / lora_B
     equal PEFT's per-projection layers'; `unsloth` mode gives Unsloth's functions back and `none` the
     per-projection paths."""
-    from fastft.kernels import fused
+    from fastft.kernels import fused, fused_mlp
 
     model, layers = _layers_model(base)
     attn, mlp, tiled = layers[0].self_attn, layers[0].mlp, layers[1].mlp
@@ -374,17 +377,18 @@ def test_fastft_ops_take_unsloths_fused_slots_and_match_peft(base):
     assert report.to_dict()["unsloth_fused"]["qkv"] == 2
 
     calls = []  # the fused ops run, not the per-projection layers behind them
-    real = {name: getattr(fused, name) for name in ("lora_qkv", "lora_mlp_swiglu")}
+    owner = {"lora_qkv": fused, "lora_mlp_swiglu": fused_mlp}
+    real = {name: getattr(owner[name], name) for name in ("lora_qkv", "lora_mlp_swiglu")}
     try:
         for name, fn in real.items():
-            setattr(fused, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+            setattr(owner[name], name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
         _same(_run(attn, lambda t: attn.apply_qkv(attn, t), x, dqkv), want_qkv, f"QKV slot {base}")
         _same(_run(mlp, mlp, x, [dy]), want_mlp, f"MLP slot {base}")
         inner = tiled._unsloth_forward.__get__(tiled, type(tiled))  # as unsloth_zoo's TiledMLP calls it
         _same(_run(tiled, inner, x, [dy]), want_tiled, f"tiled MLP slot {base}")
     finally:
         for name, fn in real.items():
-            setattr(fused, name, fn)
+            setattr(owner[name], name, fn)
     assert calls == ["lora_qkv", "lora_mlp_swiglu", "lora_mlp_swiglu"]
     with torch.no_grad():
         assert_close(attn.apply_o(attn, x), attn.o_proj(x), atol=0, rtol=0, what="O slot")
@@ -402,7 +406,8 @@ def test_fastft_ops_take_unsloths_fused_slots_and_match_peft(base):
 def test_slots_on_the_tiny_llama(tmp_path):
     """The real module tree (transformers' Llama through fastft's hf backend, NF4 bases): every slot of
     every layer gets fastft's op (installation only; the numbers are checked above)."""
-    from fastft import backends, recipe
+    from fastft import recipe
+    from fastft.models import backends
 
     model, _, _ = backends.load(recipe.from_dict(tiny_recipe_dict(tmp_path)))
     layers = model.base_model.model.model.layers

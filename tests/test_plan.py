@@ -1,4 +1,4 @@
-"""The VRAM planner (fastft/plan.py): exact parameter counts, every term by hand for one small
+"""The VRAM planner (fastft/models/plan.py): exact parameter counts, every term by hand for one small
 config, the activation terms against peaks measured on CPU, every shipped recipe planned, the CLI."""
 import json
 import re
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from support import ROOT
-from fastft import cli, plan, recipe
+from fastft import cli, recipe
+from fastft.models import plan, shapes, vram
 from fastft.hardware import GiB
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -23,14 +24,25 @@ TINY_CONFIG = ROOT / "fastft" / "assets" / "tiny-llama" / "config.json"
     ("unsloth/Meta-Llama-3.1-8B-bnb-4bit", 8_030_261_248),
     ("meta-llama/Llama-3.2-1B", 1_235_814_400),
     ("unsloth/Llama-3.2-3B-Instruct-bnb-4bit", 3_212_749_824),
+    ("Qwen/Qwen3-4B", 4_022_468_096),
+    ("unsloth/Qwen3-8B-unsloth-bnb-4bit", 8_190_735_360),
+    ("Qwen/Qwen3-14B", 14_768_307_200),
+    ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),
+    ("mistralai/Mistral-7B-v0.3", 7_248_023_552),
+    ("google/gemma-3-270m", 268_098_176),
+    ("google/gemma-3-1b-it", 999_885_952),
+    ("microsoft/Phi-3-mini-4k-instruct", 3_821_079_552),
+    ("microsoft/phi-4", 14_659_507_200),
+    ("Qwen/Qwen3-30B-A3B", 30_532_122_624),
+    ("openai/gpt-oss-20b", 20_914_757_184),
 ])
 def test_parameter_counts_match_the_real_models(name, total):
-    config, _ = plan.find_config(name)
-    assert plan.shapes(config).total_params == total
+    config, _ = shapes.find_config(name)
+    assert shapes.shapes(config).total_params == total
 
 
 def test_llama3_8b_parts_by_hand():
-    sh = plan.shapes(plan.find_config("unsloth/llama-3-8b-bnb-4bit")[0])
+    sh = shapes.shapes(shapes.find_config("unsloth/llama-3-8b-bnb-4bit")[0])
     H, I, kv, V, L = 4096, 14336, 1024, 128256, 32
     per_layer = H * H + 2 * H * kv + H * H + 3 * H * I  # q, k, v, o, gate, up, down
     assert sum(i * o for _, i, o in sh.linears) == L * per_layer == 6_979_321_856
@@ -44,8 +56,41 @@ def test_llama3_8b_parts_by_hand():
     assert p.lora_params == L * 16 * ((H + H) * 2 + (H + kv) * 2 + (H + I) * 3) == 41_943_040
 
 
+def test_qwen_norms_and_biases_are_16_bit_parts():
+    """Qwen3's per-head q/k norms and Qwen2.5's q/k/v biases stay 16-bit: counted one tensor each."""
+    q3 = shapes.shapes(shapes.find_config("Qwen/Qwen3-8B")[0])
+    L, H, hd = 36, 4096, 128
+    assert q3.norm_params == (2 * L + 1) * H + 2 * L * hd and sum(q3.small16) == q3.norm_params
+    q25 = shapes.shapes(shapes.find_config("Qwen/Qwen2.5-7B")[0])
+    L, H, kv = 28, 3584, 512
+    assert sum(q25.small16) - q25.norm_params == L * (H + 2 * kv)  # the q, k and v biases
+    r = recipe.from_dict({"model": {"name": "Qwen/Qwen2.5-7B"}, "data": {"train": "d.jsonl"}, "output": {"dir": "o"}})
+    p = plan.plan(r, "rtx4090", search=False)
+    parts = next(t for t in p.static if t.name.startswith("embeddings"))
+    assert parts.name == "embeddings, LM head, norms, biases"
+    assert f"{q25.embed_params + q25.lm_head_params + sum(q25.small16):,} params" in parts.note
+
+
+def test_moe_experts_are_16_bit_and_active_params_are_the_top_k():
+    """Qwen3-30B-A3B: 128 experts, 8 a token. The 3-D expert tensors and the routers are not
+    nn.Linear, so 4-bit loading leaves them 16-bit; the plan counts them and says so."""
+    sh = shapes.shapes(shapes.find_config("Qwen/Qwen3-30B-A3B")[0])
+    L, H, E, w = 48, 2048, 128, 768
+    assert sh.expert_params == L * E * 3 * H * w and (sh.experts, sh.experts_per_token) == (E, 8)
+    assert sum(sh.dense16) == sh.expert_params + L * E * H  # + the routers
+    assert sh.active_params == sh.total_params - sh.expert_params * (E - 8) // E == 3_353_032_704
+    assert len(sh.linears) == 4 * L and sh.intermediate == 8 * w
+    r = recipe.from_dict({"model": {"name": "Qwen/Qwen3-30B-A3B"}, "data": {"train": "d.jsonl"},
+                          "output": {"dir": "o"}})
+    p = plan.plan(r, "a100-80", search=False)
+    dense = next(t for t in p.static if t.name == "weights left 16-bit (not nn.Linear)")
+    assert dense.bytes == sum(vram.block_bytes(x * 2) for x in sh.dense16) and "MoE experts" in dense.note
+    assert any("3,353,032,704 active per token" in n for n in p.notes)
+    assert p.fits and not plan.plan(r, "rtx4090", search=False).fits
+
+
 def test_tied_embeddings_counted_once():
-    sh = plan.shapes(plan.find_config("meta-llama/Llama-3.2-1B")[0])
+    sh = shapes.shapes(shapes.find_config("meta-llama/Llama-3.2-1B")[0])
     assert sh.tied and sh.lm_head_params == 0
 
 
@@ -176,7 +221,7 @@ def _profiled_peak(fn) -> int:
 @pytest.fixture(scope="module")
 def tiny_qlora(fastft_cache):
     """The tiny model through fastft's hf backend, with and without gradient checkpointing."""
-    from fastft import backends
+    from fastft.models import backends
     from trl.trainer.utils import add_fused_lm_head
 
     def recipe_for(gc: bool):
@@ -233,7 +278,7 @@ def test_layer_activations_measured_exactly_on_cpu(tiny_qlora):
         return sum(store.values())
 
     four, three = saved_bytes(4), saved_bytes(3)
-    A = plan.layer_activation_bytes(p.shapes, "hf", 4, 4, 8, False)
+    A = vram.layer_activation_bytes(p.shapes, "hf", 4, 4, 8, False)
     assert four - three == A * 256 == 19_704 * 256
     print(f"saved for backward: measured {four:,}, planned {p.train[0].bytes:,.0f}")
     assert p.train[0].bytes == four  # 4 layers + RoPE tables, nothing else
@@ -268,6 +313,12 @@ def test_peaks_match_measured_on_cpu(tiny_qlora, gc):
 
 # --- every shipped recipe plans; the headers' planned peaks are the planner's ----------------------
 
+# the recipes for full-size models (a GPU to run them) and their models' exact parameter counts
+GPU_RECIPE_PARAMS = {"llama3-70b-": 70_553_706_496, "llama3-": 8_030_261_248, "qwen3-8b-": 8_190_735_360,
+                     "qwen3-30b-a3b-": 30_532_122_624, "mistral-7b-v0.3-": 7_248_023_552}
+GPU_RECIPES = ("llama3-", "qwen3-", "mistral-")
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_recipe_plans(path):
     text = path.read_text()
@@ -277,11 +328,11 @@ def test_every_recipe_plans(path):
     assert p.fits, plan.format_plan(p)
     stated = re.search(r"Peak VRAM(?: per rank)?, planned by `fastft plan (?:--gpus \d+ --strategy \S+ )?--target "
                        r"(\S+)` \(not measured yet\): ([0-9.]+) GiB", text)
-    if path.name.startswith("llama3-"):
+    if path.name.startswith(GPU_RECIPES):
         assert stated, f"{path.name}: the header must state its planned peak"
         assert stated.group(1) == target and float(stated.group(2)) == round(p.total_bytes / GiB, 2), (
             f"{path.name}: header says {stated.group(2)} GiB, the planner says {p.total_bytes / GiB:.2f}")
-        assert p.shapes.total_params == (70_553_706_496 if "-70b-" in path.name else 8_030_261_248)
+        assert p.shapes.total_params == next(n for k, n in GPU_RECIPE_PARAMS.items() if path.name.startswith(k))
 
 
 def test_long_context_recipe_is_near_the_longest_that_fits():
@@ -334,10 +385,10 @@ def test_local_path_relative_to_the_recipe(tmp_path):
     assert p.shapes.hidden == 256 and Path(p.config_source) == tmp_path / "models" / "mine" / "config.json"
 
 
-def test_readme_lists_every_llama3_recipe_with_its_planned_peak():
+def test_readme_lists_every_gpu_recipe_with_its_planned_peak():
     readme = (ROOT / "README.md").read_text()
     for path in RECIPES:
-        if not path.name.startswith("llama3-"):
+        if not path.name.startswith(GPU_RECIPES):
             continue
         stated = re.search(r"\(not measured yet\): ([0-9.]+) GiB", path.read_text()).group(1)
         row = next((line for line in readme.splitlines() if line.startswith(f"| `recipes/{path.name}`")), None)
@@ -349,12 +400,13 @@ def test_eval_batch_size_reaches_the_trainer(tmp_path, eval_batch_size, expected
     """train.eval_batch_size (the long-context recipe sets 1) is what the trainer evaluates with."""
     from types import SimpleNamespace
 
-    from fastft import train
+    from fastft import trainer
+    from fastft.world import World
 
     r = recipe.from_dict({"model": {"name": "fastft-tiny"}, "data": {"train": "d.jsonl"}, "output": {"dir": "o"},
                           "train": {"batch_size": 2, "eval_every": 5, "eval_batch_size": eval_batch_size}})
     info = SimpleNamespace(device="cpu", dtype="float32")
-    config = train._sft_config(r, tmp_path, info, "adamw_torch", True, train.World(), (2, 4))
+    config = trainer.sft_config(r, tmp_path, info, "adamw_torch", True, World(), (2, 4))
     assert config.per_device_eval_batch_size == expected
     assert plan.plan(r, "rtx4090", search=False).eval[0].note.startswith(f"batch {expected} x")
 
@@ -393,7 +445,7 @@ def test_fsdp_plan_shards_by_hand():
 
 
 def test_llama3_70b_at_2048_on_2_and_4_rtx4090():
-    """The issue's question: Llama-3-70B QLoRA, seq 2048, RTX 4090s. Two fit only with the shards
+    """The 70B-on-consumer-cards case: Llama-3-70B QLoRA, seq 2048, RTX 4090s. Two fit only with the shards
     and the optimizer step offloaded to host RAM (the recipe's setting); four fit without."""
     fits = {}
     for n, offload in ((2, False), (2, True), (4, False)):

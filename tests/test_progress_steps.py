@@ -6,7 +6,7 @@ import contextlib
 import pytest
 
 from fastft import evaluate, generate, progress
-from fastft.recipe import EvalConfig
+from fastft.schema import EvalConfig
 
 
 class _Tokenizer:

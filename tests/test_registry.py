@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fastft import registry
+from fastft import registry, registry_meta
 from fastft.registry import DamagedEntryError, Registry, RegistryError
 
 
@@ -47,14 +47,14 @@ def test_push_list_show_diff(tmp_path):
     # content addressing: the tokenizer file both versions share is stored once
     objects = [p for p in (tmp_path / "reg" / "objects").rglob("*") if p.is_file()]
     assert len(objects) == 4 + 1 + 1  # v1: 4 files; v2: new weights + new fastft.json
-    listing = registry.format_list(reg)
+    listing = registry_meta.format_list(reg)
     assert "bot@v1" in listing and "bot@v2" in listing and "0.4000" in listing
-    shown = registry.format_show(reg, reg.get("bot"))  # NAME = the newest
+    shown = registry_meta.format_show(reg, reg.get("bot"))  # NAME = the newest
     assert shown.startswith("bot@v2") and "all match their sha256" in shown and "sha256:w" in shown
-    d = registry.diff(reg.get("bot@v1"), reg.get("bot@v2"))
+    d = registry_meta.diff(reg.get("bot@v1"), reg.get("bot@v2"))
     assert d["hyperparameters"] == {"train.lr": (3e-3, 1e-3)}  # output.dir differs too, and is left out
     assert d["metrics"] == {"after.eval_loss": (0.5, 0.4)}
-    assert "train.lr" in registry.format_diff(reg.get("bot@v1"), reg.get("bot@v2"), d)
+    assert "train.lr" in registry_meta.format_diff(reg.get("bot@v1"), reg.get("bot@v2"), d)
     with pytest.raises(RegistryError, match="bot@v3 does not exist"):
         reg.get("bot@v3")
     with pytest.raises(RegistryError, match="no adapter named 'nope'.*it has: bot"):
@@ -147,7 +147,7 @@ def test_tampered_files_are_reported_never_loaded(tmp_path):
     with pytest.raises(DamagedEntryError, match=r"bot@v1 .* is damaged and will not be loaded: "
                                                 r"adapter/adapter_model.safetensors"):
         registry.resolve_ref("bot@v1", tmp_path / "reg")
-    assert "DAMAGED" in registry.format_show(reg, reg.get("bot@v1"))
+    assert "DAMAGED" in registry_meta.format_show(reg, reg.get("bot@v1"))
     with pytest.raises(DamagedEntryError):
         reg.promote("bot@v1", "production")
     obj.unlink()

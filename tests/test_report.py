@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastft import cli, registry, report
+from fastft import cli, registry, registry_meta, report
 
 
 def fabricate_run(path: Path, lr: float = 3e-3, shift: float = 0.0, status: str = "rejected") -> Path:
@@ -211,7 +211,7 @@ def test_registry_push_stores_the_report_and_show_names_it(tmp_path):
     reg = registry.Registry(tmp_path / "reg")
     e = reg.push(run, "demo")
     assert "report.html" in e.manifest and "report.md" in e.manifest
-    shown = registry.format_show(reg, reg.get("demo@v1"))
+    shown = registry_meta.format_show(reg, reg.get("demo@v1"))
     stored = reg._object(e.manifest["report.html"])
     assert f"report       report.html: {stored}" in shown
     assert stored.read_text() == (run / "report.html").read_text()

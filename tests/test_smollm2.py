@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from fastft import smollm2
+from fastft.models import smollm2
 
 REGRESSION = Path(smollm2.__file__).parent / "assets" / "regression" / "smollm2-135m-instruct.jsonl"
 
 
 @pytest.fixture(scope="module")
 def smollm2_path(download_cache, fastft_cache):
-    from fastft import models
+    from fastft.models import named
 
-    return Path(models.resolve("smollm2-135m-instruct"))
+    return Path(named.resolve("smollm2-135m-instruct"))
 
 
 def test_download_failure_names_the_command_and_the_fix(tmp_path, monkeypatch):
@@ -48,13 +48,13 @@ def test_local_gguf_that_does_not_exist(tmp_path, monkeypatch):
 def test_converted_checkpoint(smollm2_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastft import models
+    from fastft.models import named
 
     record = json.loads((smollm2_path / smollm2.MARKER).read_text())
     assert record["gguf_sha256"] == smollm2.GGUF_SHA256
     assert record["weights_sha256"] == smollm2.sha256_file(smollm2_path / "model.safetensors")
     print("conversion timings (s):", record["timings_s"])
-    assert models.resolve("smollm2-135m-instruct") == str(smollm2_path)  # cached: no second conversion
+    assert named.resolve("smollm2-135m-instruct") == str(smollm2_path)  # cached: no second conversion
     cfg = AutoConfig.from_pretrained(smollm2_path)
     assert getattr(cfg, "quantization_config", None) is None  # a plain checkpoint, not a GGUF one
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)

@@ -200,7 +200,7 @@ def test_best_adapter_callback_restores_the_best_weights(tmp_path):
     import torch
     from types import SimpleNamespace
 
-    from fastft import backends
+    from fastft.models import backends
 
     model, _, _ = backends.load(recipe.from_dict(tiny_recipe_dict(tmp_path)))
     from fastft import callbacks  # after the backend: it imports transformers

@@ -19,7 +19,8 @@ pytestmark = [
 def test_auto_picks_unsloth_only_with_cuda():
     import torch
 
-    from fastft import backends, recipe
+    from fastft import recipe
+    from fastft.models import backends
 
     r = recipe.from_dict(tiny_recipe_dict("x"))
     name, why = backends.choose(r)
@@ -63,3 +64,31 @@ def test_unsloth_backend_trains_and_saves_a_plain_peft_adapter(tmp_path):
         got = reloaded(**batch).logits
         expected = result.model.train()(**batch).logits
     assert_close(got, expected, atol=1e-4, rtol=1e-4, what="logits (plain PEFT reload vs unsloth in memory)")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "mistral", "gemma3_text", "phi3", "qwen3_moe", "gpt_oss"])
+def test_unsloth_backend_trains_each_family_and_fastft_takes_its_lora_layers(family, tmp_path):
+    """Each family's tiny random checkpoint through Unsloth's loader: it trains, evaluates and saves
+    its adapter; with kernels: fastft (the interpreter on CPU) the fused path takes every LoRA layer
+    of the dense families. On CPU Unsloth runs the stock modules; its fused slots need a GPU."""
+    import re
+
+    from test_families import build_checkpoint
+
+    from fastft import recipe, train
+
+    base = build_checkpoint(family, tmp_path / family)
+    logs = []
+    r = recipe.from_dict(tiny_recipe_dict(tmp_path / "out", backend="unsloth", kernels="fastft",
+                                          model={"name": str(base), "dtype": "float32"},
+                                          data={"max_examples": 32, "eval_fraction": 0.2},
+                                          train={"max_steps": 2, "batch_size": 4}, eval={"max_new_tokens": 2}))
+    result = train.run(r, log=logs.append)
+    assert result.info["backend"]["name"] == "unsloth" and result.info["metrics"]["steps"] == 2
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file() and result.info["eval"]
+    kernels = [m for m in logs if "fastft fused LoRA on" in m]
+    if family == "qwen3_moe":  # the attention's 8; the experts (and routers, where LoRA'd) stay on PEFT's path
+        assert any(re.search(r"fused LoRA on 8 of \d+ LoRA layers", m) and "Qwen3MoeExperts is not nn.Linear" in m
+                   for m in kernels), kernels
+    else:
+        assert any(re.search(r"fastft fused LoRA on (\d+) of \1 LoRA layers", m) for m in kernels), kernels

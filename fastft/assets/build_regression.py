@@ -6,7 +6,7 @@
 Each candidate below is a short general-knowledge question with a one- or two-word reference
 answer (capitals, science, nature, everyday knowledge, language). The script asks the base model
 every candidate the way ``fastft eval`` does (chat template, greedy, batched) and keeps the ones
-whose answer contains the reference as whole words (``evaluate.contains``) in *both* ways the demo
+whose answer contains the reference as whole words (``metrics.contains``) in *both* ways the demo
 may load the model: the 4-bit NF4 base (QLoRA) and the 16-bit base (fp32 on CPU). So on the
 shipped set the base scores 100% either way, and any item the adapter then misses was forgotten.
 
@@ -141,9 +141,10 @@ def _answers(name: str, rows: list[dict], load_in_4bit: bool, batch_size: int) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastft import backends, evaluate, models
+    from fastft import evaluate
+    from fastft.models import backends, named
 
-    path = models.resolve(name, load_in_4bit=load_in_4bit)
+    path = named.resolve(name, load_in_4bit=load_in_4bit)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -157,7 +158,7 @@ def _answers(name: str, rows: list[dict], load_in_4bit: bool, batch_size: int) -
 
 
 def build(name: str, out: Path, batch_size: int = 16, log=print) -> dict:
-    from fastft import evaluate
+    from fastft import metrics
     from fastft.files import atomic_write_text
 
     rows = candidates()
@@ -167,7 +168,7 @@ def build(name: str, out: Path, batch_size: int = 16, log=print) -> dict:
     for load_in_4bit in (True, False):
         mode = "4-bit NF4" if load_in_4bit else "16-bit"
         answers = _answers(name, rows, load_in_4bit, batch_size)
-        hits = [evaluate.contains(a, r["output"]) for a, r in zip(answers, rows)]
+        hits = [metrics.contains(a, r["output"]) for a, r in zip(answers, rows)]
         per_mode[mode] = sum(hits)
         log(f"{mode}: {sum(hits)} of {len(rows)} candidates answered right")
         for i, (h, a) in enumerate(zip(hits, answers)):

@@ -12,7 +12,7 @@ What happens, for one run directory (``options`` checks the request first):
 
 1. **Merge** (``fastft.merge``): the adapter is added into the original 16-bit base in fp32 and
    saved into a temporary folder (fp32 for models up to ``FP32_MERGE_MAX_PARAMS`` parameters,
-   counted by ``fastft.plan.shapes``; bf16 above, to keep the temporary copy at 2 bytes per
+   counted by ``fastft.models.shapes``; bf16 above, to keep the temporary copy at 2 bytes per
    parameter) with the run's tokenizer and chat template.
 2. **Convert** with llama.cpp's own converter, not a rewrite of it (``llamacpp``): f16, bf16 and
    q8_0 come straight out of it; k-quants (q4_k_m, q5_k_m, q6_k, ...) are made from the f16 file by
@@ -71,7 +71,8 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
     returns the report, also written to ``run_dir/export.json`` and fastft.json (unless not ``record``)."""
     from transformers import AutoTokenizer
 
-    from .. import backends, merge, recipe as recipe_mod, rundir
+    from .. import merge, recipe as recipe_mod, rundir
+    from ..info import versions
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
@@ -154,7 +155,7 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
-    report["versions"] = backends.versions()
+    report["versions"] = versions()
     if record:
         _record(run, report)
         from ..report import refresh
@@ -167,13 +168,13 @@ def export(run_dir: str | Path, quants: list[str], out: str | None = None, base:
 def _parameters(arch: dict | None) -> int | None:
     """Parameters of the base, from the architecture fastft.json records (None: not recorded, or not
     a model transformers can build from it)."""
-    from .. import plan
+    from ..models import shapes
 
     config = {k: v for k, v in (arch or {}).items() if k != "class"}
     if "model_type" not in config:
         return None
     try:
-        return plan.shapes(config).total_params
+        return shapes.shapes(config).total_params
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 

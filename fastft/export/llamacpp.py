@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,13 +67,12 @@ def _fetch_sdist() -> Path:
 
 
 def _unpack_converter(dst: Path) -> None:
-    from ..files import install_dir
+    from ..files import building
 
     sdist = _fetch_sdist()
     prefix = f"llama_cpp_python-{CONVERTER_VERSION}/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/")
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".", dir=dst.parent))
-    try:
+    with building(dst, prefix=dst.name + ".") as tmp:
         n = 0
         with tarfile.open(sdist) as tar:
             for m in tar:
@@ -92,10 +90,6 @@ def _unpack_converter(dst: Path) -> None:
                 "version": CONVERTER_VERSION, "sdist_sha256": CONVERTER_SDIST_SHA256, "files": n,
                 "unpacked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / CONVERTER_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        install_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def converter_error(log_text: str, rc: int, log_path: Path, conv: dict, model_dir: Path) -> ExportError:

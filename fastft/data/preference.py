@@ -1,11 +1,11 @@
 """Datasets for the methods past SFT: preference pairs (dpo, orpo) and prompts with references (grpo).
 
-    from fastft import data_preference
-    md = data_preference.build(recipe, tokenizer)
+    from fastft.data import preference
+    md = preference.build(recipe, tokenizer)
     md.train[0]            # dpo/orpo: {"prompt": [messages], "chosen": [assistant turn], "rejected": [...]}
                            # grpo:     {"prompt": [messages], "reference": "...", "slice": ...}
     md.held_out            # a fastft.data.DataBundle for the evaluation at the end (prompt + reference rows)
-    data_preference.eval_file(recipe, tokenizer, "held.jsonl")   # fastft eval RUN --data FILE: the same, from a file
+    preference.eval_file(recipe, tokenizer, "held.jsonl")   # fastft eval RUN --data FILE: the same, from a file
 
 ``data.format: preference`` rows (.jsonl/.json/.csv/.parquet, read by ``fastft.data.read_rows``):
 - ``prompt``: text (one user turn) or a list of ``{role, content}`` messages ending with a user turn;
@@ -22,12 +22,14 @@ evaluated the same way, and only preference rows add a held-out DPO / ORPO loss.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import data
-from .data import DataError
+from .bundle import DataBundle, DataError
+from .formats import to_messages
+from .per_example import content_hash, tokenize
+from .sources import read_rows
+from .split import held_out_split
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -65,7 +67,7 @@ def _answer(value, col: str, where: str) -> str:
 
 def _prompt(value, where: str) -> list[dict]:
     """The prompt as messages: text (one user turn) or a list of messages ending with a user turn,
-    each message checked as ``data.to_messages`` checks a messages row."""
+    each message checked as ``to_messages`` checks a messages row."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: empty 'prompt'")
@@ -75,7 +77,7 @@ def _prompt(value, where: str) -> list[dict]:
                         f"got {type(value).__name__}")
     # to_messages wants a conversation with an answer: check the prompt as one, then drop the answer
     answered = value + [{"role": "assistant", "content": ""}]
-    msgs = data.to_messages({"messages": answered}, "messages", f"{where} (prompt)")[:-1]
+    msgs = to_messages({"messages": answered}, "messages", f"{where} (prompt)")[:-1]
     if msgs[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt's last message must be the user's (the answers follow it), "
                         f"got {msgs[-1]['role']!r}")
@@ -103,7 +105,7 @@ def reference_row(row: dict, fmt: str, where: str, text_field: str = "text") -> 
     if fmt == "alpaca" and (row.get("output") is None or (isinstance(row["output"], str) and not row["output"].strip())):
         raise DataError(f"{where}: no reference answer ('output' is missing or empty): train.method grpo scores "
                         "sampled answers against each row's reference; give every row an output")
-    msgs = data.to_messages(row, fmt, where, text_field)
+    msgs = to_messages(row, fmt, where, text_field)
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's reference answer: train.method grpo "
                         "scores sampled answers against it")
@@ -139,7 +141,7 @@ def _or_skipped(make, skipped: list[str] | None):
 
 def read(d, method: str, source: str, what: str, skipped: list[str] | None) -> list[dict]:
     """Every row of ``source`` as an example for ``method``; bad rows raise (or go to ``skipped``)."""
-    rows = data.read_rows(source, d.split, skipped)
+    rows = read_rows(source, d.split, skipped)
     if d.max_examples and what == "data.train":
         rows = rows[: d.max_examples]
     made = (_or_skipped(lambda: _example(r, method, d, what, f"{source} row {i}"), skipped)
@@ -151,18 +153,6 @@ def read(d, method: str, source: str, what: str, skipped: list[str] | None) -> l
     return out
 
 
-def held_out_split(n: int, fraction: float, seed: int, source: str) -> list[int]:
-    """The indices held out of ``n`` training rows for ``data.eval_fraction`` (SFT's rule: a seeded
-    shuffle, at least one row, at least one left to train on)."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(n * fraction))
-    if n_eval >= n:
-        raise DataError(f"{source}: {n} rows leave none for training after holding out "
-                        f"data.eval_fraction={fraction}; add rows or lower the fraction")
-    return order[:n_eval]
-
-
 def _held_out(method: str, eval_ex: list[dict], tokenizer, max_len: int, data_hash: str, stats: dict):
     """The held-out examples as a fastft.data.DataBundle for fastft.evaluate: (prompt, reference)
     pairs, their slices, and tokenized rows (the reference as the labelled answer) for the loss."""
@@ -171,9 +161,9 @@ def _held_out(method: str, eval_ex: list[dict], tokenizer, max_len: int, data_ha
     pairs = [(ex["prompt"], ex["reference"] if method == "grpo" else ex["chosen"][0]["content"]) for ex in eval_ex]
     rows = []
     for i, (prompt, answer) in enumerate(pairs, 1):
-        t = data.tokenize(prompt + [{"role": "assistant", "content": answer}], tokenizer, True, f"eval example {i}")
+        t = tokenize(prompt + [{"role": "assistant", "content": answer}], tokenizer, True, f"eval example {i}")
         rows.append({k: v[:max_len] for k, v in t.items()})
-    return data.DataBundle(train=None, eval=datasets.Dataset.from_list(rows) if rows else None, eval_pairs=pairs,
+    return DataBundle(train=None, eval=datasets.Dataset.from_list(rows) if rows else None, eval_pairs=pairs,
                            data_hash=data_hash, stats=stats, eval_slices=[ex["slice"] for ex in eval_ex])
 
 
@@ -182,7 +172,7 @@ def eval_file(recipe, tokenizer, source: str):
     (prompt vs chosen) or the task's alpaca / messages rows (prompt vs reference), as a DataBundle."""
     method = "grpo" if recipe.train.method == "grpo" else "dpo"
     examples = read(recipe.data, method, source, "data.eval", None)
-    return _held_out(method, examples, tokenizer, recipe.model.max_seq_length, data.content_hash(examples),
+    return _held_out(method, examples, tokenizer, recipe.model.max_seq_length, content_hash(examples),
                      {"eval_examples": len(examples), "source": source})
 
 
@@ -192,15 +182,14 @@ def build(recipe, tokenizer, log=print) -> MethodData:
 
     d, method = recipe.data, recipe.train.method
     if method not in ("dpo", "orpo", "grpo"):
-        raise ValueError(f"data_preference.build is for dpo / orpo / grpo, not {method}")
+        raise ValueError(f"fastft.data.preference.build is for dpo / orpo / grpo, not {method}")
     skipped: list[str] | None = [] if d.skip_bad_rows else None
     examples = read(d, method, d.train, "data.train", skipped)
     if d.eval:
         train_ex, eval_ex = examples, read(d, method, d.eval, "data.eval", skipped)
     elif d.eval_fraction > 0:
-        held = held_out_split(len(examples), d.eval_fraction, recipe.train.seed, d.train)
-        eval_ex, kept = [examples[i] for i in held], set(range(len(examples))) - set(held)
-        train_ex = [ex for i, ex in enumerate(examples) if i in kept]
+        held, kept = held_out_split(len(examples), d.eval_fraction, recipe.train.seed, d.train)
+        eval_ex, train_ex = [examples[i] for i in held], [examples[i] for i in kept]
     else:
         train_ex, eval_ex = examples, []
     if skipped:
@@ -215,7 +204,7 @@ def build(recipe, tokenizer, log=print) -> MethodData:
              "method": method, "source": d.train, "skipped_rows": len(skipped or [])}
     # (train tokens: counted by the trainer's meter, real tokens per step, in metrics.train)
     held_out = _held_out(method, eval_ex, tokenizer, recipe.model.max_seq_length,
-                         data.content_hash(examples + (eval_ex if d.eval else [])), stats)
+                         content_hash(examples + (eval_ex if d.eval else [])), stats)
     pairs_held_out = [ex for ex in eval_ex if method != "grpo" and ex["rejected"] is not None]
     return MethodData(train=to_ds(train_ex), trl_eval=to_ds(pairs_held_out) if pairs_held_out else None,
                       held_out=held_out, stats=stats)

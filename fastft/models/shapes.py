@@ -1,11 +1,11 @@
 """A model's shapes, counted from its config on PyTorch's ``meta`` device: no weights, no network.
 
-    from fastft import shapes
+    from fastft.models import shapes
     config, where = shapes.find_config("unsloth/llama-3-8b-bnb-4bit")   # a shipped public config
     shapes.shapes(config).total_params                                  # 8030261248
 
 Where a config comes from: a local checkpoint folder's config.json (tried beside the recipe first),
-the embedded ``fastft-tiny``, fastft.models' ``synthetic:<arch>`` names, or ``HUB_CONFIGS``, which
+the embedded ``fastft-tiny``, fastft.models.named's ``synthetic:<arch>`` names, or ``HUB_CONFIGS``, which
 maps the usual hub ids to the public configs shipped in fastft/assets/configs.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FastftError
+from ..errors import FastftError
 
-CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
-TINY_CONFIG = Path(__file__).resolve().parent / "assets" / "tiny-llama" / "config.json"
+CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
+TINY_CONFIG = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama" / "config.json"
 
 # hub id (lower case) -> shipped config; Instruct variants share the base model's shapes
 HUB_CONFIGS: dict[str, str] = {}
@@ -43,6 +43,37 @@ for _cfg, _ids in {
     "llama-3.2-3b": ["meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct",
                      "unsloth/Llama-3.2-3B", "unsloth/Llama-3.2-3B-bnb-4bit",
                      "unsloth/Llama-3.2-3B-Instruct", "unsloth/Llama-3.2-3B-Instruct-bnb-4bit"],
+    # Qwen3 dense (q/k norms, no biases, head_dim 128); the -Base weights share the shapes
+    "qwen3-4b": ["Qwen/Qwen3-4B", "unsloth/Qwen3-4B", "unsloth/Qwen3-4B-bnb-4bit",
+                "unsloth/Qwen3-4B-unsloth-bnb-4bit", "Qwen/Qwen3-4B-Base", "unsloth/Qwen3-4B-Base",
+                "unsloth/Qwen3-4B-Base-bnb-4bit", "unsloth/Qwen3-4B-Base-unsloth-bnb-4bit"],
+    "qwen3-8b": ["Qwen/Qwen3-8B", "unsloth/Qwen3-8B", "unsloth/Qwen3-8B-bnb-4bit",
+                "unsloth/Qwen3-8B-unsloth-bnb-4bit", "Qwen/Qwen3-8B-Base", "unsloth/Qwen3-8B-Base",
+                "unsloth/Qwen3-8B-Base-bnb-4bit", "unsloth/Qwen3-8B-Base-unsloth-bnb-4bit"],
+    "qwen3-14b": ["Qwen/Qwen3-14B", "unsloth/Qwen3-14B", "unsloth/Qwen3-14B-bnb-4bit",
+                 "unsloth/Qwen3-14B-unsloth-bnb-4bit", "Qwen/Qwen3-14B-Base", "unsloth/Qwen3-14B-Base",
+                 "unsloth/Qwen3-14B-Base-bnb-4bit", "unsloth/Qwen3-14B-Base-unsloth-bnb-4bit"],
+    # Qwen2.5 (biases on q, k and v)
+    "qwen2.5-7b": ["Qwen/Qwen2.5-7B", "unsloth/Qwen2.5-7B", "unsloth/Qwen2.5-7B-bnb-4bit",
+                  "Qwen/Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct-bnb-4bit"],
+    # Mistral 7B v0.3 (32768-token vocabulary; no sliding window, unlike v0.1)
+    "mistral-7b-v0.3": ["mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3",
+                       "unsloth/mistral-7b-v0.3", "unsloth/mistral-7b-v0.3-bnb-4bit",
+                       "unsloth/mistral-7b-instruct-v0.3", "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"],
+    # Gemma 3 text-only sizes (GeGLU, head_dim 256, 262k tied vocabulary, local/global attention);
+    # 4B and larger are image-text models whose vision tower the text configs would not count
+    "gemma-3-270m": ["google/gemma-3-270m", "google/gemma-3-270m-it", "unsloth/gemma-3-270m",
+                     "unsloth/gemma-3-270m-it", "unsloth/gemma-3-270m-it-bnb-4bit"],
+    "gemma-3-1b": ["google/gemma-3-1b-pt", "google/gemma-3-1b-it", "unsloth/gemma-3-1b-pt",
+                   "unsloth/gemma-3-1b-it", "unsloth/gemma-3-1b-it-bnb-4bit", "unsloth/gemma-3-1b-it-unsloth-bnb-4bit"],
+    # Phi-3 / Phi-4 (fused qkv_proj and gate_up_proj)
+    "phi-3-mini-4k": ["microsoft/Phi-3-mini-4k-instruct", "unsloth/Phi-3-mini-4k-instruct",
+                      "unsloth/Phi-3-mini-4k-instruct-bnb-4bit"],
+    "phi-4": ["microsoft/phi-4", "unsloth/phi-4", "unsloth/phi-4-bnb-4bit", "unsloth/phi-4-unsloth-bnb-4bit"],
+    # mixtures of experts (3-D expert tensors: 16-bit under 4-bit loading)
+    "qwen3-30b-a3b": ["Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Base", "unsloth/Qwen3-30B-A3B",
+                      "unsloth/Qwen3-30B-A3B-bnb-4bit"],
+    "gpt-oss-20b": ["openai/gpt-oss-20b", "unsloth/gpt-oss-20b", "unsloth/gpt-oss-20b-BF16"],
 }.items():
     for _id in _ids:
         HUB_CONFIGS[_id.lower()] = _cfg
@@ -54,7 +85,7 @@ class PlanError(FastftError, ValueError):
 
 def find_config(name: str, recipe_dir: str | None = None) -> tuple[dict, str]:
     """(config dict, where it came from) for ``model.name``; never touches the network."""
-    arch = name[len("synthetic:"):] if name.startswith("synthetic:") else None  # fastft.models' random-weight models
+    arch = name[len("synthetic:"):] if name.startswith("synthetic:") else None  # fastft.models.named's random-weight models
     if name == "fastft-tiny" or arch == "fastft-tiny":
         return json.loads(TINY_CONFIG.read_text()), f"embedded {TINY_CONFIG.parent.name}"
     if arch is not None:
@@ -101,6 +132,22 @@ class Shapes:
     lm_head_params: int  # 0 when tied to the embeddings
     norm_params: int
     total_params: int
+    # every other 16-bit tensor (never quantized): norm weights (Qwen3's per-head q/k norms
+    # included) and biases (Qwen2's q/k/v), one entry per tensor
+    small16: tuple[int, ...] = ()
+    # the weights that are neither: a MoE's 3-D expert tensors and routers (bitsandbytes quantizes
+    # nn.Linear only, so they stay 16-bit), attention sinks; one entry per tensor
+    dense16: tuple[int, ...] = ()
+    experts: int = 0  # experts per MoE layer (0: a dense model)
+    experts_per_token: int = 0
+    expert_params: int = 0  # of total_params, in the experts
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: a MoE's top-k experts of each layer, not all of them."""
+        if not self.experts:
+            return self.total_params
+        return self.total_params - self.expert_params * (self.experts - self.experts_per_token) // self.experts
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,21 +162,39 @@ def _shapes(config_json: str) -> Shapes:
     lm_head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     tied = lm_head.weight is embed.weight
-    linears, norm = [], 0
+    linears, norm, small16, dense16, expert_params = [], 0, [], [], 0
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m is not lm_head:
+        own = list(m.parameters(recurse=False))
+        if m is lm_head or m is embed or not own:
+            continue
+        if isinstance(m, torch.nn.Linear):
             linears.append((name, m.in_features, m.out_features))
+            if m.bias is not None:
+                small16.append(m.bias.numel())
         elif "norm" in type(m).__name__.lower():
-            norm += sum(p.numel() for p in m.parameters(recurse=False))
+            norm += sum(p.numel() for p in own)
+            small16 += [p.numel() for p in own]
+        else:
+            dense16 += [p.numel() for p in own]
+            if name.rpartition(".")[2] == "experts":
+                expert_params += sum(p.numel() for p in own)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    k = (getattr(config, "num_experts_per_tok", None) or 0) if experts else 0
+    # the MLP width one token's activations see: its top-k experts' (each moe_intermediate_size
+    # wide where the config has one, else intermediate_size)
+    width = k * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size) if experts else None
     attn = model.model.layers[0].self_attn
     head_dim = attn.head_dim
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return Shapes(
-        layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
-        q_dim=attn.q_proj.out_features, kv_dim=attn.k_proj.out_features,
-        heads=attn.q_proj.out_features // head_dim, head_dim=head_dim, vocab=config.vocab_size,
+        layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=width or config.intermediate_size,
+        q_dim=heads * head_dim, kv_dim=kv_heads * head_dim,  # from the config: Phi-3 fuses q, k, v in qkv_proj
+        heads=heads, head_dim=head_dim, vocab=config.vocab_size,
         max_positions=getattr(config, "max_position_embeddings", 0) or 0, tied=tied, linears=tuple(linears),
         embed_params=embed.weight.numel(), lm_head_params=0 if tied else lm_head.weight.numel(),
-        norm_params=norm, total_params=sum(p.numel() for p in model.parameters()),
+        norm_params=norm, total_params=sum(p.numel() for p in model.parameters()), small16=tuple(small16),
+        dense16=tuple(dense16), experts=experts, experts_per_token=k, expert_params=expert_params,
     )
 
 

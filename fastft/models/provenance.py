@@ -11,16 +11,16 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import models
-from .errors import FastftError
-from .files import atomic_write_text, cache_dir, file_sha256
+from .. import info
+from . import named
+from ..errors import FastftError
+from ..files import HASH_CACHE, atomic_write_text, cache_dir, file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-HASH_CACHE = "file-hashes.json"
 
 
 class IncompatibleBaseError(FastftError, RuntimeError):
@@ -94,24 +94,7 @@ def provenance(recipe, backend_info) -> dict:
               "note": f"not fingerprinted: {type(e).__name__}: {e}"}
     fp["load_in_4bit"] = bool(recipe.model.load_in_4bit)
     fp["compute_dtype"] = backend_info.dtype
-    return {"base_model": fp, "source": source_revision()}
-
-
-def source_revision() -> dict:
-    """fastft's git commit (and whether the work tree had changes), or {} outside a checkout."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
-            return {}
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"git_commit": sha, "git_dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {}
+    return {"base_model": fp, "source": info.source_revision()}
 
 
 def base_path_for(run_info: dict, base: str | None = None) -> str:
@@ -120,11 +103,11 @@ def base_path_for(run_info: dict, base: str | None = None) -> str:
     model.name resolved again (a registry entry pulled onto another machine)."""
     load_in_4bit = bool(run_info.get("recipe", {}).get("model", {}).get("load_in_4bit", True))
     if base:
-        return models.resolve(base, load_in_4bit=load_in_4bit)
+        return named.resolve(base, load_in_4bit=load_in_4bit)
     recorded = (run_info.get("base_model") or {}).get("path") or run_info.get("backend", {}).get("model_path")
     if recorded and Path(recorded).is_dir():
         return recorded
-    return models.resolve(run_info["recipe"]["model"]["name"], load_in_4bit=load_in_4bit)
+    return named.resolve(run_info["recipe"]["model"]["name"], load_in_4bit=load_in_4bit)
 
 
 def check_compatible(run_info: dict, base_path: str, force: bool = False,

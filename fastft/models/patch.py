@@ -1,6 +1,6 @@
 """Swap fastft's fused LoRA kernel into a model's LoRA layers (PEFT and Unsloth models).
 
-    from fastft import patch
+    from fastft.models import patch
     report = patch.apply(model, "fastft")   # recipe.kernels: auto | fastft | unsloth | none
     print(report.summary())                 # "kernels fastft: 28 of 28 LoRA layers fused ..."
 
@@ -12,7 +12,7 @@ What each mode does:
   LoRA_W / LoRA_MLP); fastft's fused ops take those slots, with Unsloth's calling convention
   (``self.apply_qkv(self, X)``, ``self.apply_o(self, X)``, ``mlp(X)``): QKV runs
   ``fastft.kernels.fused.lora_qkv`` (one thin product for the three adapters, one dX buffer), the MLP
-  ``fastft.kernels.fused.lora_mlp_swiglu`` (gate/up/SwiGLU/down in one op), O the fused o_proj layer
+  ``fastft.kernels.fused_mlp.lora_mlp_swiglu`` (gate/up/SwiGLU/down in one op), O the fused o_proj layer
   (``lora_linear``). A slot whose projections fastft does not fuse (see ``unsupported_reason``) or a
   GeGLU MLP goes back to per-projection calls, said in the report; at run time a slot falls back to
   the per-projection layers (said once per reason) for lora_dropout > 0 in training, several active
@@ -39,12 +39,15 @@ import logging
 import types
 from dataclasses import dataclass, field
 
+from fastft.models.compile_regime import compile_regime, fused_paths
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "fastft", "unsloth", "none")
-# `auto` picks fastft's kernels on CUDA only once they have passed the GPU suite (bench/gpu.sh:
-# exactness and gradients on a real GPU). Until a session with a GPU has run it and set this to
-# True, `auto` keeps the backend's own path and `kernels: fastft` opts in explicitly.
+# `auto` picks fastft's kernels on CUDA only when this is True: the CPU suite proves their math in the
+# Triton interpreter, not that the compiled kernels are exact, give the right gradients and run
+# faster on a GPU, which is what bench/gpu.sh measures. While it is False, `auto` keeps the
+# backend's own path and `kernels: fastft` opts in explicitly.
 GPU_VERIFIED = False
 _PATCHED = "_fastft_lora_forward"  # instance attribute marking a patched layer
 _SLOTS = "_fastft_unsloth_slots"  # instance attribute: {slot name: Unsloth's function fastft replaced}
@@ -105,7 +108,7 @@ def apply(model, mode: str = "auto", log_fn=None) -> PatchReport:
     import torch
 
     _unpatch_slots(model)  # Unsloth's own functions back in any slot fastft took earlier
-    unsloth_found = _unsloth_fused_modules(model)
+    unsloth_found = fused_paths(model)
     if mode == "auto":
         if not torch.cuda.is_available():
             _unpatch_all(model)
@@ -159,65 +162,12 @@ def _said(report: PatchReport, log_fn, model) -> PatchReport:
     return report
 
 
-# unsloth/models/_block_compile.py marks a decoder layer class's forward it wrapped in torch.compile
-_UNSLOTH_COMPILED = "_unsloth_block_compiled"
-
-
-def _decoder_layers(model) -> list:
-    """The model's decoder layers: the modules of its first ModuleList named ``layers``/``h``/``blocks``."""
-    import torch
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
-            return list(module)
-    return []
-
-
-def compile_regime(model) -> dict:
-    """Whether ``model``'s decoder blocks run under torch.compile, and why. Unsloth decides it when
-    it loads the model (patch_block_compile: torch >= 2.11, a CUDA device, not switched off by its
-    environment variables), by wrapping each decoder layer class's forward; fastft compiles nothing
-    itself, so fastft's and Unsloth's LoRA paths in one model always share the regime. fastft's ops
-    are torch.library custom ops, traced into the block's graph without a break."""
-    import os
-
-    import torch
-
-    layers = _decoder_layers(model)
-    compiled = sorted({type(l).__name__ for l in layers if getattr(type(l).forward, _UNSLOTH_COMPILED, False)})
-    if compiled:
-        return {"regime": "compiled blocks",
-                "why": f"Unsloth wrapped the forward of {', '.join(compiled)} in torch.compile (torch "
-                       f"{torch.__version__.split('+')[0]} with CUDA); every LoRA path in a block runs traced"}
-    inner = getattr(getattr(model, "base_model", None), "model", model)
-    unsloth = bool(_unsloth_fused_modules(model)) or any(
-        k.startswith("_unsloth") for m in (model, inner, *layers[:1]) for k in getattr(m, "__dict__", {}))
-    if not unsloth:
-        return {"regime": "eager", "why": "not an Unsloth model (hf backend): nothing compiles its decoder blocks"}
-    if not torch.cuda.is_available():
-        return {"regime": "eager", "why": "Unsloth compiles decoder blocks only on a CUDA device (its CPU backend "
-                                          "runs them eagerly)"}
-    env = {k: os.environ[k] for k in ("UNSLOTH_BLOCK_COMPILE", "UNSLOTH_COMPILE_DISABLE", "UNSLOTH_FORCE_FLOAT32",
-                                       "UNSLOTH_BLOCK_COMPILE_LEGACY") if k in os.environ}
-    off = [f"{k}={v}" for k, v in env.items()
-           if (k == "UNSLOTH_BLOCK_COMPILE" and v == "0") or (k == "UNSLOTH_COMPILE_DISABLE" and v in ("1", "partial"))
-           or (k == "UNSLOTH_FORCE_FLOAT32" and v == "1") or (k == "UNSLOTH_BLOCK_COMPILE_LEGACY" and v == "0")]
-    if off:
-        return {"regime": "eager", "why": f"Unsloth's block compile switched off by {', '.join(off)}"}
-    from packaging.version import Version
-
-    if Version(torch.__version__.split("+")[0]) < Version("2.11") and env.get("UNSLOTH_BLOCK_COMPILE_LEGACY") != "1":
-        return {"regime": "eager", "why": f"torch {torch.__version__.split('+')[0]} < 2.11: Unsloth does not trace its "
-                                          "fused LoRA functions (TRACE_LORA_FUNCTIONS), so it compiles no blocks"}
-    return {"regime": "eager", "why": "Unsloth left the decoder blocks uncompiled (its log says why)"}
-
-
 def _kernel_location() -> str:
     import torch
 
     if torch.cuda.is_available():
         return "Triton kernels on CUDA"
-    from fastft.kernels.nf4 import interpreted
+    from fastft.kernels.nf4_format import interpreted
 
     if interpreted():
         return "Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)"
@@ -329,26 +279,6 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 # --- Unsloth's fused paths ----------------------------------------------------------------------
-
-def _unsloth_fused_modules(model) -> list[tuple[object, str, str]]:
-    """(module, "qkv" | "o" | "mlp" | "mlp_tiled", function name) for each Unsloth fused LoRA path
-    installed (unsloth/models/llama.py's patch_peft_model; names from unsloth/kernels/fast_lora.py)."""
-    found = []
-    for module in model.modules():
-        qkv = module.__dict__.get("apply_qkv")
-        if getattr(qkv, "__name__", "") == "apply_lora_qkv":
-            found.append((module, "qkv", qkv.__name__))
-        o = module.__dict__.get("apply_o")
-        if getattr(o, "__name__", "") == "apply_lora_o":
-            found.append((module, "o", o.__name__))
-        for attr, kind in (("forward", "mlp"), ("_unsloth_forward", "mlp_tiled")):
-            fn = getattr(module.__dict__.get(attr), "__func__", None)
-            fn = getattr(fn, "func", fn)  # functools.partial(apply_lora_mlp, inplace=False)
-            name = getattr(fn, "__name__", "")
-            if name.startswith("apply_lora_mlp"):
-                found.append((module, kind, name))
-    return found
-
 
 _SLOT_ATTR = {"qkv": "apply_qkv", "o": "apply_o", "mlp": "forward", "mlp_tiled": "_unsloth_forward"}
 
@@ -495,13 +425,13 @@ def fastft_apply_o(self, X):
 
 def fastft_apply_mlp(self, X, inplace=True):
     """Unsloth's MLP ``forward`` / tiled ``_unsloth_forward`` slot (bound to the MLP module) run by
-    fastft.kernels.fused.lora_mlp_swiglu: down(silu(gate(X)) * up(X)). ``inplace`` as in QKV."""
+    fastft.kernels.fused_mlp.lora_mlp_swiglu: down(silu(gate(X)) * up(X)). ``inplace`` as in QKV."""
     projs = (self.gate_proj, self.up_proj, self.down_proj)
     args = _projection_args(projs, X)
     if isinstance(args, str):
         _say_fallback("MLP", args)
         return self.down_proj(self.act_fn(self.gate_proj(X)) * self.up_proj(X))
-    from fastft.kernels.fused import lora_mlp_swiglu
+    from fastft.kernels.fused_mlp import lora_mlp_swiglu
 
     ps, compute, out_dtype = args
     return lora_mlp_swiglu(X.to(compute), *ps).to(out_dtype)

@@ -1,8 +1,10 @@
 """Model loading: one recipe, two backends.
 
-    from fastft import backends, recipe
+    from fastft import recipe
+    from fastft.models import backends
     model, tokenizer, info = backends.load(recipe.load("recipes/tiny-demo.yaml"))
     print(info.summary())   # "backend hf (auto: no CUDA device ...)"
+    model, tokenizer, r, run_info = backends.load_run("outputs/tiny-demo")   # a finished run: base + adapter
 
 - ``unsloth``: Unsloth's ``FastLanguageModel.from_pretrained`` + ``get_peft_model`` (its fused
   kernels and offloaded gradient checkpointing). Unsloth 2026.10 also has a CPU backend.
@@ -17,11 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 
-from .errors import FastftError
-from .recipe import Recipe
+from ..errors import FastftError
+from ..recipe import Recipe
+from ..world import World, strategy
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,8 +72,6 @@ def choose(recipe: Recipe, world_size: int = 1) -> tuple[str, str]:
         return "hf", "requested in the recipe (backend: hf)"
     if world_size > 1:
         # Unsloth's open-source trainer runs on one GPU; multi-process runs use the hf backend (DDP or FSDP)
-        from .distributed import strategy
-
         how = strategy(recipe, world_size).upper()
         return "hf", (f"{'backend: unsloth' if want == 'unsloth' else 'auto'}: {world_size} processes, and "
                       f"Unsloth trains on a single GPU, so falling back to hf ({how})")
@@ -129,18 +129,18 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
     name, reason = choose(recipe, world_size)
     if name == "unsloth":
         import unsloth  # noqa: F401  first, before transformers/peft/trl are imported below
-    from . import models
+    from . import named
 
     device = f"cuda:{local_rank}" if cuda_available() else "cpu"
     dtype = resolve_dtype(recipe.model.dtype, device)
     try:
-        path = models.resolve(recipe.model.name, load_in_4bit=recipe.model.load_in_4bit)
+        path = named.resolve(recipe.model.name, load_in_4bit=recipe.model.load_in_4bit)
     except ValueError as e:  # an unknown synthetic architecture
         raise BackendError(str(e)) from None
     info = BackendInfo(name=name, reason=reason, device=device, dtype=str(dtype).replace("torch.", ""),
                        model_path=path, load_in_4bit=recipe.model.load_in_4bit)
-    if models.is_synthetic(recipe.model.name):
-        info.notes.append(f"synthetic weights (random, seed {models.SYNTHETIC_SEED}): speed and memory only")
+    if named.is_synthetic(recipe.model.name):
+        info.notes.append(f"synthetic weights (random, seed {named.SYNTHETIC_SEED}): speed and memory only")
     if name == "unsloth":
         model, tokenizer = _load_unsloth(recipe, path, dtype, info)
     else:
@@ -155,8 +155,6 @@ def load(recipe: Recipe, world_size: int = 1, local_rank: int = 0):
 
 
 def _fsdp(recipe: Recipe, world_size: int) -> bool:
-    from .distributed import strategy
-
     return strategy(recipe, world_size) == "fsdp"
 
 
@@ -174,23 +172,23 @@ def _load_hf(recipe: Recipe, path: str, dtype, device: str, info: BackendInfo, f
         if fsdp:
             info.notes.append(f"NF4 packed weights stored as {info.dtype} for FSDP, loaded into host memory")
     # fsdp, 4-bit: rank 0 alone reads the checkpoint; the other ranks build the same model on the
-    # meta device and receive their shards from rank 0 once it is sharded (fastft.distributed).
+    # meta device and receive their shards from rank 0 once it is sharded (fastft.models.sharded_load).
     # (16-bit: every rank reads it; the trainer would move a meta model to the device.)
     from_rank0 = (fsdp and recipe.model.load_in_4bit
                   and os.environ.get("FASTFT_FSDP_LOAD", "rank0") != "every-rank")
     if from_rank0:
-        from . import distributed
+        from . import sharded_load
 
-        distributed.init_process_group(device)
+        sharded_load.init_process_group(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if from_rank0 and int(os.environ.get("RANK", 0)) != 0:
-            model = distributed.receive_skeleton(dtype)
+        if from_rank0 and not World.from_env().main:
+            model = sharded_load.receive_skeleton(dtype)
             info.notes.append("built on the meta device; its shards come from rank 0")
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             if from_rank0:
-                distributed.send_skeleton(model)
+                sharded_load.send_skeleton(model)
     except OSError as e:
         raise BackendError(_not_found(recipe.model.name, e)) from e
     gc = bool(recipe.train.gradient_checkpointing)
@@ -272,15 +270,56 @@ def _count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
-def versions() -> dict[str, str | None]:
-    """Versions of the stack, for fastft.json and bench results (None: not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
+def load_run(run_dir, base: str | None = None, force: bool = False, log=print):
+    """(model, tokenizer, recipe, run_info) for a finished run: its base (as trained: 4-bit or
+    16-bit, the recipe's compute dtype) with the adapter on top, checked against the recorded base."""
+    from pathlib import Path
 
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("fastft", "torch", "triton", "transformers", "peft", "trl", "datasets", "bitsandbytes",
-                "accelerate", "unsloth", "unsloth_zoo", "xformers", "gguf", "llama_cpp_python"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    import torch
+
+    from .. import recipe as recipe_mod, rundir
+    from . import provenance
+
+    run_dir = Path(run_dir)
+    info = rundir.read_run_info(run_dir)
+    adapter = rundir.RunDir(run_dir).adapter
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter (adapter_config.json missing); the run did not finish saving")
+    r = recipe_mod.from_record(info)
+    base_path = provenance.base_path_for(info, base)
+    for note in provenance.check_compatible(info, base_path, force=force, load_in_4bit=r.model.load_in_4bit):
+        log(f"fastft: {note}")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout/stderr carry the table or the streamed reply only
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(r.model.dtype, device)
+    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}
+    if r.model.load_in_4bit:
+        kwargs["quantization_config"] = nf4_config(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    if device == "cpu":
+        keep_4bit_trainable_on_cpu(model)  # the same 4-bit numerics as during training
+    model.eval()
+    return model, tokenizer, r, info
+
+
+def load_tokenizer(model_name: str):
+    """The tokenizer ``fastft train`` would use for ``model.name``, without loading the weights
+    (the shipped tiny model's tokenizer from its asset folder)."""
+    from transformers import AutoTokenizer
+
+    from . import named
+
+    src = named.EMBEDDED.get(model_name)
+    tok = AutoTokenizer.from_pretrained(str(src) if src is not None else named.resolve(model_name))
+    if tok.pad_token is None:  # as load does
+        tok.pad_token = tok.eos_token
+    return tok

