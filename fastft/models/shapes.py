@@ -62,7 +62,7 @@ for _cfg, _ids in {
                        "unsloth/mistral-7b-instruct-v0.3", "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"],
     # Gemma 3 text-only sizes (GeGLU, head_dim 256, 262k tied vocabulary, local/global attention);
     # 4B and larger are image-text models whose vision tower the text configs would not count
-    "gemma-3-270m": ["google/gemma-3-270m", "google/gemma-3-270m-it", "unsloth/gemma-3-270m",
+    "gemma-3-270m": ["gemma-3-270m", "google/gemma-3-270m", "google/gemma-3-270m-it", "unsloth/gemma-3-270m",
                      "unsloth/gemma-3-270m-it", "unsloth/gemma-3-270m-it-bnb-4bit"],
     "gemma-3-1b": ["google/gemma-3-1b-pt", "google/gemma-3-1b-it", "unsloth/gemma-3-1b-pt",
                    "unsloth/gemma-3-1b-it", "unsloth/gemma-3-1b-it-bnb-4bit", "unsloth/gemma-3-1b-it-unsloth-bnb-4bit"],

