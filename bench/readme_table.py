@@ -1,6 +1,6 @@
 """Print the README's "Measured" demo rows from the result JSONs, to paste instead of typing numbers.
 
-    python -m bench.readme_table                  # the three rows the README shows, from its files
+    python -m bench.readme_table                  # the rows the README shows, from its files
     python -m bench.readme_table bench/results/demo-smollm2-cpu-2core-idle-f2.json \\
         bench/results/demo-smollm2-nomix-f2.json --merged bench/results/export-smollm2-demo-cpu-20261126T123654Z.json
 
@@ -23,10 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README_FILES = ["bench/results/demo-smollm2-cpu-2core-idle-f2.json", "bench/results/demo-smollm2-nomix-f2.json",
+                "bench/results/demo-gemma3-270m-cpu-2core.json", "bench/results/demo-gemma3-270m-nomix-cpu-2core.json",
                 "bench/results/demo-tiny-cpu-2core-idle.json"]
 README_MERGED = "bench/results/export-smollm2-demo-cpu-20261126T123654Z.json"
 LABELS = {"demo-smollm2": "`make demo`: task + 15% general", "demo-smollm2-nomix": "the same, `--set data.mix=null`",
-          "demo-tiny": "`make demo-tiny`"}
+          "demo-gemma3": "`make demo-gemma` (Gemma 3 270M): task + 15% general",
+          "demo-gemma3-nomix": "the same, `--set data.mix=null`", "demo-tiny": "`make demo-tiny`"}
 MERGED_ROW = "demo-smollm2"  # the run an export result's merged model stands for
 BLOCK_STARTS = ("fastft: backend", "fastft: kernels", "fastft: data: mixed")  # then "...", then the eval on
 
@@ -103,11 +105,13 @@ def prose(docs: dict[str, dict]) -> list[str]:
         out.append(f"{name}: the whole command took {seconds(doc['process_wall_seconds'])}; " + ", ".join(sizes)
                    + f"; load average before/after {doc['device'].get('load_average_before', '-')}/"
                    f"{doc['device'].get('load_average_after', '-')}; exit code {doc.get('exit_code', '-')}")
-    mix, nomix = docs.get("demo-smollm2"), docs.get("demo-smollm2-nomix")
-    if mix and nomix:
+    for model in ("smollm2", "gemma3"):
+        mix, nomix = docs.get(f"demo-{model}"), docs.get(f"demo-{model}-nomix")
+        if not (mix and nomix):
+            continue
         em, en = _eval(mix), _eval(nomix)
         metric = em["metric"]
-        out.append(f"15% general mix vs none: forgotten {pct(en['regression']['forgotten'])} -> "
+        out.append(f"{model}: 15% general mix vs none: forgotten {pct(en['regression']['forgotten'])} -> "
                    f"{pct(em['regression']['forgotten'])}; task {metric} {pct(en['task']['adapter'][metric])} -> "
                    f"{pct(em['task']['adapter'][metric])}")
     return out
@@ -128,7 +132,7 @@ def block(doc: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.readme_table", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="*", help="demo result JSONs (default: the three the README links)")
+    p.add_argument("results", nargs="*", help="demo result JSONs (default: the ones the README links)")
     p.add_argument("--merged", help="a bench.export result: adds '(N%% merged)' to the demo-smollm2 row "
                                     "(default with no results given: the one the README links)")
     args = p.parse_args(argv)

@@ -17,7 +17,10 @@ Loss is the mean cross-entropy per answer token on the held-out rows (the labels
 perplexity is exp(loss).
 
 Regression set (``eval.regression``): general prompts with reference answers that the base model
-answers correctly (``fastft/assets/regression/build.py`` builds the shipped one). Reported: accuracy
+answers correctly (``python -m fastft.assets.build_regression`` builds the shipped ones). Rows are
+questions (alpaca or messages, asked through the chat template) or, for a base model that has not
+learnt a chat format, texts to continue: ``{"prompt": "The capital of France is", "completion":
+" Paris"}`` (``<bos>`` and the text, no template). Reported: accuracy
 of base and adapter (``eval.regression_metric``, default contains), ``forgotten`` = the share of
 the items the base got right that the adapter gets wrong, and ``loss_delta`` = adapter loss minus
 base loss on the reference answers (general text).
@@ -145,6 +148,12 @@ def eval_set_from_file(path: str, tokenizer, fmt: str | None, max_len: int, text
     pairs, slices, rows = [], [], []
     for i, r in enumerate(raw, 1):
         where = f"{path} row {i}"
+        if fmt is None and "prompt" in r and "completion" in r:
+            t, pair = _completion_row(r, tokenizer, where)
+            rows.append({k: v[:max_len] for k, v in t.items()})
+            pairs.append(pair)
+            slices.append(None if r.get("slice") is None else str(r["slice"]))
+            continue
         f = fmt or ("messages" if "messages" in r else "alpaca")
         ex = data.to_messages(r, f, where, text_field)
         if not isinstance(ex, list) or ex[-1]["role"] != "assistant":
@@ -154,6 +163,22 @@ def eval_set_from_file(path: str, tokenizer, fmt: str | None, max_len: int, text
         pairs.append((ex[:-1], ex[-1]["content"]))
         slices.append(None if r.get("slice") is None else str(r["slice"]))
     return EvalSet(path, pairs, slices, rows)
+
+
+def _completion_row(r: dict, tokenizer, where: str) -> tuple[dict, tuple[list[dict], str]]:
+    """A text-continuation row (``prompt``, ``completion``; how a base model is asked): its loss
+    row (labels on the completion's tokens) and its (prompt, reference) pair."""
+    from . import data
+    from .data.formats import COMPLETION
+    from .generate import completion_ids
+
+    prompt, completion = r["prompt"], r["completion"]
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not prompt.strip() or not completion.strip():
+        raise data.DataError(f"{where}: 'prompt' and 'completion' must be non-empty text")
+    p = completion_ids(tokenizer, prompt)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    row = {"input_ids": p + c, "labels": [data.IGNORE] * len(p) + c}
+    return row, ([{"role": COMPLETION, "content": prompt}], completion.strip())
 
 
 def _both(model, fn):

@@ -7,14 +7,15 @@
     generate.reply(model, tokenizer, chats[0], temperature=0.7)            # streamed to stdout
 
 A prompt is a chat (a list of messages ending before the assistant turn: rendered with the chat
-template and its generation prompt) or a list of token ids. Batches are padded on the left, so every
+template and its generation prompt), a text to continue (``[{"role": "completion", "content": text}]``:
+``<bos>`` and the text's tokens, no template; how a base model is asked) or a list of token ids. Batches are padded on the left, so every
 row continues from its last prompt token. Generation ends at a stop token: the tokenizer's EOS unless
 ``stop_ids`` names others (a generation config's eos ids). An answer's ids end at the first stop
 token, which is kept; its text is decoded without it and without special tokens.
 """
 from __future__ import annotations
 
-from .data.formats import END_OF_TURN
+from .data.formats import COMPLETION, END_OF_TURN
 
 
 def render(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
@@ -26,8 +27,18 @@ def render(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def completion_ids(tokenizer, text: str) -> list[int]:
+    """A text to continue as token ids: the tokenizer's bos (when it has one) and the text's tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id] + ids
+
+
 def _prompt_ids(tokenizer, prompt: list) -> list[int]:
-    return render(tokenizer, prompt)[1] if prompt and isinstance(prompt[0], dict) else list(prompt)
+    if not prompt or not isinstance(prompt[0], dict):
+        return list(prompt)
+    if prompt[0]["role"] == COMPLETION:
+        return completion_ids(tokenizer, prompt[0]["content"])
+    return render(tokenizer, prompt)[1]
 
 
 def _stops(tokenizer, stop_ids: list[int] | None) -> list[int]:

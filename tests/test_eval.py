@@ -2,6 +2,7 @@
 
 No model is trained here (see test_gates.py and test_generate.py for the CLI on a trained run)."""
 import json
+import re
 
 import pytest
 
@@ -223,3 +224,40 @@ def test_shipped_regression_set_is_what_its_builder_kept():
                (path.parents[1] / "data" / "general-instructions.jsonl").read_text().splitlines()}
     assert not general & {r["instruction"] for r in rows}
     assert build_regression.MAX_NEW_TOKENS <= EvalConfig().max_new_tokens
+
+
+def test_completion_rows_are_asked_without_the_template(tmp_path, tokenizer):
+    """A base model's regression rows (prompt + completion): <bos> and the text, loss on the completion."""
+    from fastft import generate
+    from fastft.data.formats import COMPLETION
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "red green", "completion": " blue", "slice": "s"}) + "\n"
+                                      + json.dumps({"instruction": "red", "output": "green"}) + "\n")
+    s = evaluate.eval_set_from_file(str(tmp_path / "c.jsonl"), tokenizer, None, 64)
+    (prompt, ref), (chat, ref2) = s.pairs
+    assert prompt == [{"role": COMPLETION, "content": "red green"}] and ref == "blue" and s.slices == ["s", None]
+    assert chat[0]["role"] == "user" and ref2 == "green"
+    p = [tokenizer.bos_token_id] + tokenizer("red green", add_special_tokens=False)["input_ids"]
+    c = tokenizer(" blue", add_special_tokens=False)["input_ids"]
+    assert generate._prompt_ids(tokenizer, prompt) == p
+    assert s.rows[0] == {"input_ids": p + c, "labels": [data.IGNORE] * len(p) + c}
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "red", "completion": "  "}) + "\n")
+    with pytest.raises(data.DataError, match=r"bad.jsonl row 1: 'prompt' and 'completion' must be non-empty text"):
+        evaluate.eval_set_from_file(str(tmp_path / "bad.jsonl"), tokenizer, None, 64)
+
+
+def test_shipped_gemma_regression_set_is_what_its_builder_kept():
+    from fastft.assets import build_regression
+
+    path = evaluate.Path(build_regression.HERE / "regression" / "gemma-3-270m.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    record = json.loads(path.with_suffix(".build.json").read_text())
+    assert record["style"] == "completion" and record["model"] == "gemma-3-270m"
+    assert len(rows) == record["kept"] >= 40 and record["candidates"] == len(build_regression.candidates("completion"))
+    candidates = {(c["prompt"], c["completion"]) for c in build_regression.candidates("completion")}
+    assert all((r["prompt"], r["completion"]) in candidates for r in rows)
+    # none of the general mix's kinds (arithmetic, opposites, plurals, tenses, days, months)
+    mix_kinds = re.compile(r"\b(plus|minus|times|opposite|plural|tense|monday|tuesday|wednesday|thursday|friday|"
+                           r"saturday|sunday|january|february|march|april|may|june|july|august|september|october|"
+                           r"november|december)\b", re.I)
+    assert not [r["prompt"] for r in rows if mix_kinds.search(r["prompt"] + r["completion"])]

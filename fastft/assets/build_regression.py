@@ -2,6 +2,8 @@
 
     python -m fastft.assets.build_regression                     # smollm2-135m-instruct -> assets/regression/
     python -m fastft.assets.build_regression --model PATH_OR_NAME --out my-regression.jsonl
+    python -m fastft.assets.build_regression --model gemma-3-270m --style completion \
+        --out fastft/assets/regression/gemma-3-270m.jsonl          # a base model: texts to continue
 
 Each candidate below is a short general-knowledge question with a one- or two-word reference
 answer (capitals, science, nature, everyday knowledge, language). The script asks the base model
@@ -14,6 +16,9 @@ The kinds deliberately differ from the general data mixed into training
 (``general-instructions.jsonl``: arithmetic, opposites, plurals, tenses, days, months), so the
 set measures what the model knew before, not what the mix re-taught it.
 The output rows are alpaca-format (``instruction``, ``input``, ``output``) with a ``slice`` (the kind).
+``--style completion`` is for a base (pretrained, not instruction-tuned) model, which does not
+answer through a chat template: the same kinds of facts as texts to continue, asked as ``fastft
+eval`` asks such rows (``<bos>`` and the text, greedy), written as ``prompt`` / ``completion`` rows.
 """
 from __future__ import annotations
 
@@ -129,7 +134,73 @@ QUESTIONS = [
 ]
 
 
-def candidates() -> list[dict]:
+# The same kinds of facts, as a pretrained model meets them in text (none of the general mix's
+# kinds: no arithmetic, opposites, plurals, tenses, days or months).
+COMPLETIONS = [
+    ("science", "The chemical symbol for gold is", "Au"),
+    ("science", "Water is made of hydrogen and", "oxygen"),
+    ("science", "Plants take in carbon dioxide and release", "oxygen"),
+    ("science", "The largest planet in our solar system is", "Jupiter"),
+    ("science", "The planet known as the Red Planet is", "Mars"),
+    ("science", "The planet closest to the Sun is", "Mercury"),
+    ("science", "Water freezes at a temperature of", "0"),
+    ("science", "At sea level, water boils at", "100"),
+    ("science", "The hardest natural substance is", "diamond"),
+    ("science", "The organ that pumps blood through the body is the", "heart"),
+    ("science", "Bees make honey from", "nectar"),
+    ("science", "The process by which plants make food from sunlight is called", "photosynthesis"),
+    ("science", "The force that pulls objects toward the ground is", "gravity"),
+    ("science", "The natural satellite that orbits the Earth is the", "Moon"),
+    ("science", "Frozen water is called", "ice"),
+    ("science", "The speed of light is about 300,000 kilometres per", "second"),
+    ("science", "An adult human has 206", "bones"),
+    ("nature", "The largest animal on Earth is the", "blue whale"),
+    ("nature", "The tallest animal in the world is the", "giraffe"),
+    ("nature", "The fastest land animal is the", "cheetah"),
+    ("nature", "A spider has eight", "legs"),
+    ("nature", "Caterpillars turn into", "butterflies"),
+    ("nature", "A baby cat is called a", "kitten"),
+    ("nature", "A baby dog is called a", "puppy"),
+    ("nature", "The largest ocean on Earth is the", "Pacific"),
+    ("nature", "The longest river in Africa is the", "Nile"),
+    ("nature", "The tallest mountain in the world is Mount", "Everest"),
+    ("nature", "The largest desert in Africa is the", "Sahara"),
+    ("nature", "On a clear day the sky is", "blue"),
+    ("nature", "Most plant leaves are", "green"),
+    ("everyday", "There are seven days in a", "week"),
+    ("everyday", "There are twelve months in a", "year"),
+    ("everyday", "One hour has sixty", "minutes"),
+    ("everyday", "The colors of the traffic light are red, yellow and", "green"),
+    ("culture", "The pyramids of Giza are in", "Egypt"),
+    ("culture", "The Eiffel Tower is in", "Paris"),
+    ("culture", "The Statue of Liberty is in", "New York"),
+    ("culture", "Romeo and Juliet was written by William", "Shakespeare"),
+    ("culture", "The Mona Lisa was painted by Leonardo da", "Vinci"),
+    ("culture", "The first book of the Bible is", "Genesis"),
+    ("culture", "The iPhone is made by", "Apple"),
+    ("culture", "In 1492, Christopher Columbus sailed to", "America"),
+    ("language", "In French, hello is", "bonjour"),
+    ("language", "In Spanish, thank you is", "gracias"),
+    ("sequences", "one, two, three, four,", "five"),
+    ("sequences", "A, B, C, D,", "E"),
+    ("sequences", "spring, summer, autumn and", "winter"),
+    ("sequences", "red, orange, yellow, green,", "blue"),
+    ("sequences", "first, second, third,", "fourth"),
+    ("sequences", "10, 20, 30, 40,", "50"),
+    ("sequences", "north, south, east and", "west"),
+    ("sequences", "Mercury, Venus, Earth,", "Mars"),
+    ("everyday", "A week has seven", "days"),
+    ("everyday", "A year has twelve", "months"),
+]
+
+
+def candidates(style: str = "question") -> list[dict]:
+    if style == "completion":
+        # a base model continues "The capital of France is" with "the capital of ...", and the
+        # city before its country more reliably than the reverse
+        rows = [{"prompt": f"{city} is the capital of", "completion": f" {country}", "slice": "capitals"}
+                for country, city in CAPITALS.items()]
+        return rows + [{"prompt": p, "completion": f" {a}", "slice": kind} for kind, p, a in COMPLETIONS]
     rows = [{"instruction": f"What is the capital of {country}?", "input": "", "output": city, "slice": "capitals"}
             for country, city in CAPITALS.items()]
     rows += [{"instruction": q, "input": "", "output": a, "slice": kind} for kind, q, a in QUESTIONS]
@@ -153,31 +224,39 @@ def _answers(name: str, rows: list[dict], load_in_4bit: bool, batch_size: int) -
         kwargs["quantization_config"] = backends.nf4_config(torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     backends.keep_4bit_trainable_on_cpu(model)  # the numerics training and fastft eval use
-    prompts = [[{"role": "user", "content": r["instruction"]}] for r in rows]
+    from fastft.data.formats import COMPLETION
+
+    prompts = [[{"role": COMPLETION, "content": r["prompt"]}] if "prompt" in r
+               else [{"role": "user", "content": r["instruction"]}] for r in rows]
     return evaluate.generate_answers(model, tok, prompts, MAX_NEW_TOKENS, batch_size)
 
 
-def build(name: str, out: Path, batch_size: int = 16, log=print) -> dict:
+def _reference(row: dict) -> str:
+    return row["completion"].strip() if "completion" in row else row["output"]
+
+
+def build(name: str, out: Path, batch_size: int = 16, log=print, style: str = "question") -> dict:
     from fastft import metrics
     from fastft.files import atomic_write_text
 
-    rows = candidates()
+    rows = candidates(style)
     t0 = time.perf_counter()
     right = [True] * len(rows)
     per_mode = {}
     for load_in_4bit in (True, False):
         mode = "4-bit NF4" if load_in_4bit else "16-bit"
         answers = _answers(name, rows, load_in_4bit, batch_size)
-        hits = [metrics.contains(a, r["output"]) for a, r in zip(answers, rows)]
+        hits = [metrics.contains(a, _reference(r)) for a, r in zip(answers, rows)]
         per_mode[mode] = sum(hits)
         log(f"{mode}: {sum(hits)} of {len(rows)} candidates answered right")
         for i, (h, a) in enumerate(zip(hits, answers)):
             if not h:
-                log(f"  drop ({mode}): {rows[i]['instruction']!r} -> {a.strip()[:70]!r} (want {rows[i]['output']!r})")
+                log(f"  drop ({mode}): {rows[i].get('instruction', rows[i].get('prompt'))!r} -> {a.strip()[:70]!r} "
+                    f"(want {_reference(rows[i])!r})")
             right[i] = right[i] and h
     kept = [r for r, ok in zip(rows, right) if ok]
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    summary = {"model": name, "candidates": len(rows), "kept": len(kept), "right_per_mode": per_mode,
+    summary = {"model": name, "style": style, "candidates": len(rows), "kept": len(kept), "right_per_mode": per_mode,
                "max_new_tokens": MAX_NEW_TOKENS, "seconds": round(time.perf_counter() - t0, 1),
                "out": out.name}
     atomic_write_text(out.with_suffix(".build.json"), json.dumps(summary, indent=2) + "\n")  # the record of this build
@@ -190,8 +269,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model.name or a local checkpoint")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--style", choices=("question", "completion"), default="question",
+                   help="question: asked through the chat template (instruct models); completion: texts to "
+                        "continue (base models)")
     args = p.parse_args(argv)
-    build(args.model, args.out, args.batch_size)
+    build(args.model, args.out, args.batch_size, style=args.style)
     return 0
 
 

@@ -10,6 +10,10 @@ from .bundle import DataError
 ROLES = ("system", "user", "assistant")
 # the tokens that end an assistant turn in the families' chat templates (Llama 3, ChatML for Qwen
 # and SmolLM2, Gemma, Phi-3, gpt-oss)
+# A base model is asked by continuing text, not through a chat template: an evaluation row with
+# ``prompt`` and ``completion`` (plain strings) becomes the one message [{"role": COMPLETION, ...}],
+# whose prompt ids are <bos> + the text's tokens (fastft.generate.prompt_ids).
+COMPLETION = "completion"
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|return|>")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
