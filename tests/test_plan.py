@@ -31,6 +31,8 @@ TINY_CONFIG = ROOT / "fastft" / "assets" / "tiny-llama" / "config.json"
     ("mistralai/Mistral-7B-v0.3", 7_248_023_552),
     ("google/gemma-3-270m", 268_098_176),
     ("google/gemma-3-1b-it", 999_885_952),
+    ("google/gemma-3-4b-it", 3_880_263_168),  # the text decoders of the image-text checkpoints
+    ("unsloth/gemma-3-12b-it-bnb-4bit", 11_766_034_176),
     ("microsoft/Phi-3-mini-4k-instruct", 3_821_079_552),
     ("microsoft/phi-4", 14_659_507_200),
     ("Qwen/Qwen3-30B-A3B", 30_532_122_624),
@@ -315,8 +317,9 @@ def test_peaks_match_measured_on_cpu(tiny_qlora, gc):
 
 # the recipes for full-size models (a GPU to run them) and their models' exact parameter counts
 GPU_RECIPE_PARAMS = {"llama3-70b-": 70_553_706_496, "llama3-": 8_030_261_248, "qwen3-8b-": 8_190_735_360,
-                     "qwen3-30b-a3b-": 30_532_122_624, "mistral-7b-v0.3-": 7_248_023_552}
-GPU_RECIPES = ("llama3-", "qwen3-", "mistral-")
+                     "qwen3-30b-a3b-": 30_532_122_624, "mistral-7b-v0.3-": 7_248_023_552,
+                     "gemma3-12b-": 11_766_034_176}
+GPU_RECIPES = ("llama3-", "qwen3-", "mistral-", "gemma3-12b-")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

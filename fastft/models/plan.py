@@ -25,7 +25,7 @@ from ..hardware import GiB, TARGETS
 from ..recipe import Recipe
 from ..schema import STRATEGIES
 from ..world import split_batch
-from .shapes import PlanError, Shapes, find_config, shapes
+from .shapes import IMAGE_TEXT, PlanError, Shapes, find_config, shapes
 from .vram import (ALLOCATOR_SLACK, CONTEXT_HEADROOM, Term, adapted, block_bytes, fsdp_static, layer_activation_bytes,
                    logits_bytes, method_terms, nf4_bytes, optimizer_bytes, train_peak)
 
@@ -257,6 +257,10 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
                        "only (PEFT's LoRA on the experts, target_parameters, is not counted)")
         p.notes.append(f"activations: the MLP width is the top-{sh.experts_per_token} experts' together "
                        f"({sh.intermediate:,}), an estimate no run has checked")
+    tower = IMAGE_TEXT.get(source.split(" ", 1)[0])
+    if tower:
+        p.notes.append(f"the hub checkpoint is an image-text model; its vision tower ({tower}, ~0.8 GiB in 16-bit) "
+                       "is not counted: the config is its text decoder, which is what trains on text")
     if seq > sh.max_positions > 0:
         p.notes.append(f"model.max_seq_length {seq} exceeds the config's max_position_embeddings {sh.max_positions}")
     return p

@@ -60,10 +60,15 @@ for _cfg, _ids in {
     "mistral-7b-v0.3": ["mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3",
                        "unsloth/mistral-7b-v0.3", "unsloth/mistral-7b-v0.3-bnb-4bit",
                        "unsloth/mistral-7b-instruct-v0.3", "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"],
-    # Gemma 3 text-only sizes (GeGLU, head_dim 256, 262k tied vocabulary, local/global attention);
-    # 4B and larger are image-text models whose vision tower the text configs would not count
+    # Gemma 3 (GeGLU, head_dim 256, 262k tied vocabulary, five local layers to one global); 270M
+    # and 1B are text models, 4B and 12B image-text ones, whose text decoders the configs are
     "gemma-3-270m": ["gemma-3-270m", "google/gemma-3-270m", "google/gemma-3-270m-it", "unsloth/gemma-3-270m",
                      "unsloth/gemma-3-270m-it", "unsloth/gemma-3-270m-it-bnb-4bit"],
+    "gemma-3-4b": ["google/gemma-3-4b-pt", "google/gemma-3-4b-it", "unsloth/gemma-3-4b-pt", "unsloth/gemma-3-4b-it",
+                   "unsloth/gemma-3-4b-it-bnb-4bit", "unsloth/gemma-3-4b-it-unsloth-bnb-4bit"],
+    "gemma-3-12b": ["google/gemma-3-12b-pt", "google/gemma-3-12b-it", "unsloth/gemma-3-12b-pt",
+                    "unsloth/gemma-3-12b-it", "unsloth/gemma-3-12b-it-bnb-4bit",
+                    "unsloth/gemma-3-12b-it-unsloth-bnb-4bit"],
     "gemma-3-1b": ["google/gemma-3-1b-pt", "google/gemma-3-1b-it", "unsloth/gemma-3-1b-pt",
                    "unsloth/gemma-3-1b-it", "unsloth/gemma-3-1b-it-bnb-4bit", "unsloth/gemma-3-1b-it-unsloth-bnb-4bit"],
     # Phi-3 / Phi-4 (fused qkv_proj and gate_up_proj)
@@ -77,6 +82,10 @@ for _cfg, _ids in {
 }.items():
     for _id in _ids:
         HUB_CONFIGS[_id.lower()] = _cfg
+
+
+# shipped configs that are the text decoder of an image-text checkpoint: what the plan does not count
+IMAGE_TEXT = {"gemma-3-4b": "SigLIP, about 0.4B parameters", "gemma-3-12b": "SigLIP, about 0.4B parameters"}
 
 
 class PlanError(FastftError, ValueError):
