@@ -96,6 +96,23 @@ def test_tied_embeddings_counted_once():
     assert sh.tied and sh.lm_head_params == 0
 
 
+def test_sliding_window_layers_and_their_masks():
+    """Gemma 3 has full and sliding-window layers: one 4-D mask per kind on hf; Llama and Qwen3 one."""
+    gemma = shapes.shapes(shapes.find_config("google/gemma-3-12b-it")[0])
+    assert (gemma.mask_kinds, gemma.sliding_window) == (2, 1024)
+    for name in ("meta-llama/Meta-Llama-3-8B", "Qwen/Qwen3-8B", "mistralai/Mistral-7B-v0.3"):
+        sh = shapes.shapes(shapes.find_config(name)[0])
+        assert (sh.mask_kinds, sh.sliding_window) == (1, 0), name
+    assert shapes.shapes(shapes.find_config("openai/gpt-oss-20b")[0]).mask_kinds == 2
+    r = recipe.from_dict({"model": {"name": "google/gemma-3-12b-it", "max_seq_length": 1024}, "backend": "hf",
+                          "data": {"train": "d.jsonl"}, "output": {"dir": "o"}, "train": {"batch_size": 2}})
+    p = plan.plan(r, "rtx4090")
+    mask = next(t for t in p.train if t.name == "attention mask")
+    assert mask.bytes == 2 * vram.block_bytes(2 * 1024 * 1024) and "sliding window (1024 tokens)" in mask.note
+    assert any("sliding-window layers (1024 tokens)" in n for n in p.notes)
+    assert any("vision tower" in n for n in p.notes)  # an image-text checkpoint's text decoder
+
+
 # --- every term by hand, for the tiny config given as a local checkpoint folder --------------------
 
 @pytest.fixture

@@ -214,7 +214,10 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     train = [act, work, logit]
     attn_hf = backend == "hf" and recipe.model.attn_implementation != "flash_attention_2"
     if attn_hf:
-        train.append(Term("attention mask", block_bytes(batch * seq * seq), "4-D bool causal mask"))
+        masks = sh.mask_kinds
+        train.append(Term("attention mask", masks * block_bytes(batch * seq * seq),
+                          "4-D bool causal mask" if masks == 1 else
+                          f"4-D bool masks, full and sliding window ({sh.sliding_window} tokens)"))
     train += method_terms(recipe, sh, backend, s, seq, lora_b)
 
     # held-out evaluation: no grad, a bigger batch (train.py)
@@ -228,7 +231,7 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
             Term("eval logits", logits_bytes(sh, backend, ne, s, a, budget - static_b, grad=False)),
         ]
         if attn_hf:
-            eval_terms.append(Term("eval attention mask", block_bytes(eb * seq * seq)))
+            eval_terms.append(Term("eval attention mask", sh.mask_kinds * block_bytes(eb * seq * seq)))
     dyn = max(train_peak(train), sum(x.bytes for x in eval_terms))
     slack = Term("allocator slack (assumed)", ALLOCATOR_SLACK * dyn, f"{ALLOCATOR_SLACK:.0%} of the larger of train/eval")
     p = Plan(model=recipe.model.name, config_source=source, target=target, backend=backend, dtype=dtype,
@@ -257,6 +260,10 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
                        "only (PEFT's LoRA on the experts, target_parameters, is not counted)")
         p.notes.append(f"activations: the MLP width is the top-{sh.experts_per_token} experts' together "
                        f"({sh.intermediate:,}), an estimate no run has checked")
+    if sh.sliding_window:
+        p.notes.append(f"sliding-window layers ({sh.sliding_window} tokens) cost no less memory than full ones in "
+                       "training here: no KV cache, and the activations and saved inputs are per token"
+                       + ("; the hf backend builds one 4-D mask per attention kind" if attn_hf else ""))
     tower = IMAGE_TEXT.get(source.split(" ", 1)[0])
     if tower:
         p.notes.append(f"the hub checkpoint is an image-text model; its vision tower ({tower}, ~0.8 GiB in 16-bit) "

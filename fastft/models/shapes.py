@@ -150,6 +150,9 @@ class Shapes:
     experts: int = 0  # experts per MoE layer (0: a dense model)
     experts_per_token: int = 0
     expert_params: int = 0  # of total_params, in the experts
+    # attention kinds among the layers (full, sliding window): transformers builds one 4-D mask per kind
+    mask_kinds: int = 1
+    sliding_window: int = 0  # tokens, where some layers attend to a window only
 
     @property
     def active_params(self) -> int:
@@ -194,6 +197,7 @@ def _shapes(config_json: str) -> Shapes:
     width = k * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size) if experts else None
     attn = model.model.layers[0].self_attn
     head_dim = attn.head_dim
+    kinds = list(getattr(config, "layer_types", None) or [])
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return Shapes(
@@ -204,6 +208,8 @@ def _shapes(config_json: str) -> Shapes:
         embed_params=embed.weight.numel(), lm_head_params=0 if tied else lm_head.weight.numel(),
         norm_params=norm, total_params=sum(p.numel() for p in model.parameters()), small16=tuple(small16),
         dense16=tuple(dense16), experts=experts, experts_per_token=k, expert_params=expert_params,
+        mask_kinds=len(set(kinds)) or 1, sliding_window=(getattr(config, "sliding_window", None) or 0)
+        if "sliding_attention" in kinds else 0,
     )
 
 

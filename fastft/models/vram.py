@@ -58,7 +58,8 @@ Per micro-batch (training):
                       unsloth (unsloth_zoo's fused CE, 16 bytes a logit in flight, in chunks of at most
                       min(4 GiB, half the free memory), counts rounded up to a multiple of 4):
                         16*V*N / n_chunks + sHN (grad of the hidden states)
-  attention mask      hf with sdpa/eager: batch*seq^2 bytes (the 4-D bool causal mask); unsloth: 0.
+  attention mask      hf with sdpa/eager: batch*seq^2 bytes per attention kind (transformers builds one
+                      4-D bool mask for full and one for sliding-window layers); unsloth: 0.
   train peak          saved activations + max(one layer's backward, logits and loss) + mask: the loss's
                       backward finishes (and frees its tiles) before the first layer's backward starts.
 Held-out evaluation (no grad, batch max(batch_size, 8) unless train.eval_batch_size, N_e tokens):
