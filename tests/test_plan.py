@@ -96,6 +96,30 @@ def test_tied_embeddings_counted_once():
     assert sh.tied and sh.lm_head_params == 0
 
 
+def test_lora_on_experts_is_what_peft_puts_there():
+    """Qwen3-MoE's experts and routers take LoRA through PEFT's target_parameters: the plan counts
+    what PEFT itself creates (at r=2 on the meta device here), linear in r; gpt-oss's take none."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastft.models import named
+
+    cfg = shapes.find_config("Qwen/Qwen3-30B-A3B")[0]
+    unit = shapes.parameter_lora(cfg, "all-linear")
+    with torch.device("meta"):
+        peft = get_peft_model(AutoModelForCausalLM.from_config(named.synthetic_config("qwen3-30b-a3b")),
+                              LoraConfig(r=2, target_modules="all-linear"))
+    linear = sum(2 * (i + o) for _, i, o in shapes.shapes(cfg).linears)
+    assert 2 * sum(unit) + linear == sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+    assert sum(unit) * 16 == 983_138_304
+    assert shapes.parameter_lora(shapes.find_config("openai/gpt-oss-20b")[0], "all-linear") == ()
+    assert shapes.parameter_lora(shapes.find_config("Qwen/Qwen3-8B")[0], "all-linear") == ()  # dense: no PEFT call
+    r = recipe.load(ROOT / "recipes" / "qwen3-30b-a3b-qlora-chat-a100-80.yaml")
+    p = plan.plan(r, "a100-80", search=False)
+    assert p.lora_params == 16 * sum(unit) + 16 * linear // 2
+
+
 def test_sliding_window_layers_and_their_masks():
     """Gemma 3 has full and sliding-window layers: one 4-D mask per kind on hf; Llama and Qwen3 one."""
     gemma = shapes.shapes(shapes.find_config("google/gemma-3-12b-it")[0])

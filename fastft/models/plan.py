@@ -25,7 +25,7 @@ from ..hardware import GiB, TARGETS
 from ..recipe import Recipe
 from ..schema import STRATEGIES
 from ..world import split_batch
-from .shapes import IMAGE_TEXT, PlanError, Shapes, find_config, shapes
+from .shapes import IMAGE_TEXT, PlanError, Shapes, find_config, parameter_lora, shapes
 from .vram import (ALLOCATOR_SLACK, CONTEXT_HEADROOM, Term, adapted, block_bytes, fsdp_static, layer_activation_bytes,
                    logits_bytes, method_terms, nf4_bytes, optimizer_bytes, train_peak)
 
@@ -108,13 +108,14 @@ def plan(recipe: Recipe, target: str = "rtx4090", search: bool = True, gpus: int
     recipe_dir = str(Path(recipe.source).resolve().parent) if recipe.source else None
     config, source = find_config(recipe.model.name, recipe_dir)
     sh = shapes(config)
+    wrapped = parameter_lora(config, recipe.lora.target_modules)
     dist, batch = _distributed(recipe, gpus, strategy)
-    p = _plan(recipe, target, sh, source, batch, recipe.model.max_seq_length, dist=dist)
+    p = _plan(recipe, target, sh, source, batch, recipe.model.max_seq_length, dist=dist, wrapped=wrapped)
     if search:
-        p.max_seq_length_fit = _largest(lambda t: _plan(recipe, target, sh, source, p.batch_size, t, dist=dist).fits,
-                                        256, max(sh.max_positions, 256), 256)
+        p.max_seq_length_fit = _largest(lambda t: _plan(recipe, target, sh, source, p.batch_size, t, dist=dist,
+                                                        wrapped=wrapped).fits, 256, max(sh.max_positions, 256), 256)
         p.max_batch_size_fit = _largest(lambda b: _plan(recipe, target, sh, source, b, p.max_seq_length,
-                                                        dist=dist).fits, 1, 4096, 1)
+                                                        dist=dist, wrapped=wrapped).fits, 1, 4096, 1)
     return p
 
 
@@ -130,7 +131,8 @@ def _largest(fits, lo: int, hi: int, step: int) -> int | None:
 
 
 def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq: int,
-          dist: tuple[int, str] = (1, "single")) -> Plan:
+          dist: tuple[int, str] = (1, "single"), wrapped: tuple[int, ...] = ()) -> Plan:
+    """``wrapped``: shapes.parameter_lora's tensors (at r=1) on the weights that are not nn.Linear."""
     backend, why = planned_backend(recipe)
     if dist[0] > 1:  # as fastft.models.backends.choose: Unsloth trains on one GPU
         backend, why = "hf", f"{dist[0]} processes: Unsloth trains on a single GPU, so hf ({dist[1]})"
@@ -168,12 +170,15 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
     tensors = []
     for _, i, o in targets:
         tensors += [lora.r * i, lora.r * o] + ([o] if lora.use_dora else [])
+    n_linear = sum(tensors)
+    tensors += [lora.r * x for x in wrapped]
     n_lora = sum(tensors)
     lora_b = sum(block_bytes(x * adapter_elem) for x in tensors)
     static = [
         base, parts16,
         Term("LoRA parameters", lora_b, f"{n_lora:,} params, r={lora.r}, {len(targets)} linears"
-             + (", DoRA magnitudes" if lora.use_dora else "")),
+             + (", DoRA magnitudes" if lora.use_dora else "")
+             + (f" ({n_linear:,}) + {n_lora - n_linear:,} on the experts and routers" if wrapped else "")),
         Term("LoRA gradients", lora_b, f"{adapter_elem} B each"),
     ]
     paged = t.optim.startswith("paged_")
@@ -256,8 +261,9 @@ def _plan(recipe: Recipe, target: str, sh: Shapes, source: str, batch: int, seq:
         p.notes.append(f"mixture of experts: {sh.experts} experts, {sh.experts_per_token} per token; "
                        f"{sh.total_params:,} params, {sh.active_params:,} active per token (embeddings included)")
         p.notes.append("the experts are 3-D tensors, not nn.Linear: 4-bit loading leaves them 16-bit (counted above), "
-                       "fastft's fused kernels leave them to PEFT, and the LoRA terms count the nn.Linear targets "
-                       "only (PEFT's LoRA on the experts, target_parameters, is not counted)")
+                       "and fastft's fused kernels leave them to PEFT"
+                       + (f"; PEFT puts LoRA on them too (target_parameters), {sum(wrapped) * lora.r:,} params, "
+                          "counted in the LoRA terms" if wrapped else "; PEFT puts no LoRA on them"))
         p.notes.append(f"activations: the MLP width is the top-{sh.experts_per_token} experts' together "
                        f"({sh.intermediate:,}), an estimate no run has checked")
     if sh.sliding_window:

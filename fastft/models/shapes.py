@@ -215,3 +215,31 @@ def _shapes(config_json: str) -> Shapes:
 
 def shapes(config: dict) -> Shapes:
     return _shapes(json.dumps(config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_lora(config_json: str, targets: str | tuple[str, ...]) -> tuple[int, ...]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(config_json)
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                               LoraConfig(r=1, target_modules=targets if isinstance(targets, str) else list(targets)))
+    sizes = []
+    for m in model.modules():
+        if type(m).__name__ == "ParamWrapper":
+            sizes += [p.numel() for d in (m.lora_A, m.lora_B) for p in d.parameters()]
+    return tuple(sizes)
+
+
+def parameter_lora(config: dict, target_modules) -> tuple[int, ...]:
+    """LoRA tensors, at r=1, that PEFT puts on weights that are not nn.Linear (a MoE's 3-D experts
+    and its routers, through target_parameters) for these target_modules: their sizes are linear in
+    r. Empty for a model without such weights. Counted by PEFT itself, on the meta device."""
+    if not _shapes(json.dumps(config, sort_keys=True)).dense16:
+        return ()
+    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    return _parameter_lora(json.dumps(config, sort_keys=True), targets)
