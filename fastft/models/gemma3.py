@@ -39,7 +39,7 @@ from pathlib import Path
 from ..downloads import download_dir, pip_download
 from ..files import building, file_sha256
 from ..info import versions
-from .gguf_source import MARKER, ModelFetchError, cached, check_same, dequantized_state, rebuilt, \
+from .gguf_source import MARKER, ModelFetchError, cached, check_logits, check_same, dequantized_state, rebuilt, \
     require_gguf_package, say, source_tag, special_ids
 
 NAME = "gemma-3-270m"
@@ -60,7 +60,6 @@ TEMPLATE = ASSETS / "templates" / "gemma3.jinja"
 PUBLIC_CONFIG = ASSETS / "configs" / "gemma-3-270m.json"
 SPECIAL = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 END_OF_TURN = "<end_of_turn>"
-CHECK_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 # decoded back exactly after encoding (byte fallback, whitespace runs, scripts, the turn markers)
 CHECK_TEXT = ("Hello  world\n\n\tfoo   bar \U0001f680 \u6211\u60f3\u5728apple\u5de5\u4f5c1314\u5929 "
               "\u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 x\u0301 \ufffd 3.14 "
@@ -178,15 +177,6 @@ def check_config(config_dict: dict) -> None:
         raise ModelFetchError("the GGUF's Gemma 3 config differs from the public one: " + "; ".join(wrong))
 
 
-def _logits(model, tokenizer):
-    import torch
-
-    enc = tokenizer.apply_chat_template(CHECK_PROMPT, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    with torch.no_grad():
-        return model(**enc).logits
-
-
 def convert(dst: Path, gguf_path: Path | None = None) -> dict:
     """Fetch (unless ``gguf_path``), convert and write the checkpoint to ``dst`` (temp dir + rename).
     Returns the record written to ``dst/fastft-model.json``."""
@@ -222,8 +212,8 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         config_dict.update(bos_token_id=ggml["bos_token"], eos_token_id=ggml["eos_token"],
                            pad_token_id=ggml["pad_token"], architectures=["Gemma3ForCausalLM"])
         plain = rebuilt(Gemma3ForCausalLM, config_dict, type(gguf_model.config), gguf_model)
-        reference = _logits(gguf_model, tokenizer)
-        check_same(_logits(plain, tokenizer), reference, "the rebuilt model")
+        reference = check_logits(gguf_model, tokenizer)
+        check_same(check_logits(plain, tokenizer), reference, "the rebuilt model")
         end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         plain.generation_config = GenerationConfig(bos_token_id=ggml["bos_token"],
                                                    eos_token_id=[ggml["eos_token"], end_of_turn],
@@ -241,7 +231,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         if (reloaded_tok.encode(CHECK_TEXT) != tokenizer.encode(CHECK_TEXT)
                 or reloaded_tok.chat_template != tokenizer.chat_template):
             raise ModelFetchError("the saved tokenizer does not encode as the built one, or lost its chat template")
-        check_same(_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
+        check_same(check_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
         del reloaded, gguf_model
         timings["verify_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from typing import Callable
 from ..errors import FastftError
 
 MARKER = "fastft-model.json"
+CHECK_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 class ModelFetchError(FastftError, RuntimeError):
@@ -69,6 +70,16 @@ def special_ids(path: Path) -> dict[str, int]:
             raise ModelFetchError(f"{path.name}: no tokenizer.ggml.{field} in the GGUF metadata")
         out[key] = int(f.contents())
     return out
+
+
+def check_logits(model, tokenizer):
+    """The logits of CHECK_PROMPT through the chat template: what every conversion step must keep."""
+    import torch
+
+    enc = tokenizer.apply_chat_template(CHECK_PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    with torch.no_grad():
+        return model(**enc).logits
 
 
 def check_same(actual, expected, what: str) -> None:

