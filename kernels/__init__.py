@@ -7,7 +7,7 @@ aside: it loads the PyPI package if one is installed, and otherwise leaves an em
 ``__file__`` or ``__version__``, which transformers' availability check reads as "not installed"
 (the same as a stray namespace folder). fastft's own code lives in the submodules: nf4_format and nf4
 (NF4 dequantization), lora_configs, lora_kernel and lora (the fused LoRA linear), fused and fused_mlp
-(the fused QKV and SwiGLU-MLP ops).
+(the fused QKV and SwiGLU-MLP ops), segmented_lora (several adapters' LoRA products in one batch).
 """
 import sys as _sys
 
