@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Speed-first QLoRA trainer driven by one YAML recipe.")
     p.add_argument("--quiet", action="store_true", help="no progress output (bars or progress lines) on stderr")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a recipe")
+    t = sub.add_parser("train", help="train a recipe (or each adapter of a sweep: / adapters: recipe)")
     t.add_argument("recipe", help="path to a recipe .yaml (see recipes/)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
@@ -186,13 +186,27 @@ def _recipe(args):
 
 
 def cmd_train(args) -> int:
-    from . import gates, train
+    from . import gates, sweep, train
 
+    if sweep.is_set(args.recipe):
+        code = sweep.exit_code(sweep.run(sweep.load(args.recipe, args.overrides), overwrite=args.overwrite))
+        if code == gates.EXIT_GATE and args.no_gate_exit:
+            print("fastft: --no-gate-exit: an adapter's gates failed, exiting 0 anyway", file=sys.stderr)
+            return 0
+        return code
     result = train.run(_recipe(args), resume=args.resume, overwrite=args.overwrite)
     return gates.gate_exit(result.info, args.no_gate_exit)
 
 
 def cmd_validate(args) -> int:
+    from . import sweep
+
+    if sweep.is_set(args.recipe):
+        s = sweep.load(args.recipe, args.overrides)
+        print(json.dumps({a.name: a.recipe.to_dict() for a in s.adapters}, indent=2))
+        print(f"{args.recipe}: valid, {len(s.adapters)} adapters: {', '.join(a.name for a in s.adapters)}",
+              file=sys.stderr)
+        return 0
     r = _recipe(args)
     print(json.dumps(r.to_dict(), indent=2))
     print(f"{args.recipe}: valid", file=sys.stderr)
@@ -233,11 +247,32 @@ def _data_report(out: dict) -> str:
 
 
 def cmd_plan(args) -> int:
+    from . import sweep
     from .models import plan
 
+    if sweep.is_set(args.recipe):
+        return _plan_set(sweep.load(args.recipe, args.overrides), args)
     p = plan.plan(_recipe(args), args.target, gpus=args.gpus, strategy=args.strategy)
     print(json.dumps(p.to_dict()) if args.json else plan.format_plan(p))
     return 0 if p.fits else 1
+
+
+def _plan_set(s, args) -> int:
+    """The adapters train one after another: the set's peak is its largest adapter's."""
+    from .hardware import GiB
+    from .models import plan
+
+    plans = [(a.name, plan.plan(a.recipe, args.target, search=False, gpus=args.gpus, strategy=args.strategy))
+             for a in s.adapters]
+    if args.json:
+        print(json.dumps({name: p.to_dict() for name, p in plans}))
+    else:
+        name, top = max(plans, key=lambda x: x[1].total_bytes)
+        print(plan.format_plan(top).replace("fastft plan:", f"fastft plan (adapter {name}, the largest):", 1))
+        print(f"\n  the set: {len(plans)} adapters, trained one after another; planned peak per adapter:")
+        for n, p in plans:
+            print(f"    {n:32s} {p.total_bytes / GiB:6.2f} GiB  {'fits' if p.fits else 'DOES NOT FIT'}")
+    return 0 if all(p.fits for _, p in plans) else 1
 
 
 def cmd_eval(args) -> int:

@@ -150,6 +150,9 @@ def from_dict(raw: Any, overrides: list[str] | None = None, source: str | None =
     ``source``, the recipe file it came from (see ``resolve_path``)."""
     if not isinstance(raw, dict):
         raise RecipeError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    if "sweep" in raw or "adapters" in raw:
+        raise RecipeError(["sweep: / adapters: make this a set of adapters, not one run: `fastft train`, "
+                           "`fastft plan` and `fastft validate` take it (fastft.sweep)"], source)
     raw = _deepcopy(raw)
     problems: list[str] = []
     for item in overrides or []:

@@ -27,7 +27,7 @@ LAYERS = [
         "data": {"fastft.data.*"}}),
     ("eval", {"eval": {"fastft.metrics", "fastft.generate", "fastft.evaluate"}}),
     ("train", {"train": {"fastft.callbacks", "fastft.trainer", "fastft.methods", "fastft.rewards", "fastft.distributed",
-                         "fastft.oom", "fastft.summary", "fastft.train"}}),
+                         "fastft.oom", "fastft.summary", "fastft.train", "fastft.sweep"}}),
     ("export", {"export": {"fastft.merge", "fastft.export.*"}}),
     ("cli", {"cli": {"fastft.cli", "fastft.__main__", "fastft.assets.*"}}),
 ]
