@@ -104,3 +104,52 @@ def test_train_a_set_then_run_it_again(tmp_path, capsys, one_torch_thread):
     err = capsys.readouterr().out
     assert err.count("finished earlier, kept") == 2
     assert {p: p.stat().st_mtime_ns for p in out_dir.glob("*/adapter/adapter_model.safetensors")} == before
+
+
+@pytest.mark.slow
+def test_a_set_killed_mid_adapter_resumes_every_adapter_to_the_same_result(tmp_path, one_torch_thread):
+    """kill -9 during the second adapter: the same command again keeps the first, resumes the second
+    from its checkpoint, trains the third, and every adapter's losses and weights equal those of an
+    uninterrupted set (exact on CPU: same data order, RNG, optimizer and schedule)."""
+    import signal
+    import time
+
+    from test_faults import _adapter, _fastft, _finish, _losses
+
+    from fastft import checkpoints
+
+    def set_file(folder):
+        cfg = tiny_recipe_dict(folder / "out", backend="hf")
+        cfg["train"].update({"max_steps": 30, "save_every": 10, "logging_every": 1})
+        cfg["data"].update({"max_examples": 240})
+        cfg["eval"] = {"after_training": False}
+        cfg["sweep"] = {"lora.r": [4, 8, 12]}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "set.yaml").write_text(yaml.safe_dump(cfg))
+        return folder / "set.yaml", folder / "out"
+
+    ref_path, ref_out = set_file(tmp_path / "ref")
+    rc, log = _finish(_fastft("train", ref_path))
+    assert rc == 0, log[-3000:]
+    path, out = set_file(tmp_path / "killed")
+    proc = _fastft("train", path)
+    marker = out / "r8" / "checkpoints" / "checkpoint-10" / checkpoints.MARKER
+    t0 = time.time()
+    while not marker.is_file():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - t0 < 300, "no checkpoint of the second adapter appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert _finish(proc)[0] == -9
+    assert checkpoints.inspect(out / "r4").kind == "finished"
+    assert checkpoints.inspect(out / "r8").kind == "unfinished" and not (out / "r12").exists()
+    rc, log = _finish(_fastft("train", path))
+    assert rc == 0, log[-3000:]
+    assert "r4 (lora.r=4): finished earlier, kept" in log and "resuming the unfinished run" in log
+    for name in ("r4", "r8", "r12"):
+        assert _losses(out / name) == _losses(ref_out / name), name
+        got, want = _adapter(out / name), _adapter(ref_out / name)
+        assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got), name
+    table = json.loads((out / sweep.SWEEP_JSON).read_text())
+    assert {r["name"]: r["status"] for r in table["adapters"]} == {"r4": "finished earlier", "r8": "trained",
+                                                                   "r12": "trained"}
