@@ -39,8 +39,8 @@ from pathlib import Path
 from ..downloads import download_dir, pip_download
 from ..files import building, file_sha256
 from ..info import versions
-from .gguf_source import MARKER, ModelFetchError, cached, check_logits, check_same, dequantized_state, rebuilt, \
-    require_gguf_package, say, source_tag, special_ids
+from .gguf_source import MARKER, ModelFetchError, cached, dequantized_state, read_fields, require_gguf_package, \
+    save_rebuilt, say, source_tag, special_ids, verify_saved
 
 NAME = "gemma-3-270m"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -139,15 +139,13 @@ def spm_bpe_tokenizer(fields):
     return tok
 
 
-def _tokenizer(gguf_path: Path):
-    from gguf import GGUFReader
+def _tokenizer(gguf_path: Path, fields, ggml: dict[str, int]):
     from transformers import PreTrainedTokenizerFast
 
-    fields = GGUFReader(str(gguf_path)).fields
     tok = PreTrainedTokenizerFast(tokenizer_object=spm_bpe_tokenizer(fields), clean_up_tokenization_spaces=False,
                                   additional_special_tokens=[END_OF_TURN, "<start_of_turn>"], **SPECIAL)
     tok.chat_template = TEMPLATE.read_text(encoding="utf-8")
-    for key, want in special_ids(gguf_path).items():
+    for key, want in ggml.items():
         got = tok.convert_tokens_to_ids(SPECIAL[key])
         if got != want:
             raise ModelFetchError(f"{gguf_path.name}: {key} {SPECIAL[key]!r} is id {got} in the vocabulary but "
@@ -181,8 +179,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
     """Fetch (unless ``gguf_path``), convert and write the checkpoint to ``dst`` (temp dir + rename).
     Returns the record written to ``dst/fastft-model.json``."""
     require_gguf_package("Gemma 3 270M")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, GenerationConfig
+    from transformers import Gemma3ForCausalLM
 
     if gguf_path is not None and not gguf_path.is_file():
         raise ModelFetchError(f"{GGUF_ENV}={gguf_path}: no such file (give the path of {GGUF_NAME})")
@@ -200,7 +197,9 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         say(f"converting Gemma 3 270M ({gguf_path.name}) into a transformers checkpoint in {dst} "
             "(once per cache; about 1-2 min on 2 CPU cores)")
         t = time.perf_counter()
-        tokenizer = _tokenizer(gguf_path)
+        fields = read_fields(gguf_path)
+        ggml = special_ids(gguf_path, fields)
+        tokenizer = _tokenizer(gguf_path, fields, ggml)
         timings["tokenizer_s"] = time.perf_counter() - t
         t = time.perf_counter()
         gguf_model, config_dict = dequantized_state(str(gguf_path.parent), gguf_path.name)
@@ -208,31 +207,21 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
 
         t = time.perf_counter()
         check_config(config_dict)
-        ggml = special_ids(gguf_path)
-        config_dict.update(bos_token_id=ggml["bos_token"], eos_token_id=ggml["eos_token"],
-                           pad_token_id=ggml["pad_token"], architectures=["Gemma3ForCausalLM"])
-        plain = rebuilt(Gemma3ForCausalLM, config_dict, type(gguf_model.config), gguf_model)
-        reference = check_logits(gguf_model, tokenizer)
-        check_same(check_logits(plain, tokenizer), reference, "the rebuilt model")
         end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        plain.generation_config = GenerationConfig(bos_token_id=ggml["bos_token"],
-                                                   eos_token_id=[ggml["eos_token"], end_of_turn],
-                                                   pad_token_id=ggml["pad_token"])
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        reference = save_rebuilt(tmp, Gemma3ForCausalLM, config_dict, gguf_model, tokenizer, ggml,
+                                 [ggml["eos_token"], end_of_turn])
         if gguf_path.parent == tmp:
             gguf_path.unlink()  # the joined .gguf is not part of the checkpoint
-        del plain
         timings["save_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()  # what every later run loads: the folder itself
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
-        reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
-        if (reloaded_tok.encode(CHECK_TEXT) != tokenizer.encode(CHECK_TEXT)
-                or reloaded_tok.chat_template != tokenizer.chat_template):
-            raise ModelFetchError("the saved tokenizer does not encode as the built one, or lost its chat template")
-        check_same(check_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
-        del reloaded, gguf_model
+        t = time.perf_counter()
+        def saved_tokenizer_problem(tok):
+            if tok.encode(CHECK_TEXT) != tokenizer.encode(CHECK_TEXT) or tok.chat_template != tokenizer.chat_template:
+                return "the saved tokenizer does not encode as the built one, or lost its chat template"
+            return None
+
+        verify_saved(tmp, reference, saved_tokenizer_problem)
+        del gguf_model
         timings["verify_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
 

@@ -56,11 +56,17 @@ def cached(name: str, tag: str, fmt: int, convert: Callable[[Path], object]) -> 
     return str(dst)
 
 
-def special_ids(path: Path) -> dict[str, int]:
-    """bos / eos / pad / unk ids as the GGUF metadata gives them (tokenizer.ggml.*_token_id)."""
+def read_fields(path: Path):
+    """The GGUF's metadata fields. Parsing them takes seconds for a large vocabulary: read once per conversion."""
     from gguf import GGUFReader
 
-    fields = GGUFReader(str(path)).fields
+    return GGUFReader(str(path)).fields
+
+
+def special_ids(path: Path, fields=None) -> dict[str, int]:
+    """bos / eos / pad / unk ids as the GGUF metadata gives them (tokenizer.ggml.*_token_id);
+    ``fields``: the file's metadata when already read (``read_fields``)."""
+    fields = read_fields(path) if fields is None else fields
     keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
             "unk_token": "unknown_token_id"}
     out = {}
@@ -129,3 +135,37 @@ def rebuilt(model_cls, config_dict: dict, config_cls, gguf_model):
                               f"unexpected {unexpected[:3]}")
     plain.tie_weights()
     return plain.eval()
+
+
+def save_rebuilt(tmp: Path, model_cls, config_dict: dict, gguf_model, tokenizer, ids: dict[str, int],
+                 eos_token_id) -> object:
+    """The GGUF model's weights in a plain ``model_cls`` (bos/eos/pad ids from ``ids``, the GGUF
+    metadata's), its logits checked bit-identical to the GGUF model's, saved with ``tokenizer`` and a
+    generation config that stops on ``eos_token_id`` (an id or a list) into ``tmp``. Returns the
+    reference logits for ``verify_saved``."""
+    from transformers import GenerationConfig
+
+    config_dict.update(bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"],
+                       architectures=[model_cls.__name__])
+    plain = rebuilt(model_cls, config_dict, type(gguf_model.config), gguf_model)
+    reference = check_logits(gguf_model, tokenizer)
+    check_same(check_logits(plain, tokenizer), reference, "the rebuilt model")
+    plain.generation_config = GenerationConfig(bos_token_id=ids["bos_token"], eos_token_id=eos_token_id,
+                                               pad_token_id=ids["pad_token"])
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    return reference
+
+
+def verify_saved(tmp: Path, reference, tokenizer_problem) -> None:
+    """Load ``tmp`` as every later run will and check it: ``tokenizer_problem(reloaded tokenizer)``
+    names what is wrong with the saved tokenizer (None: nothing), and the logits must be the reference's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+    reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
+    problem = tokenizer_problem(reloaded_tok)
+    if problem:
+        raise ModelFetchError(problem)
+    check_same(check_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")

