@@ -162,13 +162,20 @@ class Shapes:
         return self.total_params - self.expert_params * (self.experts - self.experts_per_token) // self.experts
 
 
+def _config(config_json: str):
+    """The transformers config of a config.json's contents (without the keys that are not the architecture's)."""
+    from transformers import AutoConfig
+
+    raw = json.loads(config_json)
+    return AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+
+
 @functools.lru_cache(maxsize=16)
 def _shapes(config_json: str) -> Shapes:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    raw = json.loads(config_json)
-    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+    config = _config(config_json)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     lm_head = model.get_output_embeddings()
@@ -221,12 +228,10 @@ def shapes(config: dict) -> Shapes:
 def _parameter_lora(config_json: str, targets: str | tuple[str, ...]) -> tuple[int, ...]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    raw = json.loads(config_json)
-    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
     with torch.device("meta"):
-        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+        model = get_peft_model(AutoModelForCausalLM.from_config(_config(config_json)),
                                LoraConfig(r=1, target_modules=targets if isinstance(targets, str) else list(targets)))
     sizes = []
     for m in model.modules():
@@ -239,7 +244,7 @@ def parameter_lora(config: dict, target_modules) -> tuple[int, ...]:
     """LoRA tensors, at r=1, that PEFT puts on weights that are not nn.Linear (a MoE's 3-D experts
     and its routers, through target_parameters) for these target_modules: their sizes are linear in
     r. Empty for a model without such weights. Counted by PEFT itself, on the meta device."""
-    if not _shapes(json.dumps(config, sort_keys=True)).dense16:
+    key = json.dumps(config, sort_keys=True)
+    if not _shapes(key).dense16:
         return ()
-    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-    return _parameter_lora(json.dumps(config, sort_keys=True), targets)
+    return _parameter_lora(key, target_modules if isinstance(target_modules, str) else tuple(target_modules))
