@@ -41,6 +41,7 @@ class Segments:
     block_seg: torch.Tensor  # int32 [blocks]: the adapter of each BLOCK_M-row block
     block_row: torch.Tensor  # int32 [blocks]: its first row
     rank_offsets: torch.Tensor  # int32 [N + 1]: where each adapter's rows of the stacked A start
+    row_starts: torch.Tensor  # int32 [N + 1]: ``starts`` on the device, for the kernels
 
     @classmethod
     def of(cls, rows: list[int], ranks: list[int], device=None) -> "Segments":
@@ -61,7 +62,7 @@ class Segments:
             offsets.append(offsets[-1] + r)
         as_int = dict(dtype=torch.int32, device=device)
         return cls(tuple(starts), tuple(ranks), torch.tensor(seg, **as_int), torch.tensor(first, **as_int),
-                   torch.tensor(offsets, **as_int))
+                   torch.tensor(offsets, **as_int), torch.tensor(starts, **as_int))
 
     @property
     def rows(self) -> int:
@@ -192,7 +193,7 @@ def _rows(p, q, out, scales, seg: Segments, n: int, k: int, q_rank_rows: bool, p
     bk = _block(max(seg.ranks) if p_ranked else k, hi=32)
     grid = (blocks, triton.cdiv(max(seg.ranks) if c_ranked else n, bn))
     _rows_kernel[grid](
-        p, q, out, scales, seg.block_seg, seg.block_row, _starts(seg, p.device), seg.rank_offsets, n, k,
+        p, q, out, scales, seg.block_seg, seg.block_row, seg.row_starts, seg.rank_offsets, n, k,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         Q_RANK_ROWS=q_rank_rows, P_RANKED=p_ranked, C_RANKED=c_ranked, SCALED=scaled,
         IEEE=p.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk)
@@ -204,13 +205,9 @@ def _sum_rows(u, v, out, scales, seg: Segments, k: int, d: int, u_ranked: bool, 
     ba, bb = _block(a_len), _block(b_len)
     grid = (len(seg.ranks), triton.cdiv(a_len, ba), triton.cdiv(b_len, bb))
     _sum_rows_kernel[grid](
-        u, v, out, scales, _starts(seg, u.device), seg.rank_offsets, k, d,
+        u, v, out, scales, seg.row_starts, seg.rank_offsets, k, d,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         U_RANKED=u_ranked, SCALED=scaled, IEEE=u.dtype == torch.float32, BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=BLOCK_M)
-
-
-def _starts(seg: Segments, device) -> torch.Tensor:
-    return torch.tensor(seg.starts, dtype=torch.int32, device=device)
 
 
 class _SegmentedLoRA(torch.autograd.Function):

@@ -32,6 +32,8 @@ class MultiLoRA:
     def __init__(self, model, names: list[str], layers: list):
         self.model, self.names, self.layers = model, list(names), layers
         self._sequences: list[int] | None = None
+        # one forward's row segments, shared by every layer with the same ranks (built once, not per layer)
+        self._segments: dict = {}
 
     @contextlib.contextmanager
     def rows(self, sequences: list[int]):
@@ -45,6 +47,17 @@ class MultiLoRA:
             yield self
         finally:
             self._sequences = None
+            self._segments.clear()
+
+    def segments(self, per_seq: int, ranks: tuple[int, ...], device):
+        """The Segments of this block's rows (sequences x ``per_seq`` tokens) for the adapters that have rows."""
+        from ..kernels.segmented_lora import Segments
+
+        key = (per_seq, ranks, str(device))
+        if key not in self._segments:
+            rows = [n * per_seq for n in self._sequences if n]
+            self._segments[key] = Segments.of(rows, list(ranks), device=device)
+        return self._segments[key]
 
     def detach(self) -> None:
         for layer in self.layers:
@@ -84,7 +97,7 @@ def attach(model, names: list[str]) -> MultiLoRA:
 
 
 def _forward(multi: MultiLoRA):
-    from ..kernels.segmented_lora import Segments, segmented_lora
+    from ..kernels.segmented_lora import segmented_lora
 
     def forward(self, x, *args, **kwargs):
         result = self.base_layer(x, *args, **kwargs)
@@ -97,7 +110,7 @@ def _forward(multi: MultiLoRA):
         per_seq = x[0].numel() // x.shape[-1]  # tokens per sequence
         keep = [i for i, n in enumerate(sequences) if n]
         names = [multi.names[i] for i in keep]
-        seg = Segments.of([sequences[i] * per_seq for i in keep], [self.r[n] for n in names], device=x.device)
+        seg = multi.segments(per_seq, tuple(self.r[n] for n in names), x.device)
         a = [self.lora_A[n].weight for n in names]
         b = [self.lora_B[n].weight for n in names]
         flat = x.reshape(-1, x.shape[-1]).to(a[0].dtype)
