@@ -122,7 +122,8 @@ def _forced(model, ids: list[int], cont: list[int], ll_logits) -> tuple[int, flo
     return same, diff
 
 
-def _first_diff(a: list[int], b: list[int]) -> int | None:
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first step where two token lists differ (a length difference counts); None when equal."""
     for k, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return k
@@ -138,7 +139,7 @@ def _compare(llm, tok, model, rows: list[dict], max_new: int, stops: set[int]) -
         ll_tokens, margins, ll_logits = _llama_greedy(llm, ll_ids, max_new, stops)
         ours = _ours_greedy(model, ids, max_new, stops)
         forced_same, logit_diff = _forced(model, ids, ll_tokens, ll_logits)
-        k = _first_diff(ll_tokens, ours)
+        k = first_difference(ll_tokens, ours)
         per.append({**row, "prompt_ids_llama_cpp": ll_ids, "prompt_ids_same": ll_ids == ids,
                     "llama_cpp": ll_tokens, "fastft": ours, "llama_cpp_text": tok.decode(ll_tokens),
                     "fastft_text": tok.decode(ours), "identical": k is None, "first_difference": k,

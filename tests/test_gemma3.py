@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.gemma_llamacpp import first_difference
 from fastft.models import gemma3
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -120,15 +121,10 @@ def test_greedy_answers_equal_llama_cpp(gemma_path, one_torch_thread):
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=len(p["llama_cpp"]), do_sample=False, eos_token_id=stops, pad_token_id=0)
         ours = out[0, len(ids):].tolist()
-        k = _first_difference(ours, p["llama_cpp"])
+        k = first_difference(ours, p["llama_cpp"])
         # past a tie either path is right and the two no longer share a context
         assert k is None or p["llama_cpp_margins"][k] < TIE, (p["prompt"], k, tok.decode(ours), p["llama_cpp_text"])
         compared += len(p["llama_cpp"]) if k is None else k
-        k = _first_difference(ours, q["llama_cpp"])
+        k = first_difference(ours, q["llama_cpp"])
         assert k is None or q["llama_cpp_margins"][k] < ref["metrics"]["near_tie_margin"], (p["prompt"], k)
     assert compared >= 0.9 * sum(len(p["llama_cpp"]) for p in f32)
-
-
-def _first_difference(a: list[int], b: list[int]) -> int | None:
-    k = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    return k if k is not None or len(a) == len(b) else min(len(a), len(b))
